@@ -1,0 +1,61 @@
+# Every target bootstraps .venv on first use, so `make <anything>` works on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+STORE   ?= data/store
+INDEX   ?= $(STORE)/index.jsonl
+RUN     ?= runs/latest
+MODELS  ?= models
+EPISODES ?= 240
+HOSTS   ?= 6
+SEED    ?= 7
+PROFILE ?= quick
+PORT    ?= 8080
+
+.PHONY: help venv data validate train export bench demo test clean browser
+
+help:
+	@echo "make demo      # venv, synthetic store, train, export, daemon + deck on http://localhost:$(PORT)"
+	@echo "make test      # the whole test suite (what .ci/run runs)"
+	@echo "make data validate train export bench   # the pipeline step by step"
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian's Chromium for the deck's browser tests (playwright never downloads a browser here).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+$(STORE)/.done: $(STAMP)
+	$(BIN)/phasewatch synth --out $(STORE) --episodes $(EPISODES) --hosts $(HOSTS) --seed $(SEED)
+	touch $@
+
+data: $(STORE)/.done
+
+validate: data
+	$(BIN)/phasewatch validate $(STORE) --index $(INDEX)
+
+train: validate
+	$(BIN)/phasewatch train --store $(STORE) --index $(INDEX) --out $(RUN) --profile $(PROFILE)
+
+export: $(STAMP)
+	$(BIN)/phasewatch export --run $(RUN) --out $(MODELS)
+
+bench: $(STAMP)
+	$(BIN)/phasewatch bench --models $(MODELS)
+
+demo: $(STAMP)
+	$(MAKE) train export PROFILE=demo
+	$(BIN)/edge-daemon --models $(MODELS) --replay $(STORE) --store $(STORE) --port $(PORT)
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) data runs models .pytest_cache

@@ -1,0 +1,2 @@
+def main() -> int:
+    raise SystemExit("edge-daemon: not built yet")

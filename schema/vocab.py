@@ -1,0 +1,56 @@
+"""Vocabularies. Order matters: PHASES is the class order of every model."""
+from __future__ import annotations
+
+from typing import Final, Literal
+
+PHASES: Final = ("clean", "armed", "infecting", "infected_running", "dormant")
+Phase = Literal["clean", "armed", "infecting", "infected_running", "dormant"]
+PHASE_INDEX: Final = {p: i for i, p in enumerate(PHASES)}
+
+PROFILES: Final = (
+    "cpu-saturate",
+    "bursty-c2",
+    "scan-and-dial",
+    "exfil-trickle",
+    "disk-encrypt",
+    "mem-inflate",
+)
+
+MODELS: Final = ("gbt", "mlp", "cnn", "gru", "lstm", "transformer")
+# Which view of a window each model reads.
+MODEL_INPUT: Final = {
+    "gbt": "summary",
+    "mlp": "summary",
+    "cnn": "tensor",
+    "gru": "tensor",
+    "lstm": "tensor",
+    "transformer": "tensor",
+}
+
+THREAT_MODELS: Final = ("realistic", "oracle")
+
+# Telemetry sources in SPEC order, with the archive member each lives in.
+SOURCES: Final = ("proc", "guest", "qmp", "netflow")
+SOURCE_MEMBER: Final = {
+    "proc": "telemetry-proc.jsonl",
+    "guest": "telemetry-guest.jsonl",
+    "qmp": "telemetry-qmp.jsonl",
+    "netflow": "netflow.jsonl",
+}
+# realistic: only what the host sees (an infected guest's agent can lie).
+THREAT_SOURCES: Final = {
+    "realistic": ("proc", "qmp", "netflow"),
+    "oracle": ("proc", "guest", "qmp", "netflow"),
+}
+
+EPISODE_EVENT_KINDS: Final = (
+    "vm_boot",
+    "sample_drop",
+    "sample_exec",
+    "payload_start",
+    "payload_sleep",
+    "vm_shutdown",
+)
+
+# Validation outcomes, best to worst.
+STATUSES: Final = ("accepted", "degraded", "rejected", "errored")
