@@ -1,6 +1,42 @@
-"""`phasewatch` — the trainer CLI."""
+"""`phasewatch` — the trainer CLI: synth, validate, train, export, bench.
+
+Each subcommand lives in its own module with ``add_<name>_arguments`` and ``cli_<name>``;
+they are imported only when used, so ``phasewatch validate`` never pays for torch.
+"""
 from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("trainer.synth", "write a synthetic receiver store (SPEC section 3)"),
+    "validate": ("trainer.validate", "validate every archive of a store and write the acceptance index"),
+    "train": ("trainer.train", "extract windows and train the six models for both threat models"),
+    "export": ("trainer.export", "export a training run to an ONNX models directory for the edge"),
+    "bench": ("trainer.bench", "latency benchmark of an exported models directory (model_perf points)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("phasewatch: not built yet")
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the chosen subcommand's module is imported to build its arguments.
+    parser = argparse.ArgumentParser(prog="phasewatch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            getattr(importlib.import_module(module), f"add_{name}_arguments")(p)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(getattr(module, f"cli_{args.command}")(args) or 0)
+    except KeyboardInterrupt:
+        print("phasewatch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
