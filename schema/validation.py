@@ -1,0 +1,307 @@
+"""Validation (SPEC section 5): one status per archive, with named reason codes.
+
+:data:`REASONS` is the whole rulebook as data: every code, the status it forces and
+what it means. :func:`classify` turns an :class:`~schema.reader.EpisodeData` into the
+worst status among its reasons. The acceptance index is JSONL of :class:`IndexRecord`,
+written atomically. Pi-safe: the daemon classifies finished episodes with this module.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import numpy as np
+
+from .channels import WINDOW_S
+from .reader import (
+    EVENTS_MEMBER,
+    LABELS_MEMBER,
+    META_MEMBER,
+    EpisodeData,
+    Problem,
+    episode_id_from_path,
+)
+from .vocab import PHASES, PROFILES, SOURCE_MEMBER, STATUSES
+
+# Bump when a rule below changes, so a sweep re-reads archives it had judged by old rules.
+VALIDATOR_VERSION: Final = 1
+
+
+@dataclass(frozen=True)
+class Reason:
+    status: str
+    doc: str
+
+
+REASONS: Final[dict[str, Reason]] = {
+    # errored: cannot be read
+    "io_error": Reason("errored", "the archive file cannot be opened or read"),
+    "sha256_mismatch": Reason("errored", "the archive's sha256 differs from its sidecar"),
+    "zstd_corrupt": Reason("errored", "the zstd stream is corrupt or truncated"),
+    "tar_corrupt": Reason("errored", "the tar inside is corrupt or truncated"),
+    "meta_unreadable": Reason("errored", "meta.json is present but does not decode as EpisodeMeta"),
+    "reader_crash": Reason("errored", "the reader raised; the exception text is in details"),
+    # rejected: readable, unusable
+    "missing_meta": Reason("rejected", "required member meta.json is missing"),
+    "missing_labels": Reason("rejected", "required member labels.jsonl is missing"),
+    "missing_proc": Reason("rejected", "required member telemetry-proc.jsonl is missing"),
+    "empty_labels": Reason("rejected", "labels.jsonl holds no readable label"),
+    "labels_not_monotonic": Reason("rejected", "a label's t_wall_ns is earlier than the one before"),
+    "unknown_phase": Reason("rejected", "a label names a phase outside the vocabulary"),
+    "too_few_rows": Reason("rejected", "telemetry-row gate: proc rows far below duration x rate"),
+    "too_short": Reason("rejected", "the episode is shorter than one window"),
+    "unsafe_member": Reason("rejected", "a member has an absolute or '..' path, or is a link or device"),
+    "member_too_large": Reason("rejected", "a member decompresses past Limits.max_member_bytes"),
+    "archive_too_large": Reason("rejected", "the archive decompresses past Limits.max_total_bytes (bomb)"),
+    "too_many_malformed": Reason("rejected", "more than MALFORMED_REJECT_SHARE of the lines are malformed"),
+    # degraded: usable with caveats
+    "no_done_marker": Reason("degraded", "done.marker is missing: the episode did not close cleanly"),
+    "no_sidecar": Reason("degraded", "no .sha256 sidecar, so integrity is unchecked"),
+    "sidecar_malformed": Reason("degraded", "the sidecar is not '<sha256>  <name>', so integrity is unchecked"),
+    "duplicate_member": Reason("degraded", "a member occurs twice; the second copy is ignored"),
+    "missing_events": Reason("degraded", "optional member events.jsonl is missing"),
+    "missing_guest": Reason("degraded", "optional stream telemetry-guest.jsonl is missing"),
+    "missing_qmp": Reason("degraded", "optional stream telemetry-qmp.jsonl is missing"),
+    "missing_netflow": Reason("degraded", "optional stream netflow.jsonl is missing"),
+    "sparse_proc": Reason("degraded", "proc rows below SPARSE_SHARE of duration x rate (but above the gate)"),
+    "sparse_guest": Reason("degraded", "guest rows below SPARSE_SHARE of duration x rate"),
+    "sparse_qmp": Reason("degraded", "qmp rows below SPARSE_SHARE of duration x rate"),
+    "sparse_netflow": Reason("degraded", "netflow rows below SPARSE_SHARE of duration x rate"),
+    "long_gap": Reason("degraded", "a stream has no row for more than LONG_GAP_S (inside or at its end)"),
+    "malformed_lines": Reason("degraded", "a small share of lines is malformed (file, line, field in details)"),
+    "line_too_long": Reason("degraded", "a line exceeds Limits.max_line_bytes and was dropped"),
+    "unknown_profile": Reason("degraded", "meta.profile is not one of the attack profiles"),
+}
+assert all(r.status in STATUSES for r in REASONS.values())
+
+# Nominal row rates (SPEC section 3); the gate and the sparse checks compare against them.
+EXPECTED_HZ: Final = {"proc": 10.0, "guest": 10.0, "qmp": 1.0, "netflow": 10.0}
+REQUIRED_SOURCE: Final = "proc"
+ROW_GATE_SHARE: Final = 0.5  # proc below this share of duration x rate -> rejected
+SPARSE_SHARE: Final = 0.7  # any stream below this share -> degraded
+LONG_GAP_S: Final = 15.0  # one and a half windows without a row
+MALFORMED_REJECT_SHARE: Final = 0.05
+MAX_DETAILS: Final = 20  # problems spelled out per index record
+
+
+def worst(statuses: Iterable[str]) -> str:
+    return max(statuses, key=STATUSES.index, default="accepted")
+
+
+def effective_duration_s(ep: EpisodeData) -> float | None:
+    """meta's duration, cut to the last row when the episode did not close cleanly
+    (a crashed collector leaves a stale ended_ns)."""
+    if ep.meta is None:
+        return None
+    end = ep.meta.ended_ns
+    if not ep.has_done_marker:
+        lasts = [int(c.t_wall_ns.max()) for c in ep.streams.values() if len(c)]
+        if lasts:
+            end = min(end, max(lasts))
+    return max(0.0, (end - ep.meta.started_ns) / 1e9)
+
+
+def findings(ep: EpisodeData) -> list[Problem]:
+    """Every problem with ``ep``: the reader's plus those the rules find."""
+    out = [p for p in ep.problems if p.code != "malformed_line"]
+    if ep.fatal:
+        return out + [p for p in ep.problems if p.code == "malformed_line"]
+    add = out.append
+
+    present = set(ep.members)
+    for code, member in (("missing_meta", META_MEMBER), ("missing_labels", LABELS_MEMBER),
+                         ("missing_proc", SOURCE_MEMBER[REQUIRED_SOURCE])):
+        if member not in present:
+            add(Problem(code, member, detail="required member missing"))
+    if EVENTS_MEMBER not in present:
+        add(Problem("missing_events", EVENTS_MEMBER, detail="optional member missing"))
+    for s in ("guest", "qmp", "netflow"):
+        if SOURCE_MEMBER[s] not in present:
+            add(Problem(f"missing_{s}", SOURCE_MEMBER[s], detail="optional stream missing"))
+    if not ep.has_done_marker:
+        add(Problem("no_done_marker", "done.marker", detail="episode did not close cleanly"))
+
+    if LABELS_MEMBER in present:
+        if not ep.labels:
+            add(Problem("empty_labels", LABELS_MEMBER, detail="no readable label"))
+        bad = [l for l in ep.labels if l.phase not in PHASES]
+        if bad:
+            add(Problem("unknown_phase", LABELS_MEMBER, field="phase",
+                        detail=f"{len(bad)} label(s), e.g. {bad[0].phase!r}"))
+        t = np.fromiter((l.t_wall_ns for l in ep.labels), np.int64, len(ep.labels))
+        back = np.flatnonzero(np.diff(t) < 0)
+        if back.size:
+            add(Problem("labels_not_monotonic", LABELS_MEMBER, field="t_wall_ns",
+                        detail=f"goes back in time at label {int(back[0]) + 2}"))
+
+    if ep.meta is not None:
+        if ep.meta.profile is not None and ep.meta.profile not in PROFILES:
+            add(Problem("unknown_profile", META_MEMBER, field="profile", detail=repr(ep.meta.profile)))
+        dur = effective_duration_s(ep) or 0.0
+        if dur < WINDOW_S:
+            add(Problem("too_short", META_MEMBER, detail=f"{dur:.1f} s < one {WINDOW_S} s window"))
+        else:
+            end_ns = ep.meta.started_ns + int(dur * 1e9)
+            for s, cols in ep.streams.items():
+                share = len(cols) / (dur * EXPECTED_HZ[s])
+                if s == REQUIRED_SOURCE and share < ROW_GATE_SHARE:
+                    add(Problem("too_few_rows", SOURCE_MEMBER[s],
+                                detail=f"{len(cols)} rows, {share:.0%} of {dur:.0f} s x {EXPECTED_HZ[s]:g} Hz"))
+                elif share < SPARSE_SHARE:
+                    add(Problem(f"sparse_{s}", SOURCE_MEMBER[s],
+                                detail=f"{len(cols)} rows, {share:.0%} of {dur:.0f} s x {EXPECTED_HZ[s]:g} Hz"))
+                gap = _longest_gap_s(cols.t_wall_ns, end_ns)
+                if gap > LONG_GAP_S:
+                    add(Problem("long_gap", SOURCE_MEMBER[s], detail=f"{gap:.1f} s without a row"))
+
+    lines = sum(m.lines for m in ep.members.values())
+    malformed = [p for p in ep.problems if p.code == "malformed_line"]
+    n_bad = ep.malformed_lines
+    if n_bad:
+        share = n_bad / max(lines, 1)
+        code = "too_many_malformed" if share > MALFORMED_REJECT_SHARE else "malformed_lines"
+        add(Problem(code, detail=f"{n_bad} of {lines} lines ({share:.2%})"))
+    return out + malformed
+
+
+def _longest_gap_s(t: np.ndarray, end_ns: int) -> float:
+    # Inside the stream and after its last row; not before its first, since the guest
+    # agent only starts once the VM has booted.
+    if t.size == 0:
+        return 0.0
+    inner = float(np.diff(t).max()) if t.size > 1 else 0.0
+    tail = float(end_ns - int(t.max()))
+    return max(inner, tail, 0.0) / 1e9
+
+
+def classify(ep: EpisodeData) -> tuple[str, list[str]]:
+    """(status, reason codes): the worst status among the reasons; ``accepted`` when none."""
+    # single malformed lines are spelled out in details; the reason is their share
+    codes = sorted({p.code for p in findings(ep) if p.code != "malformed_line"},
+                   key=lambda c: (-STATUSES.index(REASONS[c].status), c))
+    status = worst(REASONS[c].status for c in codes)
+    if ep.fatal:
+        status = "errored"
+    return status, codes
+
+
+# --- the acceptance index -----------------------------------------------------------
+
+
+class IndexRecord(msgspec.Struct, kw_only=True):
+    """One archive's verdict: one line of `<store>/index.jsonl`."""
+
+    path: str  # relative to the store, POSIX separators
+    episode_id: str
+    host: str
+    profile: str | None = None
+    sample: str | None = None
+    status: str
+    reasons: list[str] = []
+    sha256: str = ""  # of the compressed archive
+    bytes: int = 0  # compressed size (= what was hashed)
+    mtime_ns: int = 0  # with bytes: the archive is unchanged, reuse this record
+    sidecar_mtime_ns: int | None = None  # None: no sidecar when validated
+    rows: dict[str, int] = {}  # per source
+    malformed_lines: int = 0
+    duration_s: float = 0.0
+    started_ns: int | None = None
+    ended_ns: int | None = None
+    has_done_marker: bool = False
+    details: list[str] = []  # the first MAX_DETAILS problems, "code member:line field f: detail"
+    validator_version: int = VALIDATOR_VERSION
+
+
+def index_record(
+    ep: EpisodeData, rel_path: str, *, mtime_ns: int = 0, sidecar_mtime_ns: int | None = None
+) -> IndexRecord:
+    status, reasons = classify(ep)
+    meta = ep.meta
+    return IndexRecord(
+        path=rel_path,
+        episode_id=ep.episode_id,
+        host=meta.host_id if meta is not None else ep.path.parent.name,
+        profile=meta.profile if meta is not None else None,
+        sample=meta.sample_id if meta is not None else None,
+        status=status,
+        reasons=reasons,
+        sha256=ep.sha256,
+        bytes=ep.compressed_bytes,
+        mtime_ns=mtime_ns,
+        sidecar_mtime_ns=sidecar_mtime_ns,
+        rows=ep.rows,
+        malformed_lines=ep.malformed_lines,
+        duration_s=round(effective_duration_s(ep) or 0.0, 3),
+        started_ns=meta.started_ns if meta is not None else None,
+        ended_ns=meta.ended_ns if meta is not None else None,
+        has_done_marker=ep.has_done_marker,
+        details=[str(p) for p in findings(ep)[:MAX_DETAILS]],
+    )
+
+
+def crash_record(path: Path, rel_path: str, exc: BaseException, *, mtime_ns: int = 0,
+                 nbytes: int = 0, sidecar_mtime_ns: int | None = None) -> IndexRecord:
+    """The record of an archive whose reading raised: errored, never a dead sweep."""
+    return IndexRecord(
+        path=rel_path, episode_id=episode_id_from_path(path), host=path.parent.name,
+        status="errored", reasons=["reader_crash"], bytes=nbytes, mtime_ns=mtime_ns,
+        sidecar_mtime_ns=sidecar_mtime_ns, details=[f"reader_crash: {type(exc).__name__}: {exc}"],
+    )
+
+
+_INDEX_DECODER = msgspec.json.Decoder(IndexRecord)
+_INDEX_ENCODER = msgspec.json.Encoder()
+
+
+def read_index(path: Path | str) -> list[IndexRecord]:
+    """The records of an index file; a bad line raises ValueError naming file, line and field."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return _INDEX_DECODER.decode_lines(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    for i, line in enumerate(data.split(b"\n"), 1):
+        if line.strip():
+            try:
+                _INDEX_DECODER.decode(line)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ValueError(f"{path}:{i}: {exc}") from None
+    raise ValueError(f"{path}: not JSONL of index records")
+
+
+def write_index_atomic(path: Path | str, records: Iterable[IndexRecord]) -> None:
+    """Write the index so that a crash leaves the old file or the new one, never half:
+    temp file in the same directory, fsync, rename over, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            buf = bytearray()
+            for rec in records:
+                _INDEX_ENCODER.encode_into(rec, buf, len(buf))
+                buf += b"\n"
+                if len(buf) > 1 << 20:
+                    fh.write(buf)
+                    buf.clear()
+            fh.write(buf)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
