@@ -1,0 +1,425 @@
+"""Load and verify a models directory (SPEC section 6) on the Pi.
+
+Nothing is trusted until it is checked: every file listed in ``SHA256SUMS`` must exist
+and hash to its line (a truncated ``scp`` or a flipped byte is refused before ONNX
+Runtime ever parses it), no unlisted ``.onnx`` may sit beside them, and every graph's
+``schema_hash`` metadata must equal the daemon's, because a model fed features it was
+not trained on answers confidently and wrongly. Each refusal names the file and both
+hashes so the operator knows what to re-copy or re-export.
+
+Pi-safe: stdlib, numpy, msgspec and onnxruntime only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from schema.channels import CHANNEL_NAMES, N_CHANNELS, SUMMARY_STATS, WINDOW_STEPS
+from schema.hashing import schema_hash as current_schema_hash
+from schema.vocab import PHASES
+
+log = logging.getLogger(__name__)
+
+SUMS_FILE = "SHA256SUMS"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+# onnxruntime versions the exported graphs are made for (opset <= 20, IR <= 9: what 1.17
+# runs). 1.21.x dies with SIGILL on a Pi 4 (Cortex-A72), so it is excluded.
+ONNXRUNTIME_RANGE = ">=1.17,!=1.21.*"
+MODEL_INPUT_NAME = "features"
+MODEL_OUTPUT_NAME = "probabilities"
+PROJECTOR_OUTPUTS = ("xyz", "cluster")
+_K = len(SUMMARY_STATS)
+
+
+class ModelSetError(RuntimeError):
+    """A models directory that must not be served; the message says which file and why."""
+
+
+# --- the manifest (written by trainer/export.py, read here: one definition) -----------------
+
+
+class FileEntry(msgspec.Struct, omit_defaults=True):
+    path: str
+    sha256: str
+    bytes: int
+    kind: str                                   # "model" | "projector"
+
+
+class Parity(msgspec.Struct, omit_defaults=True):
+    windows: int
+    max_abs_diff: float
+    argmax_agreement: float                     # exact ties in the native output count as agreeing
+    argmax_agreement_raw: float = 1.0           # plain argmax equality
+    ties: int = 0                               # windows whose top two native classes tie
+
+
+class ModelEntry(msgspec.Struct, omit_defaults=True):
+    file: str
+    model: str
+    threat_model: str
+    input_kind: str                             # "summary" | "tensor"
+    channels: list[str]
+    input_shape: list[int]                      # per window, without the batch axis
+    metrics: dict[str, Any] = {}
+    parity: Parity | None = None
+
+
+class ProjectorEntry(msgspec.Struct, omit_defaults=True):
+    file: str
+    threat_model: str
+    channels: list[str]
+    input_shape: list[int]
+    n_clusters: int
+    fitted_on: str                              # which windows the PCA / k-means saw
+    n_fit: int
+    explained_variance_ratio: list[float] = []
+
+
+class Envelope(msgspec.Struct, omit_defaults=True):
+    """One attack_profile event's payload, plus where it came from."""
+
+    name: str
+    curve: list[float]
+    shape: str
+    channel: str = ""
+    unit: str = ""
+    episodes: int = 0
+
+
+class Manifest(msgspec.Struct, omit_defaults=True):
+    schema_hash: str
+    created: str
+    classes: list[str]
+    window_s: int
+    stride_s: int
+    rate_hz: int
+    opset: int
+    onnxruntime: str
+    files: list[FileEntry]
+    models: list[ModelEntry]
+    projectors: list[ProjectorEntry] = []
+    envelopes: list[Envelope] = []
+    split: dict[str, Any] = {}
+    run: dict[str, Any] = {}
+    exporter: dict[str, str] = {}
+    format: int = MANIFEST_FORMAT
+
+
+# --- SHA256SUMS ------------------------------------------------------------------------------
+
+_SUMS_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_sums(path: Path) -> dict[str, str]:
+    """``sha256sum`` format -> {file name: hex}. Names must be plain files in this directory."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelSetError(f"{path}: missing; a models directory without SHA256SUMS cannot be verified") from None
+    except UnicodeDecodeError as e:
+        raise ModelSetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    sums: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _SUMS_LINE.match(line)
+        if m is None:
+            raise ModelSetError(f"{path}: line {lineno}: expected '<64 hex>  <file>', got {line[:80]!r}")
+        digest, name = m.group(1).lower(), m.group(2)
+        # The directory is copied from elsewhere: a name must not reach outside it.
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise ModelSetError(f"{path}: line {lineno}: file name {name!r} is not a plain name in this directory")
+        if name in sums:
+            raise ModelSetError(f"{path}: line {lineno}: {name} is listed twice")
+        sums[name] = digest
+    if not sums:
+        raise ModelSetError(f"{path}: lists no files")
+    return sums
+
+
+def verify_directory(directory: Path) -> dict[str, str]:
+    """Check every listed file against SHA256SUMS; refuse unlisted .onnx files. -> {name: sha256}."""
+    sums = parse_sums(directory / SUMS_FILE)
+    for name, expected in sums.items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelSetError(
+                f"{path}: missing; SHA256SUMS expects sha256 {expected}, actual: no such file"
+            )
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelSetError(
+                f"{path}: sha256 mismatch (truncated, tampered or from another export): "
+                f"expected {expected} (SHA256SUMS), actual {actual} ({path.stat().st_size} bytes)"
+            )
+    unlisted = sorted(p.name for p in directory.glob("*.onnx") if p.name not in sums)
+    if unlisted:
+        p = directory / unlisted[0]
+        raise ModelSetError(
+            f"{p}: not listed in SHA256SUMS (expected: no such file, actual sha256 {sha256_file(p)}); "
+            f"unlisted models: {', '.join(unlisted)}"
+        )
+    if MANIFEST_FILE not in sums:
+        raise ModelSetError(f"{directory / SUMS_FILE}: does not list {MANIFEST_FILE}")
+    return sums
+
+
+# --- loaded graphs ------------------------------------------------------------------------
+
+
+def _channel_indices(names: list[str], where: Path) -> tuple[int, ...]:
+    index = {n: i for i, n in enumerate(CHANNEL_NAMES)}
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise ModelSetError(f"{where}: unknown channels {unknown[:5]} (this daemon knows {N_CHANNELS} channels)")
+    return tuple(index[n] for n in names)
+
+
+def _view(x: np.ndarray, input_kind: str, channels: tuple[int, ...]) -> np.ndarray:
+    """The slice of the full 46-channel window (or batch) that one graph reads."""
+    x = np.asarray(x, dtype=np.float32)
+    if input_kind == "tensor":
+        if x.ndim == 2:
+            x = x[None]
+        if x.shape[1:] != (N_CHANNELS, WINDOW_STEPS):
+            raise ValueError(f"tensor input must be ({N_CHANNELS}, {WINDOW_STEPS}) per window, got {x.shape}")
+        return np.ascontiguousarray(x[:, channels, :])
+    if x.ndim == 1:
+        x = x[None]
+    if x.shape[1] != N_CHANNELS * _K:
+        raise ValueError(f"summary input must be {N_CHANNELS * _K} features per window, got {x.shape}")
+    # summaries are channel-major (c * k + s), so a channel subset is a block gather
+    return np.ascontiguousarray(x.reshape(len(x), N_CHANNELS, _K)[:, channels, :].reshape(len(x), -1))
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    threat_model: str
+    input_kind: str
+    channels: tuple[int, ...]          # indices on the 46-channel axis, in graph input order
+    session: Any                       # onnxruntime.InferenceSession
+    metrics: dict[str, Any]
+    file: str
+    sha256: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.threat_model}"
+
+    def predict_proba(self, full: np.ndarray) -> np.ndarray:
+        """Full-width window(s) (tensor [46,100] or summary [46*k]) -> (N, 5) probabilities."""
+        x = _view(full, self.input_kind, self.channels)
+        return self.session.run([MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: x})[0]
+
+
+@dataclass
+class LoadedProjector:
+    threat_model: str
+    channels: tuple[int, ...]
+    session: Any
+    file: str
+    sha256: str
+
+    def project(self, summary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Full-width summary (or batch) -> (xyz (N, 3) in 0-1, cluster (N,) int64)."""
+        x = _view(summary, "summary", self.channels)
+        xyz, cluster = self.session.run(list(PROJECTOR_OUTPUTS), {MODEL_INPUT_NAME: x})
+        return xyz, cluster
+
+
+@dataclass
+class ModelSet:
+    directory: Path
+    manifest: Manifest
+    models: list[LoadedModel]
+    projectors: dict[str, LoadedProjector]
+    sha256: dict[str, str]             # every verified file
+
+    def run(self, tensor: np.ndarray, summary: np.ndarray) -> dict[str, np.ndarray]:
+        """One window's (or a batch's) full-width views -> {"<model>-<threat>": probabilities}.
+
+        The daemon extracts one 46-channel window; each graph gets its own slice of it.
+        """
+        return {
+            m.key: m.predict_proba(tensor if m.input_kind == "tensor" else summary)
+            for m in self.models
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """For /healthz: what is being served, and under which schema."""
+        return {
+            "directory": str(self.directory),
+            "schema_hash": self.manifest.schema_hash,
+            "created": self.manifest.created,
+            "files": dict(sorted(self.sha256.items())),
+            "models": [m.key for m in self.models],
+            "projectors": sorted(self.projectors),
+        }
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def check_runtime(version: str | None = None, machine: str | None = None) -> None:
+    """Refuse the onnxruntime release known to crash on a Pi 4; warn outside the tested range."""
+    import onnxruntime as ort
+
+    version = version or ort.__version__
+    machine = machine or platform.machine()
+    parts = [int(p) for p in re.findall(r"\d+", version)[:2]] + [0, 0]
+    major, minor = parts[0], parts[1]
+    if (major, minor) == (1, 21) and machine in ("aarch64", "arm64"):
+        raise ModelSetError(
+            f"onnxruntime {version} dies with an illegal instruction on a Pi 4 (Cortex-A72); "
+            f"install onnxruntime{ONNXRUNTIME_RANGE}"
+        )
+    if (major, minor) < (1, 17) or (major, minor) == (1, 21):
+        warnings.warn(f"onnxruntime {version} is outside the supported range {ONNXRUNTIME_RANGE}", stacklevel=2)
+
+
+def _session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    # One window every 5 s per episode: latency matters less than leaving cores to the
+    # tailer and the server, and a spinning thread pool burns a Pi's whole power budget.
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types; all mean "unusable graph"
+        raise ModelSetError(f"{path}: onnxruntime cannot load it: {e}") from None
+
+
+def _check_schema(path: Path, meta: dict[str, str], expected: str) -> None:
+    found = meta.get("schema_hash")
+    if found is None:
+        raise ModelSetError(f"{path}: no schema_hash in metadata_props; expected schema hash {expected}, actual: none")
+    if found != expected:
+        raise ModelSetError(
+            f"{path}: schema hash mismatch: the daemon extracts features under schema hash {expected}, "
+            f"the model was exported under {found}; re-export the models with this code version"
+        )
+
+
+def _check_io(path: Path, session: Any, outputs: tuple[str, ...], width: tuple[int, ...]) -> None:
+    ins = session.get_inputs()
+    if len(ins) != 1 or ins[0].name != MODEL_INPUT_NAME:
+        raise ModelSetError(f"{path}: expected one input named {MODEL_INPUT_NAME!r}, got {[i.name for i in ins]}")
+    shape = list(ins[0].shape[1:])
+    # symbolic dims are fine; a fixed dim must match what the channels metadata implies
+    if len(shape) != len(width) or any(isinstance(d, int) and d != w for d, w in zip(shape, width)):
+        raise ModelSetError(f"{path}: input shape per window is {shape}, the metadata's channels need {list(width)}")
+    names = [o.name for o in session.get_outputs()]
+    missing = [o for o in outputs if o not in names]
+    if missing:
+        raise ModelSetError(f"{path}: outputs {names} lack {missing}")
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST_FILE
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Manifest)
+    except FileNotFoundError:
+        raise ModelSetError(f"{path}: missing") from None
+    except msgspec.ValidationError as e:
+        raise ModelSetError(f"{path}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ModelSetError(f"{path}: not valid JSON: {e}") from None
+
+
+def load_models(
+    directory: Path | str,
+    expected_schema_hash: str | None = None,
+    threads: int = 1,
+) -> ModelSet:
+    """Verify a models directory and open one ONNX Runtime session per graph."""
+    directory = Path(directory)
+    expected = expected_schema_hash or current_schema_hash()
+    if not directory.is_dir():
+        raise ModelSetError(f"{directory}: not a directory")
+    check_runtime()
+    sums = verify_directory(directory)
+    manifest = read_manifest(directory)
+    if manifest.format != MANIFEST_FORMAT:
+        raise ModelSetError(f"{directory / MANIFEST_FILE}: format {manifest.format}, this daemon reads {MANIFEST_FORMAT}")
+    if manifest.schema_hash != expected:
+        raise ModelSetError(
+            f"{directory / MANIFEST_FILE}: schema hash mismatch: the daemon extracts features under "
+            f"schema hash {expected}, the models directory was exported under {manifest.schema_hash}"
+        )
+    if list(manifest.classes) != list(PHASES):
+        raise ModelSetError(f"{directory / MANIFEST_FILE}: classes {manifest.classes} are not the phase order {list(PHASES)}")
+    # The manifest is itself covered by SHA256SUMS; its per-file hashes must agree too.
+    for entry in manifest.files:
+        listed = sums.get(entry.path)
+        if listed != entry.sha256:
+            raise ModelSetError(
+                f"{directory / entry.path}: manifest.json says sha256 {entry.sha256}, "
+                f"SHA256SUMS says {listed or 'nothing (not listed)'}"
+            )
+
+    models: list[LoadedModel] = []
+    for entry in manifest.models:
+        path = directory / entry.file
+        if entry.file not in sums:
+            raise ModelSetError(f"{path}: in manifest.json but not in SHA256SUMS")
+        session = _session(path, threads)
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        _check_schema(path, meta, expected)
+        names = json.loads(meta.get("channels", "null") or "null") or entry.channels
+        channels = _channel_indices(list(names), path)
+        kind = meta.get("input_kind", entry.input_kind)
+        width = (len(channels), WINDOW_STEPS) if kind == "tensor" else (len(channels) * _K,)
+        _check_io(path, session, (MODEL_OUTPUT_NAME,), width)
+        classes = json.loads(meta.get("classes", "null") or "null")
+        if classes is not None and list(classes) != list(PHASES):
+            raise ModelSetError(f"{path}: classes {classes} are not the phase order {list(PHASES)}")
+        models.append(LoadedModel(
+            name=meta.get("model", entry.model), threat_model=meta.get("threat_model", entry.threat_model),
+            input_kind=kind, channels=channels, session=session, metrics=dict(entry.metrics),
+            file=entry.file, sha256=sums[entry.file], metadata=meta,
+        ))
+
+    projectors: dict[str, LoadedProjector] = {}
+    for p in manifest.projectors:
+        path = directory / p.file
+        if p.file not in sums:
+            raise ModelSetError(f"{path}: in manifest.json but not in SHA256SUMS")
+        session = _session(path, threads)
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        _check_schema(path, meta, expected)
+        channels = _channel_indices(p.channels, path)
+        _check_io(path, session, PROJECTOR_OUTPUTS, (len(channels) * _K,))
+        projectors[p.threat_model] = LoadedProjector(p.threat_model, channels, session, p.file, sums[p.file])
+
+    if not models:
+        raise ModelSetError(f"{directory / MANIFEST_FILE}: lists no models")
+    log.info("loaded %d models and %d projectors from %s (schema %s)",
+             len(models), len(projectors), directory, expected[:12])
+    return ModelSet(directory, manifest, models, projectors, dict(sums))
+
