@@ -1,2 +1,374 @@
-def main() -> int:
-    raise SystemExit("edge-daemon: not built yet")
+"""``edge-daemon``: tail live episodes, score every window with the loaded models, serve the deck.
+
+    edge-daemon --models DIR [--live DIR] [--store DIR] [--replay STORE [--speed X]]
+                [--bind ADDR] [--port N] [--publish-token TOKEN] [--demo]
+
+One trio loop: the tailer ticks every ``--poll-ms``; ready windows go through a bounded
+channel to one worker thread (``CapacityLimiter(1)``) that extracts and runs every model;
+the results are published to the broadcaster, which the server fans out to browsers. The
+models directory is reloaded on SIGHUP or when its files change (and then hold still); a
+reload that fails keeps the old set serving and shows the error on ``/healthz``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from edge.broadcast import Broadcaster
+from edge.infer import Engine, startup_events
+from edge.metrics import Metrics, _Family, format_value
+from edge.modelset import ModelSet, ModelSetError, load_models
+from edge.tail import LiveTailer, TailBatch, TailConfig, TailCounters, WindowJob
+from schema.hashing import schema_hash
+
+log = logging.getLogger("edge.daemon")
+
+# The live latency of one window: from the tick that saw it complete to its events published.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _TailFamily(_Family):
+    """The tailer's counters, read at scrape time (no double bookkeeping)."""
+
+    kind = "counter"
+
+    def __init__(self, counters: TailCounters) -> None:
+        super().__init__("phasewatch_tail_total", "What the tailer read and survived, by kind.", ("kind",))
+        self.counters = counters
+
+    def samples(self) -> Iterator[str]:
+        for k, v in self.counters.as_dict().items():
+            yield f'{self.name}{{kind="{k}"}} {format_value(v)}'
+
+
+def static_dir() -> Path | None:
+    """The deck: inside the wheel as edge/deck, in a checkout at <repo>/deck."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "deck", here.parent / "deck"):
+        if (d / "index.html").is_file():
+            return d
+    return None
+
+
+class Daemon:
+    def __init__(
+        self,
+        models_dir: Path | None,
+        *,
+        live: Sequence[Path] = (),
+        store: Path | None = None,
+        replay: Path | None = None,
+        speed: float = 1.0,
+        replay_concurrency: int = 4,
+        bind: str = "0.0.0.0",
+        port: int = 8080,
+        publish_token: str | None = None,
+        demo: bool = False,
+        poll_s: float = 0.02,
+        tail: TailConfig = TailConfig(),
+        all_predictions: bool = False,
+        state_dir: Path | None = None,
+        max_batch: int = 64,
+        modelset: ModelSet | None = None,
+    ) -> None:
+        self.models_dir = models_dir
+        self.store = store
+        self.replay = replay
+        self.speed = speed
+        self.replay_concurrency = replay_concurrency
+        self.bind, self.port = bind, port
+        self.publish_token = publish_token
+        self.demo = demo
+        self.poll_s = poll_s
+        self.all_predictions = all_predictions
+        self.state_dir = state_dir
+        self.max_batch = max_batch
+        self.metrics = Metrics()
+        self.broadcaster = Broadcaster(metrics=self.metrics)
+        self.counters = TailCounters()
+        self.tailer = LiveTailer(list(live), tail, self.counters)
+        self.metrics.registry.register(_TailFamily(self.counters))
+        self.latency = self.metrics.registry.histogram(
+            "phasewatch_window_latency_seconds", "From a window's last row read to its events published.",
+            buckets=LATENCY_BUCKETS)
+        self.windows_dropped = self.metrics.registry.counter(
+            "phasewatch_windows_dropped_total", "Ready windows dropped because inference fell behind.")
+        self.modelset = modelset
+        self.engine: Engine | None = Engine(modelset, self.metrics) if modelset is not None else None
+        self.reload_error: str | None = None
+        self.reloads = 0
+        self.loaded_at: float | None = time.time() if modelset is not None else None
+        self.started_at = time.time()
+        self.store_error: str | None = None
+        self.replay_dir: Path | None = None
+        self.listeners: list[trio.SocketListener] = []
+        self._limiter = trio.CapacityLimiter(1)
+        self._loaded_sig = self._dir_sig()
+        self._jobs_tx, self._jobs_rx = trio.open_memory_channel[WindowJob](1024)
+
+    # --- models ---
+
+    def _dir_sig(self) -> frozenset[tuple[str, int, int]] | None:
+        """What the models directory holds now (names, sizes, mtimes): a change means a new export."""
+        if self.models_dir is None:
+            return None
+        try:
+            with os.scandir(self.models_dir) as it:
+                return frozenset((e.name, (st := e.stat()).st_size, st.st_mtime_ns) for e in it if e.is_file())
+        except OSError:
+            return None
+
+    def load(self) -> None:
+        """First load; a ModelSetError here stops the daemon (the caller prints it)."""
+        assert self.models_dir is not None
+        self._install(load_models(self.models_dir, schema_hash()))
+
+    def _install(self, ms: ModelSet) -> None:
+        self.modelset = ms
+        self.engine = Engine(ms, self.metrics)
+        self.loaded_at = time.time()
+        log.info("serving %d models; %s drives the timeline", len(ms.models), self.engine.primary.key)
+
+    def publish_startup(self) -> None:
+        if self.modelset is not None:
+            self.broadcaster.publish_many(startup_events(self.modelset))
+
+    async def reload(self, why: str) -> bool:
+        assert self.models_dir is not None
+        log.info("reloading %s (%s)", self.models_dir, why)
+        try:
+            ms = await trio.to_thread.run_sync(load_models, self.models_dir, schema_hash())
+        except ModelSetError as e:
+            self.reload_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {e}"
+            log.error("reload failed, still serving the previous models: %s", e)
+            return False
+        self._install(ms)
+        self.reload_error = None
+        self.reloads += 1
+        self.publish_startup()
+        return True
+
+    async def _watch_models(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reload on SIGHUP, or when the directory changed and then held still for one poll
+        (an scp or rsync in progress is not loaded half-copied). A set that failed is not
+        retried until the directory changes again."""
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            task_status.started()  # SIGHUP is ours from here: it no longer kills the process
+
+            async def on_signal() -> None:
+                async for _ in signals:
+                    self._loaded_sig = self._dir_sig()
+                    await self.reload("SIGHUP")
+
+            async with trio.open_nursery() as n:
+                n.start_soon(on_signal)
+                previous = self._loaded_sig
+                while True:
+                    await trio.sleep(2.0)
+                    sig = self._dir_sig()
+                    if sig is not None and sig != self._loaded_sig and sig == previous:
+                        self._loaded_sig = sig
+                        await self.reload("models directory changed")
+                    previous = sig
+
+    # --- the live path ---
+
+    async def _tail_loop(self) -> None:
+        while True:
+            batch = self.tailer.poll(trio.current_time())
+            self._handle(batch)
+            await trio.sleep(self.poll_s)
+
+    def _handle(self, batch: TailBatch) -> None:
+        for ep, p in batch.problems:
+            self.metrics.parse_errors.inc(stream=p.member or "?")
+            if self.metrics.parse_errors.value(stream=p.member or "?") <= 3:
+                log.warning("%s/%s: %s", ep.host, ep.episode_id, p)
+        for job in batch.jobs:
+            try:
+                self._jobs_tx.send_nowait(job)
+            except trio.WouldBlock:
+                self.windows_dropped.inc()
+        self.metrics.live_episodes.set(len(self.tailer.episodes))
+
+    async def _infer_loop(self) -> None:
+        while True:
+            job = await self._jobs_rx.receive()
+            jobs = [job]
+            while len(jobs) < self.max_batch:
+                try:
+                    jobs.append(self._jobs_rx.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            engine = self.engine
+            if engine is None:
+                continue
+            try:
+                # the timeline's events first (one model), then the other eleven and the projector
+                batch = await trio.to_thread.run_sync(engine.score_primary, jobs, limiter=self._limiter)
+                now = trio.current_time()
+                for s in batch.scored:
+                    self.broadcaster.publish_many(s.events)
+                    self.latency.observe(max(0.0, now - s.job.ready_at))
+                await trio.to_thread.run_sync(engine.score_rest, batch, limiter=self._limiter)
+            except Exception:  # one bad batch must not end the live view
+                log.exception("scoring %d windows failed", len(jobs))
+                continue
+            for s in batch.scored:
+                self.broadcaster.publish_many(s.late)
+                if self.all_predictions:
+                    self.broadcaster.publish_many(s.others)
+
+    # --- optional sources ---
+
+    async def _store_loop(self) -> None:
+        from edge.storewatch import StoreWatcher
+
+        assert self.store is not None
+        watcher = StoreWatcher(self.store)
+        while True:
+            try:
+                up = await trio.to_thread.run_sync(watcher.poll)
+                self.store_error = watcher.index_error
+            except OSError as e:
+                self.store_error = str(e)
+                log.warning("store %s: %s", self.store, e)
+            else:
+                for ev in up.episodes:
+                    self.broadcaster.publish(ev)
+                if up.snapshot is not None:
+                    self.broadcaster.publish(up.snapshot)
+            await trio.sleep(3.0)
+
+    async def _replay(self, out: Path) -> None:
+        from edge.replay import replay_store
+
+        assert self.replay is not None
+        await replay_store(self.replay, out, speed=self.speed, loop=True, concurrency=self.replay_concurrency)
+
+    # --- health ---
+
+    def health(self) -> dict[str, Any]:
+        ms = self.modelset
+        return {
+            "ok": ms is not None or self.demo,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "schema_hash": schema_hash(),
+            "models": ms.describe() if ms is not None else None,
+            "primary_model": self.engine.primary.key if self.engine is not None else None,
+            "models_loaded_at": self.loaded_at,
+            "reloads": self.reloads,
+            "reload_error": self.reload_error,
+            "live_roots": [str(r) for r in self.tailer.roots],
+            "live_episodes": len(self.tailer.episodes),
+            "tail": self.counters.as_dict(),
+            "inference_queue": self._jobs_rx.statistics().current_buffer_used,
+            "windows_dropped": int(self.windows_dropped.value()),
+            "store": str(self.store) if self.store else None,
+            "store_error": self.store_error,
+            "replay_dir": str(self.replay_dir) if self.replay_dir else None,
+            "clients": self.broadcaster.client_count,
+        }
+
+    # --- run ---
+
+    async def run(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+        from edge.server import serve
+
+        self.publish_startup()
+        with tempfile.TemporaryDirectory(prefix="phasewatch-replay-", dir=self.state_dir) as tmp:
+            async with trio.open_nursery() as n:
+                self.listeners = await n.start(lambda task_status: serve(
+                    self.broadcaster, host=self.bind, port=self.port, static_dir=static_dir(),
+                    health=self.health, metrics=self.metrics, publish_token=self.publish_token,
+                    task_status=task_status))
+                if self.replay is not None:
+                    self.replay_dir = Path(tmp)
+                    self.tailer.add_root(self.replay_dir)
+                    n.start_soon(self._replay, self.replay_dir)
+                if self.tailer.roots:
+                    n.start_soon(self._tail_loop)
+                    n.start_soon(self._infer_loop)
+                if self.store is not None:
+                    n.start_soon(self._store_loop)
+                if self.models_dir is not None:
+                    await n.start(self._watch_models)
+                if self.demo:
+                    from edge.demo import run_demo
+
+                    n.start_soon(run_demo, self.broadcaster)
+                task_status.started(self.listeners)
+                log.info("listening on %s:%d", self.bind, self.listeners[0].socket.getsockname()[1])
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge-daemon", description="Live malware-phase detection for the deck.")
+    ap.add_argument("--models", type=Path, help="models directory from `phasewatch export`")
+    ap.add_argument("--live", type=Path, action="append", default=[],
+                    help="live episodes root, <live>/<host>/<episode>/ (repeatable)")
+    ap.add_argument("--store", type=Path, help="receiver store to summarise (snapshot, episode events)")
+    ap.add_argument("--replay", type=Path, metavar="STORE", help="replay this store's archives as live episodes")
+    ap.add_argument("--speed", type=float, default=1.0, help="replay time multiplier (default 1)")
+    ap.add_argument("--replay-concurrency", type=int, default=4, help="episodes replayed at once")
+    ap.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--publish-token", default=os.environ.get("PHASEWATCH_PUBLISH_TOKEN"),
+                    help="bearer token for POST /publish from other hosts (env PHASEWATCH_PUBLISH_TOKEN)")
+    ap.add_argument("--demo", action="store_true", help="publish demo events (no models needed)")
+    ap.add_argument("--all-predictions", action="store_true",
+                    help="also publish every non-primary model's predictions (model field set)")
+    ap.add_argument("--poll-ms", type=float, default=20.0, help="tail tick in ms (default 20)")
+    ap.add_argument("--idle-timeout", type=float, default=60.0, help="finalise a silent episode after this many s")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.models is None and not args.demo:
+        ap.error("--models DIR is required (or --demo for demo events)")
+    if args.speed <= 0:
+        ap.error("--speed must be > 0")
+    for d in args.live:
+        if not d.is_dir():
+            ap.error(f"--live {d}: not a directory")
+    state = os.environ.get("STATE_DIRECTORY")  # systemd's StateDirectory=
+    daemon = Daemon(
+        args.models, live=args.live, store=args.store, replay=args.replay, speed=args.speed,
+        replay_concurrency=args.replay_concurrency, bind=args.bind, port=args.port,
+        publish_token=args.publish_token, demo=args.demo, poll_s=args.poll_ms / 1000.0,
+        tail=TailConfig(idle_s=args.idle_timeout), all_predictions=args.all_predictions,
+        state_dir=Path(state.split(":")[0]) if state else None,
+    )
+    if args.models is not None:
+        t = time.perf_counter()
+        try:
+            daemon.load()
+        except ModelSetError as e:
+            print(f"edge-daemon: refusing to start: {e}", file=sys.stderr)
+            return 2
+        log.info("models ready in %.2f s", time.perf_counter() - t)
+    try:
+        trio.run(daemon.run)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as e:
+        print(f"edge-daemon: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Score ready windows with every loaded model and turn the answers into deck events.
+
+``Engine.score`` is synchronous and runs in one worker thread (the daemon calls it through
+``trio.to_thread.run_sync`` behind a ``CapacityLimiter(1)``): extraction is numpy and
+ONNX Runtime releases the GIL, so a slow model never stalls tailing or the sockets.
+Windows that became ready together are scored as one batch per model, which is what
+keeps many live episodes on one core.
+
+Which model drives the chunking timeline: the ``realistic`` model with the best held-out
+accuracy in the manifest (the oracle sees the guest agent, which an infected guest can
+fake, so it never drives the live view). The deck draws every ``prediction`` of an
+episode into the same six cells, so only the primary's are published by default
+(``Scored.events``); the other eleven models' go to ``Scored.others`` (published with
+``edge-daemon --all-predictions``). Every prediction carries ``model="<name>-<threat>"``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.modelset import LoadedModel, ModelSet
+from edge.tail import WindowJob
+from schema.events import AttackProfile, Embedding, Event, ModelMetric, ModelPerf, PhaseEvent, Prediction
+from schema.extract import Window, extract_window, summarize, window_centre_ns
+from schema.vocab import PHASES
+
+log = logging.getLogger("edge.infer")
+
+TIMELINE_CELLS = 6  # the deck's chunking timeline: window_idx = window_no % 6
+_ACCURACY_KEYS = ("accuracy", "acc", "balanced_accuracy", "macro_f1")
+
+
+def metric_value(metrics: Mapping[str, Any], names: Sequence[str] = _ACCURACY_KEYS) -> tuple[float, float | None, float | None] | None:
+    """(value, ci_low, ci_high) of the first metric present; accepts a number or a dict/list form."""
+    for name in names:
+        m = metrics.get(name)
+        if m is None:
+            held = metrics.get("heldout") or metrics.get("test")
+            m = held.get(name) if isinstance(held, Mapping) else None
+        if m is None:
+            continue
+        lo = hi = None
+        if isinstance(m, Mapping):
+            ci = m.get("ci") or m.get("ci95")
+            lo, hi = m.get("ci_low", m.get("low")), m.get("ci_high", m.get("high"))
+            if isinstance(ci, (list, tuple)) and len(ci) == 2:
+                lo, hi = ci
+            m = m.get("value", m.get("mean", m.get("point")))
+        else:
+            lo = metrics.get(f"{name}_ci_low")
+            hi = metrics.get(f"{name}_ci_high")
+            ci = metrics.get(f"{name}_ci")
+            if isinstance(ci, (list, tuple)) and len(ci) == 2:
+                lo, hi = ci
+        if isinstance(m, (int, float)) and math.isfinite(m):
+            return float(m), _unit(lo), _unit(hi)
+    return None
+
+
+def _unit(x: Any) -> float | None:
+    if isinstance(x, (int, float)) and math.isfinite(x):
+        return min(1.0, max(0.0, float(x)))
+    return None
+
+
+def pick_primary(models: Sequence[LoadedModel]) -> LoadedModel:
+    """The realistic model with the best held-out accuracy (ties: model order); any model as fallback."""
+    realistic = [m for m in models if m.threat_model == "realistic"] or list(models)
+    scored = [((metric_value(m.metrics) or (-1.0,))[0], -i, m) for i, m in enumerate(realistic)]
+    return max(scored, key=lambda t: (t[0], t[1]))[2]
+
+
+@dataclass
+class Scored:
+    job: WindowJob
+    events: list[Event] = field(default_factory=list)  # phase, the primary's prediction
+    late: list[Event] = field(default_factory=list)  # embedding (needs the projector pass)
+    others: list[Prediction] = field(default_factory=list)  # the other models' predictions
+    usable: bool = False
+    done_at: float = 0.0  # time.perf_counter() when the primary's pass finished
+
+    @property
+    def all_events(self) -> list[Event]:
+        return [*self.events, *self.late, *self.others]
+
+
+@dataclass
+class Batch:
+    """Windows scored together: what ``score_primary`` computed once for ``score_rest``."""
+
+    scored: list[Scored]
+    wins: list[Window]
+    tensors: np.ndarray
+    summaries: np.ndarray
+    primary_pred: dict[int, str] = field(default_factory=dict)
+
+
+class Engine:
+    """One model set, scoring batches of windows. Not thread-safe: one worker thread at a time."""
+
+    def __init__(self, modelset: ModelSet, metrics: Any | None = None, *, embed: bool = True) -> None:
+        self.modelset = modelset
+        self.metrics = metrics
+        self.primary = pick_primary(modelset.models)
+        self.embed_threat = self.primary.threat_model if self.primary.threat_model in modelset.projectors else next(iter(modelset.projectors), None)
+        self.embed = embed and self.embed_threat is not None
+        self._batchable: dict[str, bool] = {}
+
+    def score(self, jobs: Sequence[WindowJob]) -> list[Scored]:
+        """Extract each window, run every model on the usable ones, build all their events."""
+        batch = self.score_primary(jobs)
+        self.score_rest(batch)
+        return batch.scored
+
+    def score_primary(self, jobs: Sequence[WindowJob]) -> Batch:
+        """The latency-critical half: extraction, ``phase`` and the primary's ``prediction``.
+
+        The daemon publishes these before ``score_rest`` runs the other eleven models and
+        the projector, so the timeline's latency is one model's, not twelve."""
+        out = [Scored(job) for job in jobs]
+        wins: list[Window] = [extract_window(j.streams, j.t0_ns, j.w) for j in jobs]
+        tensors = np.stack([w.tensor for w in wins]) if wins else np.zeros((0, 46, 100), np.float32)
+        summaries = summarize(tensors) if len(wins) else np.zeros((0, 0), np.float32)
+        batch = Batch(out, wins, tensors, summaries)
+        for s, job in zip(out, jobs):
+            if job.actual is not None:
+                s.events.append(PhaseEvent(phase=job.actual, episode_id=job.episode_id, host=job.host,  # type: ignore[arg-type]
+                                           t_ns=window_centre_ns(job.t0_ns, job.w)))
+        self._score_model(self.primary, batch)
+        now = time.perf_counter()
+        for s in out:
+            s.done_at = now
+        return batch
+
+    def score_rest(self, batch: Batch) -> None:
+        """Every other model (into ``Scored.others``) and the projector (into ``Scored.late``)."""
+        for model in self.modelset.models:
+            if model is not self.primary:
+                self._score_model(model, batch)
+        if self.embed and self.embed_threat is not None:
+            proj = self.modelset.projectors[self.embed_threat]
+            idx = [i for i, w in enumerate(batch.wins) if w.usable(self.embed_threat)]
+            if idx:
+                xyz, cluster = proj.project(batch.summaries[idx])
+                for i, p, c in zip(idx, xyz, np.asarray(cluster).reshape(-1)):
+                    if not np.all(np.isfinite(p)):
+                        continue
+                    x, y, z = (min(1.0, max(0.0, float(v))) for v in p[:3])
+                    s = batch.scored[i]
+                    s.late.append(Embedding(
+                        x=x, y=y, z=z, phase=s.job.actual, predicted=batch.primary_pred.get(i),
+                        cluster=max(0, int(c)), episode_id=s.job.episode_id,
+                    ))
+
+    def _score_model(self, model: LoadedModel, batch: Batch) -> None:
+        idx = [i for i, w in enumerate(batch.wins) if w.usable(model.threat_model)]
+        if not idx:
+            return
+        x = batch.tensors[idx] if model.input_kind == "tensor" else batch.summaries[idx]
+        probs = self._run(model, x)
+        is_primary = model is self.primary
+        for i, p in zip(idx, probs):
+            k = int(np.argmax(p))
+            s = batch.scored[i]
+            s.usable = True
+            if is_primary:
+                batch.primary_pred[i] = PHASES[k]
+            pred = Prediction(
+                episode_id=s.job.episode_id, window_idx=s.job.w % TIMELINE_CELLS, window_no=s.job.w,
+                predicted=PHASES[k], actual=s.job.actual, model=model.key,
+                confidence=min(1.0, max(0.0, float(p[k]))) if math.isfinite(float(p[k])) else None,
+            )
+            (s.events if is_primary else s.others).append(pred)
+
+    def _run(self, model: LoadedModel, x: np.ndarray) -> np.ndarray:
+        """Whole batch in one call when the graph allows it; otherwise one window at a time."""
+        t = time.perf_counter()
+        probs: np.ndarray | None = None
+        if len(x) > 1 and self._batchable.get(model.key, True):
+            try:
+                probs = np.asarray(model.predict_proba(x))
+                if probs.shape[0] != len(x):
+                    raise ValueError(f"batch of {len(x)} gave {probs.shape[0]} rows")
+            except Exception as e:  # a graph exported with a fixed batch of 1
+                log.info("%s: no batched inference (%s); scoring one window at a time", model.key, e)
+                self._batchable[model.key] = False
+                probs = None
+        if probs is None:
+            probs = np.concatenate([np.asarray(model.predict_proba(x[i : i + 1])) for i in range(len(x))])
+        dt = time.perf_counter() - t
+        if self.metrics is not None:
+            self.metrics.windows_inferred.inc(len(x), model=model.key)
+            self.metrics.inference_seconds.observe(dt / len(x), model=model.key)
+        return probs
+
+
+# --- what the models directory knows, published once at start (and after a reload) ----------
+
+
+def _ordered(models: Iterable[LoadedModel]) -> list[LoadedModel]:
+    # oracle first, realistic last: a deck that keys bars by model name alone ("latest
+    # wins") then shows the realistic figure, the one a deployment can reach.
+    return sorted(models, key=lambda m: (m.threat_model == "realistic", m.name))
+
+
+def startup_events(modelset: ModelSet, bench_file: Path | None = None) -> list[Event]:
+    """model_metric per model, attack_profile envelopes, model_perf from bench.json if present."""
+    events: list[Event] = []
+    accuracy: dict[str, float] = {}
+    for m in _ordered(modelset.models):
+        got = metric_value(m.metrics)
+        if got is None:
+            continue
+        acc, lo, hi = got
+        accuracy[m.key] = acc
+        events.append(ModelMetric(model=m.name, accuracy=min(1.0, max(0.0, acc)), ci_low=lo, ci_high=hi,
+                                  threat_model=m.threat_model))
+    for env in modelset.manifest.envelopes:
+        curve = [float(v) for v in env.curve if isinstance(v, (int, float)) and math.isfinite(v)]
+        if curve:
+            events.append(AttackProfile(name=env.name, curve=curve, shape=env.shape or None))
+    bench_file = bench_file if bench_file is not None else modelset.directory / "bench.json"
+    events.extend(bench_events(bench_file, modelset, accuracy))
+    return events
+
+
+def bench_events(path: Path, modelset: ModelSet, accuracy: Mapping[str, float]) -> list[Event]:
+    """model_perf points from ``bench.json``; a missing or odd file gives none, and says why."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        log.warning("%s: ignored: %s", path, e)
+        return []
+    rows: list[Any] = doc.get("models", doc.get("results", [])) if isinstance(doc, dict) else doc
+    if isinstance(rows, dict):
+        rows = [{"key": k, **v} for k, v in rows.items() if isinstance(v, dict)]
+    known = {m.key: m for m in modelset.models}
+    events: list[tuple[bool, Event]] = []
+    for r in rows if isinstance(rows, list) else []:
+        if not isinstance(r, dict):
+            continue
+        name, threat = r.get("model"), r.get("threat_model")
+        key = r.get("key") or (f"{name}-{threat}" if name and threat else name)
+        if key in known:
+            name, threat = known[key].name, known[key].threat_model
+        lat = next((r[k] for k in ("latency_us", "mean_us", "p50_us", "median_us") if isinstance(r.get(k), (int, float))), None)
+        acc = r.get("accuracy") if isinstance(r.get("accuracy"), (int, float)) else accuracy.get(str(key))
+        if not name or lat is None or acc is None or not math.isfinite(lat) or lat < 0:
+            continue
+        p99 = r.get("p99_us")
+        events.append((threat == "realistic", ModelPerf(
+            model=str(name), latency_us=float(lat), accuracy=min(1.0, max(0.0, float(acc))),
+            p99_us=float(p99) if isinstance(p99, (int, float)) and p99 >= 0 else None,
+            threat_model=str(threat) if threat else None,
+        )))
+    return [e for _, e in sorted(events, key=lambda t: t[0])]

@@ -1,0 +1,301 @@
+"""Replay archived episodes as live ones: store -> private live directory, real time x speed.
+
+    python -m edge.replay STORE OUT [--speed 4] [--loop] [--concurrency 4]
+    edge-daemon --models models --replay STORE --speed 4      # same thing, inside the daemon
+
+Each archive is read straight from its ``.tar.zst`` (never unpacked to disk) and written
+out the way a collector writes a live episode (SPEC section 3): the directory and
+``meta.json`` first, then the lines of every stream appended in ``t_wall_ns`` order as
+their time comes, a line now and then flushed in two writes, ``done.marker`` last.
+Timestamps are shifted so the episode starts now, and an episode replayed again by
+``--loop`` gets a new id (``<id>-r<n>``), so a deck sees fresh live data.
+
+Lines are kept as one bytes blob per member with an offsets array, not as Python
+objects, so an hour-long episode costs about its decompressed size.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import random
+import re
+import sys
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import msgspec
+import numpy as np
+import trio
+import zstandard
+
+from schema.reader import Limits
+from schema.vocab import SOURCE_MEMBER
+
+log = logging.getLogger("edge.replay")
+
+# Members a collector appends to, in the order a new episode creates them.
+STREAM_MEMBERS = ("labels.jsonl", "events.jsonl", *SOURCE_MEMBER.values())
+_T_WALL = re.compile(rb'"t_wall_ns"\s*:\s*(-?\d+)')
+_TICK_S = 0.01  # lines due within one tick are written together
+
+
+class _T(msgspec.Struct):
+    t_wall_ns: int
+
+
+_t_decoder = msgspec.json.Decoder(_T)
+
+
+class ReplayError(RuntimeError):
+    """An archive that cannot be replayed; the message names it and says why."""
+
+
+# Replay holds an episode in memory: tighter caps than the validator's.
+REPLAY_LIMITS = Limits(max_member_bytes=64 << 20, max_total_bytes=256 << 20)
+
+
+def iter_members(path: Path, limits: Limits = REPLAY_LIMITS) -> Iterator[tuple[str, bytes]]:
+    """``(member name inside <episode_id>/, bytes)`` of the regular files of an archive.
+
+    Streams through zstd and tar like ``schema.reader`` (no temporary files); unsafe
+    members (absolute, ``..``, links, devices) and members over the caps are skipped."""
+    total = 0
+    with open(path, "rb") as fh:
+        stream = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tf:  # type: ignore[call-overload]
+                for ti in tf:
+                    parts = PurePosixPath(ti.name).parts
+                    if not ti.isfile() or ti.name.startswith("/") or ".." in parts or len(parts) < 2:
+                        continue
+                    if ti.size > limits.max_member_bytes or total + ti.size > limits.max_total_bytes:
+                        log.warning("%s: %s skipped (%d bytes over the caps)", path, ti.name, ti.size)
+                        continue
+                    f = tf.extractfile(ti)
+                    if f is None:
+                        continue
+                    total += ti.size
+                    yield "/".join(parts[1:]), f.read()
+        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as e:
+            raise ReplayError(f"{path}: unreadable archive: {e}") from None
+
+
+@dataclass
+class Member:
+    """One JSONL member: its bytes, line boundaries and each line's t_wall_ns."""
+
+    name: str
+    data: bytes
+    starts: np.ndarray  # int64 (n,) offset of each line
+    ends: np.ndarray  # int64 (n,) offset just past its newline
+    t: np.ndarray  # int64 (n,); a line without a readable time inherits its predecessor's
+
+    def line(self, i: int) -> bytes:
+        return self.data[int(self.starts[i]) : int(self.ends[i])]
+
+
+def _member(name: str, data: bytes) -> Member:
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    nl = np.flatnonzero(np.frombuffer(data, np.uint8) == 10).astype(np.int64)
+    ends = nl + 1
+    starts = np.concatenate(([0], ends[:-1])).astype(np.int64) if len(ends) else np.zeros(0, np.int64)
+    t = np.empty(len(ends), np.int64)
+    last = np.iinfo(np.int64).min
+    for i in range(len(ends)):
+        m = _T_WALL.search(data, int(starts[i]), int(ends[i]))
+        if m is not None:
+            try:
+                last = int(m.group(1))
+            except ValueError:
+                pass
+        t[i] = last
+    return Member(name, data, starts, ends, t)
+
+
+@dataclass
+class ReplayEpisode:
+    host: str
+    episode_id: str
+    meta: dict
+    members: dict[str, Member]
+    done: bool
+
+    @property
+    def started_ns(self) -> int:
+        return int(self.meta["started_ns"])
+
+
+def load_episode(path: Path, limits: Limits = REPLAY_LIMITS) -> ReplayEpisode:
+    """Read one archive into replayable form; raises ReplayError naming what is missing."""
+    raw = dict(iter_members(path, limits))
+    if "meta.json" not in raw:
+        raise ReplayError(f"{path}: no meta.json member")
+    try:
+        meta = msgspec.json.decode(raw["meta.json"])
+        int(meta["started_ns"])
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError) as e:
+        raise ReplayError(f"{path}: meta.json: unreadable started_ns ({e})") from None
+    members = {m: _member(m, raw[m]) for m in STREAM_MEMBERS if m in raw}
+    host = str(meta.get("host_id") or path.parent.name)
+    eid = str(meta.get("episode_id") or path.name.removesuffix(".tar.zst"))
+    return ReplayEpisode(host, eid, meta, members, "done.marker" in raw)
+
+
+def _shift(line: bytes, offset: int) -> bytes:
+    return _T_WALL.sub(lambda m: b'"t_wall_ns":' + str(int(m.group(1)) + offset).encode(), line, count=1)
+
+
+async def replay_episode(
+    ep: ReplayEpisode,
+    out: Path,
+    *,
+    speed: float = 1.0,
+    episode_id: str | None = None,
+    shift_to_now: bool = True,
+    split_share: float = 0.1,
+    rng: random.Random | None = None,
+) -> Path:
+    """Write one episode into ``out/<host>/<id>/`` at real time x ``speed``; returns its dir."""
+    rng = rng or random.Random()
+    eid = episode_id or ep.episode_id
+    d = out / ep.host / eid
+    d.mkdir(parents=True, exist_ok=False)
+    offset = time.time_ns() - ep.started_ns if shift_to_now else 0
+    meta = dict(ep.meta)
+    meta["episode_id"] = eid
+    for k in ("started_ns", "ended_ns"):
+        if isinstance(meta.get(k), int):
+            meta[k] += offset
+    # meta.json appears whole (written aside, then renamed), as a careful collector does.
+    tmp = d / ".meta.json.tmp"
+    tmp.write_bytes(msgspec.json.encode(meta))
+    os.replace(tmp, d / "meta.json")
+
+    # All lines of all members, merged by time (stable: file order within a member).
+    names = list(ep.members)
+    order_t = np.concatenate([ep.members[n].t for n in names]) if names else np.zeros(0, np.int64)
+    order_m = np.concatenate([np.full(len(ep.members[n].t), k) for k, n in enumerate(names)]) if names else np.zeros(0, np.int64)
+    order_i = np.concatenate([np.arange(len(ep.members[n].t)) for n in names]) if names else np.zeros(0, np.int64)
+    order = np.argsort(order_t, kind="stable")
+    fds: dict[str, int] = {}
+    t_first = int(order_t[order[0]]) if len(order) else ep.started_ns
+    t_first = min(t_first, ep.started_ns) if t_first > np.iinfo(np.int64).min else ep.started_ns
+    start = trio.current_time()
+    try:
+        k = 0
+        while k < len(order):
+            due = start + (int(order_t[order[k]]) - t_first) / 1e9 / speed
+            await trio.sleep_until(due)
+            horizon = trio.current_time() + _TICK_S
+            split: dict[int, bytearray] = {}  # fd -> the rest of a half-written line, and what follows it
+            while k < len(order) and start + (int(order_t[order[k]]) - t_first) / 1e9 / speed <= horizon:
+                name = names[int(order_m[order[k]])]
+                line = _shift(ep.members[name].line(int(order_i[order[k]])), offset)
+                fd = fds.get(name)
+                if fd is None:
+                    fd = fds[name] = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                if fd in split:
+                    split[fd] += line
+                elif len(line) > 2 and rng.random() < split_share:
+                    cut = rng.randrange(1, len(line) - 1)
+                    os.write(fd, line[:cut])
+                    split[fd] = bytearray(line[cut:])
+                else:
+                    os.write(fd, line)
+                k += 1
+            if split:
+                await trio.sleep(0.002)  # the reader may well see the half line
+                for fd, rest in split.items():
+                    os.write(fd, rest)
+        if ep.done:
+            (d / "done.marker").touch()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return d
+
+
+def list_archives(store: Path) -> list[Path]:
+    return sorted(p for p in store.glob("*/*.tar.zst") if p.is_file())
+
+
+async def replay_store(
+    store: Path,
+    out: Path,
+    *,
+    speed: float = 1.0,
+    loop: bool = False,
+    concurrency: int = 4,
+    limit: int | None = None,
+    seed: int = 0,
+    stagger_s: float = 2.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Replay every archive of ``store`` (``limit`` of them), ``concurrency`` at a time; returns how many."""
+    archives = list_archives(store)
+    if limit is not None:
+        archives = archives[:limit]
+    if not archives:
+        raise ReplayError(f"{store}: no <host>/<episode>.tar.zst archives to replay")
+    out.mkdir(parents=True, exist_ok=True)
+    concurrency = min(max(1, concurrency), len(archives))  # never the same archive twice at once
+    rng = random.Random(seed)
+    rounds = itertools.count() if loop else iter([0])
+    queue = ((r, a) for r in rounds for a in archives)
+    replayed = 0
+    task_status.started()
+
+    async def worker(n: int) -> None:
+        nonlocal replayed
+        await trio.sleep(n * stagger_s / max(speed, 1e-9) / max(concurrency, 1))  # episodes do not start in lockstep
+        for r, archive in queue:
+            try:
+                ep = await trio.to_thread.run_sync(load_episode, archive)
+            except ReplayError as e:
+                log.warning("%s", e)
+                continue
+            eid = ep.episode_id if r == 0 else f"{ep.episode_id}-r{r}"
+            if (out / ep.host / eid).exists():
+                eid = f"{eid}-{time.time_ns() % 1_000_000}"
+            await replay_episode(ep, out, speed=speed, episode_id=eid, rng=random.Random(rng.random()))
+            replayed += 1
+
+    async with trio.open_nursery() as nursery:
+        for n in range(concurrency):
+            nursery.start_soon(worker, n)
+    return replayed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m edge.replay", description=__doc__.splitlines()[0])
+    ap.add_argument("store", type=Path, help="receiver store: <store>/<host>/<episode>.tar.zst")
+    ap.add_argument("out", type=Path, help="live directory to write <out>/<host>/<episode>/ into")
+    ap.add_argument("--speed", type=float, default=1.0, help="time multiplier (default 1: real time)")
+    ap.add_argument("--loop", action="store_true", help="start over when the store is done, forever")
+    ap.add_argument("--concurrency", type=int, default=4, help="episodes replayed at once")
+    ap.add_argument("--limit", type=int, default=None, help="replay only the first N archives")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.speed <= 0:
+        ap.error("--speed must be > 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        n = trio.run(lambda: replay_store(args.store, args.out, speed=args.speed, loop=args.loop,
+                                          concurrency=args.concurrency, limit=args.limit, seed=args.seed))
+    except ReplayError as e:
+        print(f"replay: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"replayed {n} episodes into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
