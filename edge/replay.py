@@ -22,18 +22,16 @@ import os
 import random
 import re
 import sys
-import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import msgspec
 import numpy as np
 import trio
-import zstandard
 
-from schema.reader import Limits
+from schema.reader import ArchiveError, Limits, iter_members
 from schema.vocab import SOURCE_MEMBER
 
 log = logging.getLogger("edge.replay")
@@ -57,32 +55,6 @@ class ReplayError(RuntimeError):
 
 # Replay holds an episode in memory: tighter caps than the validator's.
 REPLAY_LIMITS = Limits(max_member_bytes=64 << 20, max_total_bytes=256 << 20)
-
-
-def iter_members(path: Path, limits: Limits = REPLAY_LIMITS) -> Iterator[tuple[str, bytes]]:
-    """``(member name inside <episode_id>/, bytes)`` of the regular files of an archive.
-
-    Streams through zstd and tar like ``schema.reader`` (no temporary files); unsafe
-    members (absolute, ``..``, links, devices) and members over the caps are skipped."""
-    total = 0
-    with open(path, "rb") as fh:
-        stream = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as tf:  # type: ignore[call-overload]
-                for ti in tf:
-                    parts = PurePosixPath(ti.name).parts
-                    if not ti.isfile() or ti.name.startswith("/") or ".." in parts or len(parts) < 2:
-                        continue
-                    if ti.size > limits.max_member_bytes or total + ti.size > limits.max_total_bytes:
-                        log.warning("%s: %s skipped (%d bytes over the caps)", path, ti.name, ti.size)
-                        continue
-                    f = tf.extractfile(ti)
-                    if f is None:
-                        continue
-                    total += ti.size
-                    yield "/".join(parts[1:]), f.read()
-        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as e:
-            raise ReplayError(f"{path}: unreadable archive: {e}") from None
 
 
 @dataclass
@@ -133,7 +105,10 @@ class ReplayEpisode:
 
 def load_episode(path: Path, limits: Limits = REPLAY_LIMITS) -> ReplayEpisode:
     """Read one archive into replayable form; raises ReplayError naming what is missing."""
-    raw = dict(iter_members(path, limits))
+    try:
+        raw = dict(iter_members(path, limits=limits))
+    except ArchiveError as e:
+        raise ReplayError(str(e)) from None
     if "meta.json" not in raw:
         raise ReplayError(f"{path}: no meta.json member")
     try:

@@ -683,6 +683,31 @@ def read_episode(
     return ep
 
 
+class ArchiveError(Exception):
+    """An archive that cannot be walked: its path and what is wrong with it."""
+
+
+def iter_members(path: Path | str, *, limits: Limits = Limits()) -> Iterator[tuple[str, bytes]]:
+    """``(member name inside <episode_id>/, bytes)`` of an archive's safe regular files.
+
+    The same streaming walk as ``read_episode`` (no temporary files, the same caps): unsafe
+    members (absolute, ``..``, links, devices) and members over the per-member cap are
+    skipped; an unreadable archive or one over the total cap raises ``ArchiveError``."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        capped = _CappedReader(
+            zstandard.ZstdDecompressor().stream_reader(fh, read_size=_RAW_READ, read_across_frames=True),
+            limits.max_total_bytes,
+        )
+        try:
+            for ti, member in _tar_members(capped):
+                if _unsafe(ti) is not None or not ti.isfile() or ti.size > limits.max_member_bytes:
+                    continue
+                yield _member_key(ti.name), member.read()
+        except (_LimitHit, zstandard.ZstdError, tarfile.TarError, OSError) as exc:
+            raise ArchiveError(f"{path}: unreadable archive: {exc}") from None
+
+
 def _read_member(f: _MemberReader, ti: tarfile.TarInfo, ep: EpisodeData, limits: Limits) -> None:
     why = _unsafe(ti)
     if why is not None:

@@ -17,7 +17,8 @@ from archive_kit import episode_members, write_archive
 from edge import daemon as daemon_mod
 from edge.daemon import Daemon
 from edge.modelset import load_models
-from edge.replay import iter_members, load_episode, replay_store
+from edge.replay import load_episode, replay_store
+from schema.reader import iter_members
 from edge.storewatch import StoreWatcher
 from edge.tail import TailConfig
 from schema.hashing import schema_hash
