@@ -248,7 +248,7 @@ async def replay_store(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edge.replay", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="edge-replay", description=__doc__.splitlines()[0])
     ap.add_argument("store", type=Path, help="receiver store: <store>/<host>/<episode>.tar.zst")
     ap.add_argument("out", type=Path, help="live directory to write <out>/<host>/<episode>/ into")
     ap.add_argument("--speed", type=float, default=1.0, help="time multiplier (default 1: real time)")
