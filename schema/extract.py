@@ -154,11 +154,12 @@ def _source_grid(source: str, cols: Columns, lo: int, steps: np.ndarray) -> tupl
     fresh[fresh] = (steps[fresh] - t[idx[fresh]]) <= HOLD_NS[source]
     grid[:, fresh] = ch[idx[fresh]].T
     step_ok = np.isfinite(grid).all(axis=0)
-    coverage = float(step_ok.mean())
-    if coverage >= MIN_COVERAGE:
-        grid = _fill_holes(grid)
-    else:
+    n_ok = int(step_ok.sum())
+    coverage = n_ok / WINDOW_STEPS
+    if coverage < MIN_COVERAGE:
         grid[:] = np.nan
+    elif n_ok < WINDOW_STEPS:  # a full window has nothing to fill
+        grid = _fill_holes(grid)
     return grid, coverage
 
 
