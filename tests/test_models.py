@@ -1,0 +1,167 @@
+"""The six models behind one interface: learning, determinism, checkpoints, ONNX parity."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from schema.vocab import MODEL_INPUT, MODELS
+from trainer.evaluate import macro_f1
+from trainer.models import SchemaMismatch, build_model, load_model
+
+# Small and quick: a few epochs/rounds on a few hundred rows.
+# No wall-clock budget: on a loaded CI machine it would cut training short and break
+# determinism. One thread: tiny batches gain nothing from two, and lose a lot when the
+# cores are shared.
+FAST = {"gbt": {"rounds": 40, "threads": 1},
+        "mlp": {"epochs": 15, "patience": 15, "max_seconds": None, "threads": 1},
+        **{m: {"epochs": 8, "patience": 8, "max_seconds": None, "threads": 1} for m in ("cnn", "gru", "lstm", "transformer")}}
+C, T, F = 6, 20, 24
+# Raw-unit spread like the real channels: % next to B/s; the models must normalise themselves.
+SCALE = np.array([1.0, 100.0, 1e3, 1e5, 1e7, 10.0], np.float32)
+
+
+def toy(kind: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Separable by construction: class k raises channel (feature) k, in raw units."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 5, n)
+    if kind == "tensor":
+        x = rng.gamma(2.0, 1.0, size=(n, C, T)).astype(np.float32)
+        x[np.arange(n), y, :] += 8.0
+        return (x * SCALE[:, None]).astype(np.float32), y
+    x = rng.gamma(2.0, 1.0, size=(n, F)).astype(np.float32)
+    x[np.arange(n), y] += 8.0
+    return (x * np.tile(SCALE, F // C)).astype(np.float32), y
+
+
+def fitted(name: str, seed: int = 0, n: int = 500):
+    kind = MODEL_INPUT[name]
+    x_tr, y_tr = toy(kind, n, seed=1)
+    x_val, y_val = toy(kind, 150, seed=2)
+    model = build_model(name, x_tr.shape[1:], n_classes=5, profile="demo", seed=seed, **FAST[name])
+    model.fit(x_tr, y_tr, x_val, y_val)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    return {name: fitted(name) for name in MODELS}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_learns_a_separable_toy_problem(models: dict, name: str) -> None:
+    x, y = toy(MODEL_INPUT[name], 300, seed=3)
+    proba = models[name].predict_proba(x)
+    assert proba.dtype == np.float32 and proba.shape == (300, 5)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert macro_f1(y, proba.argmax(axis=1)) > 0.9
+    fit = models[name].fit_result
+    assert fit is not None and 1 <= fit.best_epoch <= fit.epochs_run and fit.best_val_f1 > 0.9
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_same_seed_same_probabilities(models: dict, name: str) -> None:
+    again = fitted(name)
+    x, _ = toy(MODEL_INPUT[name], 64, seed=4)
+    np.testing.assert_array_equal(models[name].predict_proba(x), again.predict_proba(x))
+
+
+def test_another_seed_another_model() -> None:
+    x, _ = toy("tensor", 64, seed=4)
+    assert not np.array_equal(fitted("cnn", seed=0).predict_proba(x), fitted("cnn", seed=1).predict_proba(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_save_load_round_trip_and_schema_refusal(models: dict, name: str, tmp_path: Path) -> None:
+    model = models[name]
+    model.save(tmp_path / name, schema_hash="a" * 64)
+    back = load_model(tmp_path / name, expected_schema_hash="a" * 64)
+    x, _ = toy(MODEL_INPUT[name], 50, seed=5)
+    np.testing.assert_array_equal(model.predict_proba(x), back.predict_proba(x))
+    assert back.fit_result == model.fit_result and back.config == model.config
+    with pytest.raises(SchemaMismatch) as e:
+        load_model(tmp_path / name, expected_schema_hash="b" * 64)
+    assert "a" * 64 in str(e.value) and "b" * 64 in str(e.value)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_matches_predict_proba(models: dict, name: str, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    path = models[name].to_onnx(tmp_path / f"{name}.onnx", opset=17)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == ["features"]
+    assert [o.name for o in proto.graph.output] == ["probabilities"]
+    assert {o.domain: o.version for o in proto.opset_import}.get("", 0) == 17
+    # Only standard ONNX domains: the Pi's onnxruntime has no custom ops.
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx", "ai.onnx.ml"}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 37):  # the batch axis is dynamic
+        x, _ = toy(MODEL_INPUT[name], n, seed=6)
+        got = sess.run(["probabilities"], {"features": x})[0]
+        assert got.shape == (n, 5)
+        assert np.abs(got - models[name].predict_proba(x)).max() <= 1e-4
+
+
+def test_normalisation_is_fitted_on_train_data(models: dict) -> None:
+    norm = models["cnn"].norm
+    # channel 4 holds ~1e7 B/s: its signed-log mean is ~16, not the initial 0
+    assert norm.mean.shape == (C, 1) and 14 < float(norm.mean[4, 0]) < 18
+    assert models["mlp"].norm.mean.shape == (F,)
+
+
+def test_gbt_keeps_all_classes_when_one_is_absent_from_training() -> None:
+    x, y = toy("summary", 300, seed=7)
+    keep = y != 3
+    model = build_model("gbt", (F,), profile="demo", rounds=10, threads=1)
+    model.fit(x[keep], y[keep], x[keep][:50], y[keep][:50])
+    assert model.predict_proba(x[:5]).shape == (5, 5)
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    model = build_model("mlp", (F,), profile="demo")
+    x, y = toy("summary", 40, seed=8)
+    x_nan = x.copy()
+    x_nan[3, 2] = np.nan
+    with pytest.raises(ValueError, match="1 rows contain NaN"):
+        model.fit(x_nan, y, x, y)
+    with pytest.raises(ValueError, match=r"expected shape \(N, 24\)"):
+        model.fit(x[:, :10], y, x, y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        model.fit(x, y + 5, x, y)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("svm", (F,))
+    with pytest.raises(ValueError, match="reads tensor input"):
+        build_model("cnn", (F,))
+
+
+def test_kept_weights_are_the_best_on_validation() -> None:
+    kind = "tensor"
+    x_tr, y_tr = toy(kind, 300, seed=1)
+    x_val, y_val = toy(kind, 100, seed=9)
+    # Noisy labels on half the training set make later epochs worse than the best one.
+    y_tr = np.where(np.arange(300) % 2 == 0, (y_tr + 1) % 5, y_tr)
+    model = build_model("cnn", x_tr.shape[1:], profile="demo", seed=0, epochs=8, patience=8, max_seconds=None, threads=1)
+    fit = model.fit(x_tr, y_tr, x_val, y_val)
+    scores = [row["val_f1"] for row in fit.history]
+    assert fit.best_val_f1 == max(scores) and scores[fit.best_epoch - 1] == max(scores)
+    assert macro_f1(y_val, model.predict(x_val)) == pytest.approx(fit.best_val_f1)
+
+
+def test_schedule_and_class_weights() -> None:
+    from trainer.loop import class_weights, jitter_gain, lr_at
+
+    lrs = [lr_at(s, total=100, warmup=10, base=1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.05
+    w = class_weights(np.array([0, 0, 0, 1]), 5).numpy()
+    assert w[1] == pytest.approx(3 * w[0]) and w[2] == 1.0
+    import torch
+
+    # A summary row's features of one channel share one gain, so ratios within a channel survive.
+    x = torch.ones(4, 3 * 8)
+    g = jitter_gain(x, 0.5, 8, torch.Generator().manual_seed(0)).reshape(4, 3, 8)
+    assert torch.allclose(g, g[:, :, :1].expand_as(g)) and not torch.allclose(g[:, 0], g[:, 1])

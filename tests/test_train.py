@@ -1,0 +1,155 @@
+"""`phasewatch train` end to end on a small synthetic WindowSet: run directory, report, checkpoints."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from schema import extract
+from schema.channels import CHANNEL_NAMES, N_CHANNELS, SOURCE_SLICE, WINDOW_STEPS
+from schema.hashing import schema_hash
+from schema.vocab import PHASE_INDEX, SOURCES
+from trainer.dataset import WindowSet, make_split
+from trainer.models import load_model
+from trainer.report import summary_table
+from trainer.train import add_train_arguments, cli_train, train_windowset
+
+SIGNAL = {"cpu-saturate": "proc.utime_ticks", "bursty-c2": "netflow.bytes_out", "disk-encrypt": "qmp.blk_wr_bytes"}
+PER_EP = 12
+FAST = {"gbt": {"rounds": 15, "threads": 1}, "mlp": {"epochs": 4, "threads": 1, "max_seconds": None},
+        "cnn": {"epochs": 3, "threads": 1, "max_seconds": None}}
+
+
+def phase(w: int) -> int:
+    if w < 3:
+        return PHASE_INDEX["clean"]
+    if w < 5:
+        return PHASE_INDEX["armed"]
+    if w < 6:
+        return PHASE_INDEX["infecting"]
+    return PHASE_INDEX["infected_running"] if w % 3 else PHASE_INDEX["dormant"]
+
+
+def windowset(seed: int = 0) -> WindowSet:
+    """3 hosts x (3 profiles + clean-only) x 2 episodes; the guest agent is silent in some windows."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list] = {k: [] for k in ("tensor", "coverage", "y", "episode", "host", "profile", "sample", "window")}
+    n_ep = 0
+    for host in ("h1", "h2", "h3"):
+        for prof in (*SIGNAL, "none"):
+            for i in range(2):
+                ep = f"{host}-{prof}-{i}"
+                base = rng.lognormal(2.0, 1.0, size=N_CHANNELS)
+                for w in range(PER_EP):
+                    y = phase(w) if prof != "none" else PHASE_INDEX["clean"]
+                    x = base[:, None] * rng.lognormal(0, 0.2, size=(N_CHANNELS, WINDOW_STEPS))
+                    if prof != "none" and y in (PHASE_INDEX["infecting"], PHASE_INDEX["infected_running"]):
+                        x[CHANNEL_NAMES.index(SIGNAL[prof])] *= 50.0
+                    if prof != "none" and y == PHASE_INDEX["armed"]:
+                        x[CHANNEL_NAMES.index("proc.rss_kb")] *= 5.0
+                    cov = np.ones(len(SOURCES), np.float32)
+                    if w == 1:  # guest agent down: unusable for oracle, fine for realistic
+                        x[SOURCE_SLICE["guest"]] = np.nan
+                        cov[SOURCES.index("guest")] = 0.0
+                    parts["tensor"].append(x.astype(np.float32))
+                    parts["coverage"].append(cov)
+                    parts["y"].append(y)
+                    parts["episode"].append(ep)
+                    parts["host"].append(host)
+                    parts["profile"].append(prof)
+                    parts["sample"].append(f"{prof}-s{i}")
+                    parts["window"].append(w)
+                n_ep += 1
+    tensor = np.stack(parts["tensor"])
+    episode = np.array(parts["episode"])
+    _, first = np.unique(episode, return_index=True)
+    return WindowSet(
+        tensor=tensor, summary=extract.summarize(tensor), coverage=np.stack(parts["coverage"]),
+        y=np.array(parts["y"], np.int64), episode=episode, host=np.array(parts["host"]),
+        profile=np.array(parts["profile"]), sample=np.array(parts["sample"]),
+        t_rank=np.repeat(np.linspace(0, 1, n_ep), PER_EP), window=np.array(parts["window"], np.int32))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, WindowSet, object]:
+    ws = windowset()
+    split = make_split(ws, "host", seed=0)
+    out = tmp_path_factory.mktemp("run")
+    report = train_windowset(ws, split, out, profile="demo", models=["gbt", "mlp", "cnn"], seed=0,
+                             n_boot=200, progress=False, overrides=FAST)
+    return out, report, ws, split
+
+
+def test_run_directory_layout(run) -> None:
+    out, report, ws, split = run
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["schema_hash"] == schema_hash() and doc["split"]["kind"] == "host"
+    assert doc["models"] == [f"{m}-{t}" for t in ("realistic", "oracle") for m in ("gbt", "mlp", "cnn")]
+    for key in doc["models"]:
+        assert (out / key / "model.json").is_file()
+    for name in ("report.json", "report.html", "confusion-realistic.png", "confusion-oracle.png",
+                 "per-profile-f1.png", "model-comparison.png", "threat-gap.png"):
+        assert (out / name).stat().st_size > 0, name
+    html = (out / "report.html").read_text()
+    assert 'src="confusion-realistic.png"' in html and "threat-gap" in html
+
+
+def test_heldout_windows_are_the_test_side_in_each_view(run) -> None:
+    out, report, ws, split = run
+    real = np.load(out / "heldout-realistic.npz")
+    orac = np.load(out / "heldout-oracle.npz")
+    assert real["tensor"].shape[1:] == (30, 100) and real["summary"].shape[1] == 30 * 8
+    assert orac["tensor"].shape[1:] == (46, 100)
+    # No episode on both sides; oracle drops the guest-less windows that realistic keeps.
+    assert not set(real["episode"]) & set(ws.episode[split.train])
+    assert set(real["index"]) == set(split.test)
+    assert len(orac["y"]) == len(real["y"]) - len(set(real["episode"])) and (orac["window"] != 1).all()
+    assert np.isfinite(orac["tensor"]).all()
+    assert report["dropped_unusable_windows"]["realistic"] == {"train": 0, "val": 0, "test": 0}
+
+
+def test_report_contents(run) -> None:
+    out, report, ws, split = run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["untested_profiles"] == split.untested_profiles
+    for key, m in on_disk["models"].items():
+        assert m["macro_f1_ci"][0] <= m["macro_f1"] <= m["macro_f1_ci"][1], key
+        assert m["fit"]["epochs_run"] >= 1 and set(m["per_host"]) == set(split.test_groups)
+    assert set(on_disk["baselines"]) == {"majority-realistic", "logreg-realistic", "majority-oracle", "logreg-oracle"}
+    assert len(on_disk["comparisons"]) == 2 * 3  # every pair within each threat model
+    assert set(on_disk["threat_gap"]) == {"gbt", "mlp", "cnn"}
+    v = on_disk["verdict"]["best_realistic_vs_majority"]
+    assert v["a"] == on_disk["best"]["realistic"] and v["b"] == "majority-realistic"
+    # This toy problem is easy: the best model clearly beats always-"clean".
+    assert v["significant"] and v["diff"] > 0.3
+    table = summary_table(on_disk)
+    assert "realistic vs oracle" in table and "majority" in table and "logreg" in table
+
+
+def test_checkpoints_reproduce_the_reported_score(run) -> None:
+    out, report, ws, split = run
+    from trainer.evaluate import macro_f1
+
+    held = np.load(out / "heldout-realistic.npz")
+    for name, kind in (("gbt", "summary"), ("cnn", "tensor")):
+        model = load_model(out / f"{name}-realistic", expected_schema_hash=schema_hash())
+        pred = model.predict_proba(held[kind]).argmax(axis=1)
+        assert macro_f1(held["y"], pred) == pytest.approx(report["models"][f"{name}-realistic"]["macro_f1"])
+
+
+def test_untested_profiles_are_shouted() -> None:
+    table = summary_table({"split": {"kind": "host"}, "untested_profiles": ["mem-inflate"]})
+    assert "UNTESTED profiles" in table and "mem-inflate" in table
+
+
+def test_cli_arguments() -> None:
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    args = p.parse_args([])
+    assert (args.split, args.profile, args.store, args.out) == ("host", "quick", Path("data/store"), Path("runs/latest"))
+    args = p.parse_args(["--models", "gbt,svm"])
+    with pytest.raises(SystemExit, match="unknown svm"):
+        cli_train(args)

@@ -1,0 +1,168 @@
+"""The one training loop for every torch model.
+
+Class-weighted cross-entropy, AdamW with linear warm-up then cosine decay, gradient
+clipping, mixed precision when CUDA is present, early stopping on validation macro F1
+and the best-on-validation weights kept. Seeded and deterministic on CPU: the same seed,
+data and thread count give the same weights bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.evaluate import macro_f1
+from trainer.models.base import FitResult, ProgressFn
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    warmup_frac: float = 0.05       # share of all optimiser steps spent warming up
+    patience: int = 6               # epochs without a better val macro F1 before stopping
+    clip_norm: float = 1.0
+    label_smoothing: float = 0.0
+    max_seconds: float | None = None  # safety net for `make train`'s wall-clock target
+    # Hosts differ in CPU speed, disk and NIC: the same activity reads as a different
+    # rate. Training multiplies each channel of each window by exp(N(0, gain_jitter)) so
+    # the models learn shapes and ratios more than one host's absolute levels.
+    gain_jitter: float = 0.0
+    gain_group: int = 1             # summary input: consecutive features of one channel share a gain
+    seed: int = 0
+    threads: int | None = None      # None: torch's default (all cores)
+
+    @classmethod
+    def from_config(cls, config: dict, seed: int) -> "LoopConfig":
+        keys = cls.__dataclass_fields__.keys()
+        return cls(**{k: v for k, v in config.items() if k in keys and k != "seed"}, seed=seed)
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over the classes present; absent classes get 1."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.ones(n_classes)
+    w[present] = counts[present].sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def jitter_gain(xb: torch.Tensor, sigma: float, group: int, gen: torch.Generator) -> torch.Tensor:
+    """Multiply each channel by a random gain: (B, C, T) per channel, (B, F) per group of features."""
+    n_gains = xb.shape[1] if xb.ndim == 3 else xb.shape[1] // group
+    gain = torch.exp(torch.randn(xb.shape[0], n_gains, generator=gen) * sigma).to(xb.device)
+    if xb.ndim == 3:
+        return xb * gain[:, :, None]
+    return xb * gain.repeat_interleave(group, dim=1)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(net: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    net.eval()
+    out = [net(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def train_loop(net: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+               cfg: LoopConfig, n_classes: int, progress: ProgressFn | None = None) -> FitResult:
+    """Train ``net`` (which maps raw float32 inputs to logits) in place; keep the best weights."""
+    started = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.seed)   # dropout draws
+    rng = np.random.default_rng(cfg.seed)  # batch order
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation draws
+
+    net.to(device)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr)
+    xv = torch.from_numpy(np.ascontiguousarray(x_val))
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_tr, n_classes).to(device),
+                                  label_smoothing=cfg.label_smoothing)
+    # No weight decay on norms, biases and the frozen normalisation buffers.
+    decay = [p for p in net.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = max(1, math.ceil(len(xt) / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_frac * total))
+
+    amp_dtype = None
+    if device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    best_f1, best_epoch, best_state = -1.0, 0, copy.deepcopy(net.state_dict())
+    history: list[dict[str, float]] = []
+    stopped, step, epoch = "max_epochs", 0, 0
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            net.train()
+            order = torch.from_numpy(rng.permutation(len(xt)))
+            loss_sum, seen = 0.0, 0
+            for b in range(steps_per_epoch):
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                if len(idx) < 2:  # a batch of one breaks BatchNorm; its sample comes back next epoch
+                    continue
+                xb, yb = xt[idx], yt[idx].to(device, non_blocking=True)
+                if cfg.gain_jitter > 0:
+                    xb = jitter_gain(xb, cfg.gain_jitter, cfg.gain_group, aug_gen)
+                xb = xb.to(device, non_blocking=True)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, total, warmup, cfg.lr)
+                ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
+                with ctx:
+                    loss = loss_fn(net(xb).float(), yb)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_norm)
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += float(loss.detach()) * len(idx)
+                seen += len(idx)
+                step += 1
+            val_pred = predict_logits(net, xv, device).argmax(axis=1)
+            val_f1 = macro_f1(y_val, val_pred)
+            if val_f1 > best_f1 + 1e-4:
+                best_f1, best_epoch = val_f1, epoch
+                best_state = copy.deepcopy(net.state_dict())
+            row = {"epoch": epoch, "epochs": cfg.epochs, "train_loss": loss_sum / max(1, seen),
+                   "val_f1": val_f1, "best_val_f1": best_f1, "lr": opt.param_groups[0]["lr"]}
+            history.append(row)
+            if progress:
+                progress(row)
+            if epoch - best_epoch >= cfg.patience:
+                stopped = "early_stopping"
+                break
+            if cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds:
+                stopped = "time_budget"
+                break
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    net.load_state_dict(best_state)
+    net.to("cpu").eval()
+    return FitResult(best_epoch=best_epoch, epochs_run=epoch, best_val_f1=float(best_f1),
+                     seconds=time.perf_counter() - started, stopped=stopped, history=history)

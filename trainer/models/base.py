@@ -1,0 +1,141 @@
+"""The one model interface: fit, predict_proba, save/load with a schema hash, to_onnx.
+
+Models know nothing of episodes. They take any float32 ``(N, F)`` summary set or
+``(N, C, T)`` tensor set with integer labels in ``range(n_classes)`` and raw feature
+values: each torch model starts with :class:`SignedLogStandardize`, fitted on the train
+set, so the exported graph takes exactly what the extractor produces.
+"""
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+PROFILES: tuple[str, ...] = ("demo", "quick", "full")
+CONFIG_FILE = "model.json"
+
+# What a model reports after every epoch (torch) or every boosting checkpoint (gbt):
+# {"epoch": int, "epochs": int, "train_loss": float, "val_f1": float, "best_val_f1": float, "lr": float}
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class SchemaMismatch(RuntimeError):
+    """A checkpoint was written under another schema hash than the one expected."""
+
+    def __init__(self, path: Path, found: str, expected: str) -> None:
+        super().__init__(
+            f"{path}: checkpoint was trained under schema hash {found} but this code expects "
+            f"schema hash {expected}; retrain the model (or use the matching code version)"
+        )
+        self.path, self.found, self.expected = path, found, expected
+
+
+@dataclass
+class FitResult:
+    best_epoch: int                 # 1-based epoch (gbt: boosting round) whose weights were kept
+    epochs_run: int
+    best_val_f1: float              # validation macro F1 of the kept weights
+    seconds: float
+    stopped: str                    # "early_stopping" | "max_epochs" | "time_budget"
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def check_inputs(x: np.ndarray, input_shape: tuple[int, ...], what: str) -> np.ndarray:
+    """Shape/dtype/finite checks with a message that says what was expected."""
+    x = np.asarray(x)
+    if x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{what}: expected shape (N, {', '.join(map(str, input_shape))}), got {x.shape}")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+        raise ValueError(f"{what}: {bad} rows contain NaN or inf; the extractor must skip such windows")
+    return x
+
+
+def check_labels(y: np.ndarray, n: int, n_classes: int, what: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise ValueError(f"{what}: expected {n} labels, got shape {y.shape}")
+    y = y.astype(np.int64, copy=False)
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"{what}: labels must lie in [0, {n_classes}), got [{y.min()}, {y.max()}]")
+    return y
+
+
+class Model(ABC):
+    """Common state and the save/load envelope; subclasses add the learner."""
+
+    name: ClassVar[str]
+    input_kind: ClassVar[str]       # "summary" (N, F) or "tensor" (N, C, T)
+
+    def __init__(self, input_shape: tuple[int, ...], n_classes: int = 5, profile: str = "quick",
+                 seed: int = 0, **overrides: Any) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        want = 1 if self.input_kind == "summary" else 2
+        if len(input_shape) != want:
+            raise ValueError(f"{self.name} reads {self.input_kind} input of {want} dims per row, "
+                             f"got input_shape {tuple(input_shape)}")
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.n_classes = int(n_classes)
+        self.profile = profile
+        self.seed = int(seed)
+        self.config: dict[str, Any] = {**self.default_config(profile), **overrides}
+        self.fit_result: FitResult | None = None
+
+    @classmethod
+    @abstractmethod
+    def default_config(cls, profile: str) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def fit(self, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+            progress: ProgressFn | None = None) -> FitResult: ...
+
+    @abstractmethod
+    def predict_proba(self, x: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def to_onnx(self, path: Path | str, opset: int = 17) -> Path: ...
+
+    @abstractmethod
+    def _save_weights(self, directory: Path) -> None: ...
+
+    @abstractmethod
+    def _load_weights(self, directory: Path) -> None: ...
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.predict_proba(x).argmax(axis=1)
+
+    def save(self, directory: Path | str, *, schema_hash: str) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._save_weights(directory)
+        doc = {
+            "model": self.name,
+            "input_kind": self.input_kind,
+            "input_shape": list(self.input_shape),
+            "n_classes": self.n_classes,
+            "profile": self.profile,
+            "seed": self.seed,
+            "config": self.config,
+            "schema_hash": schema_hash,
+            "fit": asdict(self.fit_result) if self.fit_result else None,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        return directory
+
+
+def read_checkpoint_doc(directory: Path | str) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no checkpoint here (model.json missing)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None

@@ -1,0 +1,53 @@
+"""cnn: a 1-D convolutional net over time on the (N, C, T) tensor, channels as input planes."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.models.torch_base import TorchModel
+
+PROFILE_CONFIG: dict[str, dict[str, Any]] = {
+    "demo":  {"width": 32, "blocks": 2, "kernel": 5, "dropout": 0.1, "epochs": 6,  "batch_size": 128, "lr": 3e-3, "patience": 3, "max_seconds": 25},
+    "quick": {"width": 64, "blocks": 3, "kernel": 5, "dropout": 0.2, "epochs": 25, "batch_size": 128, "lr": 2e-3, "patience": 6, "max_seconds": 150},
+    "full":  {"width": 96, "blocks": 4, "kernel": 7, "dropout": 0.3, "epochs": 80, "batch_size": 128, "lr": 1e-3, "patience": 12, "max_seconds": None},
+}
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2)
+        self.bn = nn.BatchNorm1d(c_out)
+        self.pool = nn.MaxPool1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(torch.relu(self.bn(self.conv(x))))
+
+
+class CNNBody(nn.Module):
+    def __init__(self, channels: int, n_classes: int, width: int, blocks: int, kernel: int, dropout: float) -> None:
+        super().__init__()
+        widths = [channels] + [width * min(2 ** i, 2) for i in range(blocks)]
+        self.blocks = nn.Sequential(*(ConvBlock(a, b, kernel) for a, b in zip(widths, widths[1:])))
+        self.drop = nn.Dropout(dropout)
+        # Mean and max over time: "how much on average" and "did a burst happen".
+        self.head = nn.Linear(2 * widths[-1], n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(x)
+        return self.head(self.drop(torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)))
+
+
+class CNN(TorchModel):
+    name = "cnn"
+    input_kind = "tensor"
+
+    @classmethod
+    def default_config(cls, profile: str) -> dict[str, Any]:
+        return dict(PROFILE_CONFIG[profile])
+
+    def build_body(self) -> nn.Module:
+        c = self.config
+        return CNNBody(self.input_shape[0], self.n_classes, c["width"], c["blocks"], c["kernel"], c["dropout"])

@@ -1,0 +1,132 @@
+"""The torch half of the model interface: input normalisation, fit via the one loop, ONNX."""
+from __future__ import annotations
+
+import io
+import warnings
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from schema.channels import SUMMARY_STATS
+from trainer.loop import LoopConfig, predict_logits, train_loop
+from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels
+
+WEIGHTS_FILE = "weights.pt"
+
+
+def signed_log(x: torch.Tensor) -> torch.Tensor:
+    # log(1 + |x|) rather than log1p: the ONNX graph computes Log(Add(1, Abs)) and the
+    # two sides must agree to the last bit, not just to float32 rounding of log1p.
+    return torch.sign(x) * torch.log(1.0 + torch.abs(x))
+
+
+class SignedLogStandardize(nn.Module):
+    """sign(x)*log(1+|x|), then (z - mean) / std with train-set constants kept as buffers.
+
+    Raw channels span 0-100 % and 1e7 B/s; the log compresses rates, the standardisation
+    centres each channel (tensor input: per channel over all steps; summary: per feature).
+    The constants are buffers, so they travel in the checkpoint and the exported graph.
+    """
+
+    def __init__(self, n_features: int, tensor: bool) -> None:
+        super().__init__()
+        shape = (n_features, 1) if tensor else (n_features,)
+        self.tensor = tensor
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("inv_std", torch.ones(shape))
+
+    @torch.no_grad()
+    def fit(self, x: np.ndarray) -> None:
+        axes = (0, 2) if self.tensor else (0,)
+        z = signed_log(torch.from_numpy(x)).double()
+        mean, std = z.mean(dim=axes), z.std(dim=axes, correction=0)
+        # A constant feature (std 0) is passed through centred, not blown up.
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        self.mean.copy_(mean.float().reshape(self.mean.shape))
+        self.inv_std.copy_((1.0 / std).float().reshape(self.inv_std.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (signed_log(x) - self.mean) * self.inv_std
+
+
+class WithSoftmax(nn.Module):
+    """What is exported: raw features in, class probabilities out."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(features), dim=-1)
+
+
+class TorchModel(Model):
+    """A torch network ``norm -> body -> logits`` trained by :func:`trainer.loop.train_loop`."""
+
+    def __init__(self, input_shape: tuple[int, ...], n_classes: int = 5, profile: str = "quick",
+                 seed: int = 0, **overrides: Any) -> None:
+        super().__init__(input_shape, n_classes, profile, seed, **overrides)
+        if self.input_kind == "summary" and "gain_group" not in self.config:
+            # The extractor's summary layout is channel-major (feature c*k + s), and every
+            # statistic of a channel scales with its gain; other layouts jitter per feature.
+            k = len(SUMMARY_STATS)
+            self.config["gain_group"] = k if self.input_shape[0] % k == 0 else 1
+        torch.manual_seed(self.seed)  # weight init is part of "same seed, same model"
+        self.norm = SignedLogStandardize(self.input_shape[0], tensor=self.input_kind == "tensor")
+        self.net = nn.Sequential(self.norm, self.build_body())
+
+    @abstractmethod
+    def build_body(self) -> nn.Module:
+        """Standardised input (N, *input_shape) -> logits (N, n_classes)."""
+
+    def fit(self, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+            progress: ProgressFn | None = None) -> FitResult:
+        x_tr = check_inputs(x_tr, self.input_shape, "train inputs")
+        x_val = check_inputs(x_val, self.input_shape, "validation inputs")
+        y_tr = check_labels(y_tr, len(x_tr), self.n_classes, "train labels")
+        y_val = check_labels(y_val, len(x_val), self.n_classes, "validation labels")
+        if len(x_tr) < 2 or len(x_val) < 1:
+            raise ValueError(f"{self.name}: need at least 2 train and 1 validation rows, "
+                             f"got {len(x_tr)} and {len(x_val)}")
+        self.norm.fit(x_tr)
+        cfg = LoopConfig.from_config(self.config, seed=self.seed)
+        self.fit_result = train_loop(self.net, x_tr, y_tr, x_val, y_val, cfg, self.n_classes, progress)
+        return self.fit_result
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        x = check_inputs(x, self.input_shape, f"{self.name} inputs")
+        if len(x) == 0:
+            return np.zeros((0, self.n_classes), np.float32)
+        logits = predict_logits(self.net, torch.from_numpy(np.ascontiguousarray(x)), torch.device("cpu"))
+        return torch.softmax(torch.from_numpy(logits), dim=-1).numpy().astype(np.float32)
+
+    def _save_weights(self, directory: Path) -> None:
+        torch.save(self.net.state_dict(), directory / WEIGHTS_FILE)
+
+    def _load_weights(self, directory: Path) -> None:
+        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state)
+        self.net.eval()
+
+    def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
+        """Classic TorchScript exporter: plain ONNX ops (GRU/LSTM as the ONNX RNN ops), no onnxscript."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        wrapped = WithSoftmax(self.net).eval()
+        example = torch.zeros((2, *self.input_shape), dtype=torch.float32)
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            # The legacy exporter's deprecation notice and its batch-size note for RNNs
+            # (our initial states are built from the input's shape, so any batch works).
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapped, (example,), buf, input_names=["features"], output_names=["probabilities"],
+                dynamic_axes={"features": {0: "batch"}, "probabilities": {0: "batch"}},
+                opset_version=opset, dynamo=False, do_constant_folding=True,
+            )
+        path.write_bytes(buf.getvalue())
+        return path

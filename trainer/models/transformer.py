@@ -1,0 +1,82 @@
+"""transformer: a small encoder over time patches of the (N, C, T) tensor (nanoGPT-style blocks).
+
+Attention is written out (Linear, MatMul, Softmax) rather than through
+``nn.MultiheadAttention``'s fused fast path, so the ONNX graph is plain standard ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.models.torch_base import TorchModel
+
+PROFILE_CONFIG: dict[str, dict[str, Any]] = {
+    "demo":  {"d_model": 32, "heads": 2, "layers": 1, "patch": 10, "dropout": 0.1, "epochs": 6,  "batch_size": 128, "lr": 2e-3, "patience": 3, "max_seconds": 25},
+    "quick": {"d_model": 64, "heads": 4, "layers": 2, "patch": 5,  "dropout": 0.1, "epochs": 25, "batch_size": 128, "lr": 1e-3, "patience": 6, "max_seconds": 120},
+    "full":  {"d_model": 128, "heads": 4, "layers": 4, "patch": 5, "dropout": 0.1, "epochs": 80, "batch_size": 128, "lr": 5e-4, "patience": 12, "max_seconds": None},
+}
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        y = (self.drop(att) @ v).transpose(1, 2).reshape(n, t, d)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), SelfAttention(d, heads, dropout)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerBody(nn.Module):
+    def __init__(self, channels: int, steps: int, n_classes: int, d_model: int, heads: int, layers: int,
+                 patch: int, dropout: float) -> None:
+        super().__init__()
+        if steps % patch:
+            raise ValueError(f"transformer: {steps} time steps do not split into patches of {patch}")
+        if d_model % heads:
+            raise ValueError(f"transformer: d_model {d_model} is not a multiple of heads {heads}")
+        # One token per patch of steps: a strided conv is a linear patch embedding.
+        self.embed = nn.Conv1d(channels, d_model, kernel_size=patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, steps // patch, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*(Block(d_model, heads, dropout) for _ in range(layers)))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x).transpose(1, 2) + self.pos
+        return self.head(self.ln(self.blocks(h)).mean(dim=1))
+
+
+class Transformer(TorchModel):
+    name = "transformer"
+    input_kind = "tensor"
+
+    @classmethod
+    def default_config(cls, profile: str) -> dict[str, Any]:
+        return dict(PROFILE_CONFIG[profile])
+
+    def build_body(self) -> nn.Module:
+        c = self.config
+        return TransformerBody(self.input_shape[0], self.input_shape[1], self.n_classes, c["d_model"], c["heads"],
+                               c["layers"], c["patch"], c["dropout"])
