@@ -214,8 +214,14 @@ def _episodes_split(ws: WindowSet, eps: np.ndarray, share: float, rng: np.random
     return a, set(eps) - a
 
 
-def _finish(ws: WindowSet, kind: str, test_eps: set, rest_eps: np.ndarray, rng, desc: str, groups: list[str]) -> Split:
-    val_eps, train_eps = _episodes_split(ws, rest_eps, 0.2, rng)
+def _finish(
+    ws: WindowSet, kind: str, test_eps: set, rest_eps: np.ndarray, rng, desc: str, groups: list[str],
+    val_eps: set | None = None,
+) -> Split:
+    if val_eps is None:
+        val_eps, train_eps = _episodes_split(ws, rest_eps, 0.2, rng)
+    else:
+        train_eps = set(rest_eps) - val_eps
     test = np.flatnonzero(np.isin(ws.episode, list(test_eps)))
     val = np.flatnonzero(np.isin(ws.episode, list(val_eps)))
     train = np.flatnonzero(np.isin(ws.episode, list(train_eps)))
@@ -232,7 +238,8 @@ def make_split(ws: WindowSet, kind: str = "host", seed: int = 0, test_share: flo
     chosen in a seeded order; a profile no such set covers is listed in untested_profiles.
     sample: one malware sample per profile held out, plus a share of clean-only episodes.
     time: the latest test_share of episodes by start time.
-    Validation is a profile-stratified 20 % of the remaining episodes."""
+    Validation is a host of its own for the host split (when three or more hosts remain
+    for training), else a profile-stratified 20 % of the remaining episodes."""
     rng = np.random.default_rng(seed)
     all_eps = np.unique(ws.episode)
     if kind == "host":
@@ -250,7 +257,16 @@ def make_split(ws: WindowSet, kind: str = "host", seed: int = 0, test_share: flo
         test_hosts = list(best[1])
         test_eps = set(ws.episode[np.isin(ws.host, test_hosts)])
         rest = np.array(sorted(set(all_eps) - test_eps))
-        return _finish(ws, kind, test_eps, rest, rng, f"held-out hosts {', '.join(test_hosts)}", test_hosts)
+        # Early stopping on episodes of the training hosts rewards memorising those hosts;
+        # a validation host of its own picks the checkpoint that travels to new hosts.
+        others = [h for h in hosts if h not in test_hosts]
+        val_eps = None
+        desc = f"held-out hosts {', '.join(test_hosts)}"
+        if len(others) >= 3:
+            val_host = max(others, key=lambda h: len(set(ws.profile[ws.host == h])))
+            val_eps = set(ws.episode[ws.host == val_host])
+            desc += f"; validation host {val_host}"
+        return _finish(ws, kind, test_eps, rest, rng, desc, test_hosts, val_eps)
     if kind == "sample":
         held: list[str] = []
         for prof in sorted(set(ws.profile) - {CLEAN_ONLY}):
