@@ -12,6 +12,7 @@ HOSTS   ?= 6
 SEED    ?= 7
 PROFILE ?= quick
 PORT    ?= 8080
+SPEED   ?= 2
 
 .PHONY: help venv data validate train export bench demo test clean browser
 
@@ -52,7 +53,8 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(MAKE) train export PROFILE=demo
-	$(BIN)/edge-daemon --models $(MODELS) --replay $(STORE) --store $(STORE) --port $(PORT)
+	@echo "deck: http://localhost:$(PORT)  (replaying $(STORE) at $(SPEED)x; Ctrl-C stops)"
+	$(BIN)/edge-daemon --models $(MODELS) --replay $(STORE) --store $(STORE) --port $(PORT) --speed $(SPEED)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q

@@ -51,7 +51,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--threat", default=",".join(THREAT_MODELS), help="comma-separated subset of realistic,oracle")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch/xgboost threads (default: all cores)")
+    # One thread by default: these models train on small batches, where a second OpenMP
+    # thread on a busy 2-core box costs far more in spinning than it gains (5-20x slower seen).
+    p.add_argument("--threads", type=int, default=1, help="torch/xgboost threads (default 1; raise on an idle workstation)")
     p.add_argument("--cache", type=Path, default=None, help="feature cache directory (default: next to the index)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs and paired gaps")
 
