@@ -72,6 +72,7 @@ class Model(ABC):
 
     name: ClassVar[str]
     input_kind: ClassVar[str]       # "summary" (N, F) or "tensor" (N, C, T)
+    profiles: ClassVar[dict[str, dict[str, Any]]]  # profile -> config: sizes, epochs, budgets
 
     def __init__(self, input_shape: tuple[int, ...], n_classes: int = 5, profile: str = "quick",
                  seed: int = 0, **overrides: Any) -> None:
@@ -89,8 +90,8 @@ class Model(ABC):
         self.fit_result: FitResult | None = None
 
     @classmethod
-    @abstractmethod
-    def default_config(cls, profile: str) -> dict[str, Any]: ...
+    def default_config(cls, profile: str) -> dict[str, Any]:
+        return dict(cls.profiles[profile])
 
     @abstractmethod
     def fit(self, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

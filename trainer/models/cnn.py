@@ -43,10 +43,8 @@ class CNNBody(nn.Module):
 class CNN(TorchModel):
     name = "cnn"
     input_kind = "tensor"
+    profiles = PROFILE_CONFIG
 
-    @classmethod
-    def default_config(cls, profile: str) -> dict[str, Any]:
-        return dict(PROFILE_CONFIG[profile])
 
     def build_body(self) -> nn.Module:
         c = self.config

@@ -49,9 +49,11 @@ class GBT(Model):
         super().__init__(input_shape, n_classes, profile, seed, **overrides)
         self.booster: xgb.Booster | None = None
 
+    profiles = PROFILE_CONFIG
+
     @classmethod
     def default_config(cls, profile: str) -> dict[str, Any]:
-        return {**PROFILE_CONFIG[profile], "threads": None}
+        return {**super().default_config(profile), "threads": None}
 
     def _params(self) -> dict[str, Any]:
         c = self.config

@@ -17,10 +17,8 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
 class MLP(TorchModel):
     name = "mlp"
     input_kind = "summary"
+    profiles = PROFILE_CONFIG
 
-    @classmethod
-    def default_config(cls, profile: str) -> dict[str, Any]:
-        return dict(PROFILE_CONFIG[profile])
 
     def build_body(self) -> nn.Module:
         c = self.config

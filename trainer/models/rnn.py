@@ -38,10 +38,8 @@ class RNNBody(nn.Module):
 
 class _RNNModel(TorchModel):
     input_kind = "tensor"
+    profiles = PROFILE_CONFIG
 
-    @classmethod
-    def default_config(cls, profile: str) -> dict[str, Any]:
-        return dict(PROFILE_CONFIG[profile])
 
     def build_body(self) -> nn.Module:
         c = self.config

@@ -71,10 +71,8 @@ class TransformerBody(nn.Module):
 class Transformer(TorchModel):
     name = "transformer"
     input_kind = "tensor"
+    profiles = PROFILE_CONFIG
 
-    @classmethod
-    def default_config(cls, profile: str) -> dict[str, Any]:
-        return dict(PROFILE_CONFIG[profile])
 
     def build_body(self) -> nn.Module:
         c = self.config
