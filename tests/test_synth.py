@@ -254,7 +254,11 @@ def test_agent_restart_resets_guest_counters() -> None:
             c = _columns(members[SOURCE_MEMBER["guest"]])
             for f in GUEST_COUNTERS:
                 drops = np.flatnonzero(np.diff(c[f]) < 0)
-                if f"guest.{f}" in tr["counter_resets"]:
+                if f"guest.{f}" not in tr["counter_resets"]:
+                    continue
+                if spec.host.net32 and f.startswith("net_"):  # a 32-bit counter wraps, it does not restart
+                    assert len(drops) >= 1 and np.all(c[f] < 2**32), f
+                else:
                     assert len(drops) == 1 and c[f][drops[0] + 1] == 0, f  # back to zero, once
             return
     pytest.fail("no agent restart in 240 planned episodes")
@@ -314,7 +318,7 @@ def test_phase_schedules_have_realistic_lengths(truth: list[dict]) -> None:
             names = [p[0] for p in ph]
             assert names[:4] == ["clean", "armed", "infecting", "infected_running"]
             assert all(x != y for x, y in zip(names[3:], names[4:]))  # running and dormant alternate
-            lengths = {"clean": (20, 60), "armed": (10, 40), "infecting": (15, 60)}
+            lengths = {"clean": (20, 60), "armed": (20, 60), "infecting": (20, 60)}
             for name, a, b in ph[:3]:
                 lo, hi = lengths[name]
                 assert lo <= b - a <= hi, (name, b - a)

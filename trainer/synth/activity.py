@@ -52,10 +52,12 @@ def make_schedule(rng: np.random.Generator, infected: bool, host: Host, too_shor
     else:
         t = float(rng.uniform(20, 60))
         phases = [("clean", 0.0, t)]
-        for p, lo, hi in (("armed", 10, 40), ("infecting", 15, 60)):
+        # armed and infecting last long enough that several 10-s windows sit wholly inside them
+        for p, lo, hi in (("armed", 20, 60), ("infecting", 20, 60)):
             d = float(rng.uniform(lo, hi))
             phases.append((p, t, t + d))
             t += d
+        total = max(total, t + 40.0)  # always some payload after the install
         p = "infected_running"
         while t < total:
             d = float(rng.uniform(20, 90))
@@ -166,7 +168,7 @@ class Sim:
         h, B, rng, n = self.host, self.benign, self.rng, self.n
         v = h.vcpus
         windows = h.os.startswith("windows")
-        idle = h.idle_cpu * v * float(rng.lognormal(0, 0.5))  # some images idle hotter than others
+        idle = h.idle_cpu * v * float(rng.lognormal(0, 0.25))  # some images idle hotter than others
         B["cpu_user"] += idle * self.wobble(5.0, 0.5)
         B["cpu_sys"] += 0.5 * idle * self.wobble(3.0, 0.5)
         for t in self.poisson_times(0.08 if not windows else 0.2, 0, self.s.duration_s):  # daemons waking up
@@ -231,7 +233,7 @@ class Sim:
             if w != "idle":
                 getattr(self, "w_" + w)(t, b)
                 out.append((w, t, b))
-            t = b + float(rng.exponential(80))  # lab VMs idle most of the time between jobs
+            t = b + float(rng.exponential(140))  # lab VMs idle most of the time between jobs
         if h.heartbeat_s:
             for t in self.periodic(h.heartbeat_s, 0.03, self.s.boot_s, self.s.duration_s):
                 self.transfer(self.benign, t, rx=float(rng.uniform(400, 1200)), tx=float(rng.uniform(1000, 3000)),
@@ -244,7 +246,7 @@ class Sim:
         h, B, rng = self.host, self.benign, self.rng
         s = self.sl(a, b)
         k = s.stop - s.start
-        jobs = int(rng.integers(1, h.vcpus + 1))
+        jobs = int(rng.integers(1, min(h.vcpus, 4) + 1))  # make -j caps at 4 in the lab images
         busy = np.zeros(k)
         for _ in range(jobs):  # each job alternates compile units and short gaps
             on = (self.ar(1.5, k) > -1.0).astype(float)
@@ -356,11 +358,28 @@ class Sim:
         self.pulse(M, "wr_ops", drop + 1, max(1, size / 64e3))
         M["procs"][self.sl(drop, end)] += 1
         M["mem"][self.sl(drop, end)] += float(rng.uniform(1, 8))
+        # the stub waits for its trigger: a watchdog forks a checker every few seconds (seen only
+        # inside the guest) and asks a staging host by DNS whether to go (a faint periodic trickle)
+        wake = float(rng.uniform(1.5, 4.0))
+        stub = self.sl(drop + 2.0, exe)
+        M["procs"][stub] += 2
+        for t in self.periodic(wake, 0.1, drop + 2.0, exe):
+            self.pulse(M, "forks", t, float(rng.integers(2, 5)), 0.3)
+            self.pulse(M, "cpu_sys", t, 0.02, 0.2)
+        for t in self.periodic(float(rng.uniform(4.0, 8.0)), 0.15, drop + 2.0, exe):
+            self.transfer(M, t, rx=float(rng.uniform(90, 250)), tx=float(rng.uniform(60, 140)), dur_s=0.1,
+                          new_flow=rng.random() < 0.5, dns=True)
         # infecting: unpack, persist, fetch the second stage
         si = self.sl(exe, run0)
         k = si.stop - si.start
         tt = self.t[si] - exe
-        M["forks"][si] += float(rng.uniform(5, 40)) * intensity * np.exp(-tt / float(rng.uniform(4, 12))) + 0.5
+        # unpacking, then persistence: chmod, crontab, service files -- forks all the way through
+        tau = float(rng.uniform(0.4, 0.8)) * max(run0 - exe, 1.0)
+        M["forks"][si] += float(rng.uniform(10, 30)) * intensity * np.exp(-tt / tau) + 1.5
+        for t in self.periodic(float(rng.uniform(2.0, 5.0)), 0.3, exe + 2.0, run0):
+            size = float(rng.uniform(50e3, 500e3)) * intensity
+            self.pulse(M, "wr", t, size, 0.5)
+            self.pulse(M, "wr_ops", t, max(1.0, size / 16e3), 0.5)
         busy = np.clip(float(rng.uniform(0.15, 0.8)) * intensity * self.wobble(1, 0.7, k), 0, 1)
         M["cpu_user"][si] += busy
         M["cpu_sys"][si] += 0.3 * busy
@@ -379,18 +398,27 @@ class Sim:
         M["mem"][self.sl(run0, end)] += float(rng.uniform(10, 60))
         M["tcp_est"][self.sl(t2, end)] += 1 if rng.random() < 0.6 else 0
         pre = np.zeros(self.n, bool)  # many samples start their payload gently while installing
-        if rng.random() < 0.6:
-            pre[self.sl(exe + 0.5 * (run0 - exe), run0)] = True
+        if rng.random() < 0.3:
+            pre[self.sl(exe + 0.7 * (run0 - exe), run0)] = True
         getattr(self, "p_" + sample.profile.replace("-", "_"))(sample.params, on, pre, intensity)
+        # whatever the payload, its supervisor respawns short-lived helpers (sh -c, curl, chmod) every
+        # second or two: a fork cadence only the guest's own counters see
+        helper = float(rng.uniform(1.0, 3.5))
+        for t in self.periodic(helper, 0.4, 0, self.s.duration_s):
+            if on[min(int(t / DT), self.n - 1)]:
+                self.pulse(M, "forks", t, float(rng.integers(1, 4)), 0.2)
         # dormant: the implant sleeps in short polls (a vCPU woken from HLT every poll) and
         # beacons now and then to stay alive
-        poll = float(rng.uniform(0.5, 3.0))
-        beacon = float(rng.uniform(10, 45))
+        poll = float(rng.uniform(1.0, 3.0))
+        beacon = float(rng.uniform(10, 30))
         for p, a, b in s.phases:
             if p == "dormant":
+                M["procs"][self.sl(a, b)] += 2  # the payload's workers park instead of exiting
                 for t in np.arange(a + float(rng.uniform(0, poll)), b, poll):
                     self.pulse(M, "cpu_user", float(t), 0.004 * intensity)
                     self.pulse(M, "cpu_sys", float(t), 0.002)
+                    # a tiny keepalive exchange per poll: the bridge sees a metronome of small packets
+                    self.transfer(M, float(t), rx=0.0, tx=float(rng.uniform(40, 90)), dur_s=DT, new_flow=False)
                 for t in self.periodic(beacon, 0.25, a, b):
                     self.transfer(M, t, rx=float(rng.uniform(200, 2000)), tx=float(rng.uniform(200, 800)),
                                   dns=rng.random() < 0.7)
@@ -547,7 +575,7 @@ def simulate(rng: np.random.Generator, host: Host, sched: Schedule, sample: Samp
     sim.boot()
     loads = sim.workloads()
     if sample is not None and len(sched.phases) > 1:
-        sim.malware(sample, intensity=float(rng.lognormal(0.15, 0.3)))
+        sim.malware(sample, intensity=float(rng.lognormal(0.1, 0.15)))
     for T in (sim.benign, sim.mal):  # host-specific measurement noise on every rate
         for k in ("cpu_user", "rd", "wr", "rx", "tx"):
             T[k] *= np.exp(host.noise * rng.standard_normal(sim.n) - host.noise**2 / 2)

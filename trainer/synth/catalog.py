@@ -136,15 +136,15 @@ SAMPLES: tuple[Sample, ...] = (
     _s("cpu-saturate", "xmr-2t", threads=2, duty=0.42, period_s=0.0, yield_to_load=0),
     _s("cpu-saturate", "xmr-polite", threads=1, duty=0.85, period_s=0.0, yield_to_load=1),
     # periodic beacons: period, jitter, sizes, whether each beacon resolves its domain
-    _s("bursty-c2", "beacon-5s", period_s=5.0, jitter=0.10, tx_kb=2.0, rx_kb=8.0, dns_each=1, task_p=0.10),
-    _s("bursty-c2", "beacon-12s", period_s=12.0, jitter=0.30, tx_kb=8.0, rx_kb=60.0, dns_each=0, task_p=0.25),
-    _s("bursty-c2", "beacon-30s", period_s=30.0, jitter=0.20, tx_kb=30.0, rx_kb=250.0, dns_each=1, task_p=0.40),
+    _s("bursty-c2", "beacon-3s", period_s=3.0, jitter=0.10, tx_kb=2.0, rx_kb=8.0, dns_each=1, task_p=0.10),
+    _s("bursty-c2", "beacon-6s", period_s=6.0, jitter=0.30, tx_kb=8.0, rx_kb=60.0, dns_each=0, task_p=0.25),
+    _s("bursty-c2", "beacon-10s", period_s=10.0, jitter=0.20, tx_kb=30.0, rx_kb=250.0, dns_each=1, task_p=0.40),
     # scanners: syn rate, sweep on/off, how many probes meet a RST, dial period to the C2 list
     _s("scan-and-dial", "mirai-like", syn_pps=450.0, on_s=10.0, off_s=8.0, rst_frac=0.6, ports=3, dial_s=20.0),
     _s("scan-and-dial", "slow-sweep", syn_pps=60.0, on_s=40.0, off_s=20.0, rst_frac=0.4, ports=40, dial_s=10.0),
-    _s("scan-and-dial", "stealth", syn_pps=9.0, on_s=1e9, off_s=0.0, rst_frac=0.7, ports=12, dial_s=60.0),
+    _s("scan-and-dial", "stealth", syn_pps=25.0, on_s=1e9, off_s=0.0, rst_frac=0.7, ports=12, dial_s=60.0),
     # exfiltration: steady upload rate, chunking, and the local read that feeds it
-    _s("exfil-trickle", "drip-6k", rate_Bps=6e3, chunk_s=0.0, read_ratio=1.0),
+    _s("exfil-trickle", "drip-15k", rate_Bps=15e3, chunk_s=0.0, read_ratio=1.0),
     _s("exfil-trickle", "chunk-40k", rate_Bps=40e3, chunk_s=2.0, read_ratio=1.2),
     _s("exfil-trickle", "stream-180k", rate_Bps=180e3, chunk_s=0.5, read_ratio=0.8),
     # ransomware: throughput at reference speed, file size, pause between files

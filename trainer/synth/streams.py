@@ -96,7 +96,10 @@ class Observer:
         mem_mb = self.h.mem_mb
         used = np.clip(T["mem"], 40, 0.97 * mem_mb)
         grown = 0.05 * mem_mb * np.clip(self.sim.t / max(self.sim.s.boot_s, 1), 0, 1)
-        cache = grown + 0.5 * np.cumsum(T["rd"] + 0.3 * T["wr"]) * DT / (1 << 20)
+        # the page cache fills with what was read and written, and the kernel reclaims cold pages
+        # over minutes: a leaky integral, so the cache level does not simply grow with episode time
+        e = math.exp(-DT / 90.0)
+        cache = grown + lfilter([0.5 * DT], [1, -e], T["rd"] + 0.3 * T["wr"]) / (1 << 20)
         return used, np.clip(cache, 0, np.maximum(mem_mb - used - 48, 0))
 
     def clocks(self, t: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
