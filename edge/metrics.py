@@ -84,18 +84,14 @@ class Family:
         yield from self.samples()
 
 
-class Counter(Family):
-    """Monotonic count; the name should end in ``_total``."""
-
-    kind = "counter"
+class _Scalar(Family):
+    """A family holding one number per label set (counters and gauges)."""
 
     def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name, help, labelnames)
         self._values: dict[LabelValues, float] = {}
 
-    def inc(self, amount: float = 1, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError(f"{self.name}: counters only go up (got {amount})")
+    def _add(self, amount: float, labels: dict[str, str]) -> None:
         key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0) + amount
@@ -108,19 +104,26 @@ class Counter(Family):
         with self._lock:
             items = sorted(self._values.items())
         if not items and not self.labelnames:
-            items = [((), 0)]  # an unlabelled counter exists from the start
+            items = [((), 0)]  # an unlabelled family exists from the start
         for key, v in items:
             yield f"{self.name}{_labels(self.labelnames, key)} {format_value(v)}"
 
 
-class Gauge(Family):
+class Counter(_Scalar):
+    """Monotonic count; the name should end in ``_total``."""
+
+    kind = "counter"
+
+    def inc(self, amount: float = 1, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError(f"{self.name}: counters only go up (got {amount})")
+        self._add(amount, labels)
+
+
+class Gauge(_Scalar):
     """A value that goes up and down (clients, live episodes)."""
 
     kind = "gauge"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help, labelnames)
-        self._values: dict[LabelValues, float] = {}
 
     def set(self, value: float, **labels: str) -> None:
         key = self._key(labels)
@@ -128,24 +131,10 @@ class Gauge(Family):
             self._values[key] = value
 
     def inc(self, amount: float = 1, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0) + amount
+        self._add(amount, labels)
 
     def dec(self, amount: float = 1, **labels: str) -> None:
-        self.inc(-amount, **labels)
-
-    def value(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0)
-
-    def samples(self) -> Iterator[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        if not items and not self.labelnames:
-            items = [((), 0)]
-        for key, v in items:
-            yield f"{self.name}{_labels(self.labelnames, key)} {format_value(v)}"
+        self._add(-amount, labels)
 
 
 class Histogram(Family):
