@@ -89,6 +89,14 @@ def test_windows_geometry_and_labels_at_centre() -> None:
 def test_netflow_survives_a_foreign_monotonic_clock() -> None:
     """Regression: the original system aligned on t_mono_ns and silently lost netflow."""
     streams = fixed_episode(30)
+    host_uptime, capture_box_uptime = 3_600 * S, 41 * 86_400 * S  # the two machines' monotonic bases
+    for name, c in streams.items():
+        c.t_mono_ns = c.t_wall_ns - T0 + (capture_box_uptime if name == "netflow" else host_uptime)
+    # The trap is real: on t_mono_ns, netflow lies 41 days away from every other stream ...
+    on_mono = {n: Cols(c.t_mono_ns, c.values) for n, c in streams.items()}
+    trapped = extract.extract_streams(on_mono, host_uptime, LABELS)
+    assert (trapped.coverage[:, SOURCES.index("netflow")] == 0).all()
+    # ... and the extractor, which aligns on t_wall_ns, keeps every netflow channel.
     ew = extract.extract_streams(streams, T0, LABELS)
     nf = ew.tensor[:, SOURCE_SLICE["netflow"], :]
     assert np.isfinite(nf).all() and (nf != 0).any()
