@@ -9,9 +9,9 @@ from torch import nn
 from trainer.models.torch_base import TorchModel
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
-    "demo":  {"width": 32, "blocks": 2, "kernel": 5, "dropout": 0.1, "epochs": 6,  "batch_size": 128, "lr": 3e-3, "patience": 3, "max_seconds": 25},
-    "quick": {"width": 64, "blocks": 3, "kernel": 5, "dropout": 0.2, "epochs": 25, "batch_size": 128, "lr": 2e-3, "patience": 6, "max_seconds": 150},
-    "full":  {"width": 96, "blocks": 4, "kernel": 7, "dropout": 0.3, "epochs": 80, "batch_size": 128, "lr": 1e-3, "patience": 12, "max_seconds": None},
+    "demo":  {"gain_jitter": 0.3, "width": 32, "blocks": 2, "kernel": 5, "dropout": 0.1, "epochs": 6,  "batch_size": 128, "lr": 3e-3, "patience": 3, "max_seconds": 25},
+    "quick": {"gain_jitter": 0.3, "width": 64, "blocks": 3, "kernel": 5, "dropout": 0.2, "epochs": 25, "batch_size": 128, "lr": 2e-3, "patience": 6, "max_seconds": 150},
+    "full":  {"gain_jitter": 0.3, "width": 96, "blocks": 4, "kernel": 7, "dropout": 0.3, "epochs": 80, "batch_size": 128, "lr": 1e-3, "patience": 12, "max_seconds": None},
 }
 
 

@@ -13,9 +13,9 @@ from torch import nn
 from trainer.models.torch_base import TorchModel
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
-    "demo":  {"hidden": 32, "layers": 1, "pool": 4, "dropout": 0.1, "epochs": 5,  "batch_size": 128, "lr": 3e-3, "patience": 3, "max_seconds": 30},
-    "quick": {"hidden": 64, "layers": 1, "pool": 2, "dropout": 0.2, "epochs": 20, "batch_size": 128, "lr": 2e-3, "patience": 5, "max_seconds": 100},
-    "full":  {"hidden": 128, "layers": 2, "pool": 1, "dropout": 0.3, "epochs": 60, "batch_size": 128, "lr": 1e-3, "patience": 10, "max_seconds": None},
+    "demo":  {"gain_jitter": 0.3, "hidden": 32, "layers": 1, "pool": 4, "dropout": 0.1, "epochs": 5,  "batch_size": 128, "lr": 3e-3, "patience": 3, "max_seconds": 30},
+    "quick": {"gain_jitter": 0.3, "hidden": 64, "layers": 1, "pool": 2, "dropout": 0.2, "epochs": 20, "batch_size": 128, "lr": 2e-3, "patience": 5, "max_seconds": 100},
+    "full":  {"gain_jitter": 0.3, "hidden": 128, "layers": 2, "pool": 1, "dropout": 0.3, "epochs": 60, "batch_size": 128, "lr": 1e-3, "patience": 10, "max_seconds": None},
 }
 
 

@@ -14,9 +14,9 @@ from torch import nn
 from trainer.models.torch_base import TorchModel
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
-    "demo":  {"d_model": 32, "heads": 2, "layers": 1, "patch": 10, "dropout": 0.1, "epochs": 6,  "batch_size": 128, "lr": 2e-3, "patience": 3, "max_seconds": 25},
-    "quick": {"d_model": 64, "heads": 4, "layers": 2, "patch": 5,  "dropout": 0.1, "epochs": 25, "batch_size": 128, "lr": 1e-3, "patience": 6, "max_seconds": 120},
-    "full":  {"d_model": 128, "heads": 4, "layers": 4, "patch": 5, "dropout": 0.1, "epochs": 80, "batch_size": 128, "lr": 5e-4, "patience": 12, "max_seconds": None},
+    "demo":  {"gain_jitter": 0.3, "d_model": 32, "heads": 2, "layers": 1, "patch": 10, "dropout": 0.1, "epochs": 6,  "batch_size": 128, "lr": 2e-3, "patience": 3, "max_seconds": 25},
+    "quick": {"gain_jitter": 0.3, "d_model": 64, "heads": 4, "layers": 2, "patch": 5,  "dropout": 0.1, "epochs": 25, "batch_size": 128, "lr": 1e-3, "patience": 6, "max_seconds": 120},
+    "full":  {"gain_jitter": 0.3, "d_model": 128, "heads": 4, "layers": 4, "patch": 5, "dropout": 0.1, "epochs": 80, "batch_size": 128, "lr": 5e-4, "patience": 12, "max_seconds": None},
 }
 
 
