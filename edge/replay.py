@@ -32,12 +32,12 @@ import numpy as np
 import trio
 
 from schema.reader import ArchiveError, Limits, iter_members
-from schema.vocab import SOURCE_MEMBER
+from schema.vocab import DONE_MEMBER, EVENTS_MEMBER, LABELS_MEMBER, META_MEMBER, SOURCE_MEMBER
 
 log = logging.getLogger("edge.replay")
 
 # Members a collector appends to, in the order a new episode creates them.
-STREAM_MEMBERS = ("labels.jsonl", "events.jsonl", *SOURCE_MEMBER.values())
+STREAM_MEMBERS = (LABELS_MEMBER, EVENTS_MEMBER, *SOURCE_MEMBER.values())
 _T_WALL = re.compile(rb'"t_wall_ns"\s*:\s*(-?\d+)')
 _TICK_S = 0.01  # lines due within one tick are written together
 
@@ -109,17 +109,17 @@ def load_episode(path: Path, limits: Limits = REPLAY_LIMITS) -> ReplayEpisode:
         raw = dict(iter_members(path, limits=limits))
     except ArchiveError as e:
         raise ReplayError(str(e)) from None
-    if "meta.json" not in raw:
+    if META_MEMBER not in raw:
         raise ReplayError(f"{path}: no meta.json member")
     try:
-        meta = msgspec.json.decode(raw["meta.json"])
+        meta = msgspec.json.decode(raw[META_MEMBER])
         int(meta["started_ns"])
     except (msgspec.DecodeError, KeyError, TypeError, ValueError) as e:
         raise ReplayError(f"{path}: meta.json: unreadable started_ns ({e})") from None
     members = {m: _member(m, raw[m]) for m in STREAM_MEMBERS if m in raw}
     host = str(meta.get("host_id") or path.parent.name)
     eid = str(meta.get("episode_id") or path.name.removesuffix(".tar.zst"))
-    return ReplayEpisode(host, eid, meta, members, "done.marker" in raw)
+    return ReplayEpisode(host, eid, meta, members, DONE_MEMBER in raw)
 
 
 def _shift(line: bytes, offset: int) -> bytes:
@@ -150,7 +150,7 @@ async def replay_episode(
     # meta.json appears whole (written aside, then renamed), as a careful collector does.
     tmp = d / ".meta.json.tmp"
     tmp.write_bytes(msgspec.json.encode(meta))
-    os.replace(tmp, d / "meta.json")
+    os.replace(tmp, d / META_MEMBER)
 
     # All lines of all members, merged by time (stable: file order within a member).
     names = list(ep.members)
@@ -189,7 +189,7 @@ async def replay_episode(
                 for fd, rest in split.items():
                     os.write(fd, rest)
         if ep.done:
-            (d / "done.marker").touch()
+            (d / DONE_MEMBER).touch()
     finally:
         for fd in fds.values():
             os.close(fd)

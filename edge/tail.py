@@ -34,15 +34,12 @@ import numpy as np
 
 from schema.channels import LOOKBACK_NS, STEP_NS, STRIDE_STEPS
 from schema.extract import window_centre_ns, window_complete, window_last_step_ns
-from schema.reader import Problem, StreamColumns, decode_rows
+from schema.reader import MEMBER_SOURCE, Problem, StreamColumns, decode_rows
 from schema.rows import EpisodeMeta, Label, row_fields
-from schema.vocab import PHASES, SOURCE_MEMBER, SOURCES
+from schema.vocab import DONE_MEMBER, LABELS_MEMBER, META_MEMBER, PHASES, SOURCE_MEMBER, SOURCES
 
 log = logging.getLogger("edge.tail")
 
-LABELS = "labels.jsonl"
-META = "meta.json"
-DONE = "done.marker"
 _SIG_BYTES = 64  # how much of what was read last is compared to spot a rewrite
 _STRIDE_NS = STRIDE_STEPS * STEP_NS
 
@@ -384,12 +381,12 @@ class EpisodeTail:
         self.label_t: list[int] = []
         self.label_phase: list[str] = []
         self.followers: dict[str, FileFollower] = {}
-        for m in (LABELS, *SOURCE_MEMBER.values()):
+        for m in (LABELS_MEMBER, *SOURCE_MEMBER.values()):
             p = path / m
             self.followers[m] = FileFollower(
                 p, counters, max_line_bytes=cfg.max_line_bytes, read_chunk=cfg.read_chunk, seen_at_start=p.exists()
             )
-        self._member_source = {m: s for s, m in SOURCE_MEMBER.items()}
+        self._member_source = MEMBER_SOURCE
 
     @property
     def key(self) -> tuple[str, str]:
@@ -406,7 +403,7 @@ class EpisodeTail:
         check = now - self._last_path_check >= self.cfg.path_check_s
         if check:
             self._last_path_check = now
-        done = check and (self.path / DONE).exists()
+        done = check and (self.path / DONE_MEMBER).exists()
         if self.meta is None and (check or done):
             self._read_meta(now)
         grew = False
@@ -431,7 +428,7 @@ class EpisodeTail:
 
     def _read_meta(self, now: float) -> None:
         try:
-            raw = (self.path / META).read_bytes()
+            raw = (self.path / META_MEMBER).read_bytes()
             self.meta = _meta_decoder.decode(raw)
         except FileNotFoundError:
             return
@@ -442,10 +439,10 @@ class EpisodeTail:
             elif now - self._meta_bad_since > 5.0 and self._meta_bad_since >= 0:
                 self.counters.meta_errors += 1
                 self._meta_bad_since = -1.0  # counted once
-                log.warning("%s: %s", self.path / META, e)
+                log.warning("%s: %s", self.path / META_MEMBER, e)
 
     def _ingest(self, member: str, first: int, data: bytes, up: EpisodeUpdate, now: float) -> None:
-        if member == LABELS:
+        if member == LABELS_MEMBER:
             for i, line in enumerate(data.splitlines()):
                 if not line.strip():
                     continue
@@ -609,7 +606,7 @@ class LiveTailer:
                     key = (host.name, e.name)
                     if path in self._done or key in self.episodes:
                         continue
-                    if self._first_scan and (path / DONE).exists():
+                    if self._first_scan and (path / DONE_MEMBER).exists():
                         self._done.add(path)  # finished before we started: not live
                         continue
                     ep = EpisodeTail(path, host.name, e.name, self.counters, self.cfg, now)

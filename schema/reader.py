@@ -31,14 +31,8 @@ import numpy as np
 import zstandard
 
 from .rows import ROW_TYPES, EpisodeMeta, Label, OrchestratorEvent, row_fields
-from .vocab import SOURCE_MEMBER
+from .vocab import DONE_MEMBER, EVENTS_MEMBER, LABELS_MEMBER, META_MEMBER, SOURCE_MEMBER
 
-# Member names inside `<episode_id>/`.
-META_MEMBER: Final = "meta.json"
-LABELS_MEMBER: Final = "labels.jsonl"
-EVENTS_MEMBER: Final = "events.jsonl"
-DONE_MEMBER: Final = "done.marker"
-PCAP_MEMBER: Final = "network.pcap"
 MEMBER_SOURCE: Final = {m: s for s, m in SOURCE_MEMBER.items()}
 
 # Member bytes handed to the decoder at once: big enough that msgspec's decode_lines

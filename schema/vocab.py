@@ -37,6 +37,13 @@ SOURCE_MEMBER: Final = {
     "qmp": "telemetry-qmp.jsonl",
     "netflow": "netflow.jsonl",
 }
+# The other members of an episode (SPEC section 3), inside `<episode_id>/`.
+META_MEMBER: Final = "meta.json"
+LABELS_MEMBER: Final = "labels.jsonl"
+EVENTS_MEMBER: Final = "events.jsonl"
+DONE_MEMBER: Final = "done.marker"
+PCAP_MEMBER: Final = "network.pcap"
+
 # realistic: only what the host sees (an infected guest's agent can lie).
 THREAT_SOURCES: Final = {
     "realistic": ("proc", "qmp", "netflow"),

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from schema.vocab import SOURCE_MEMBER
+from schema.vocab import DONE_MEMBER, EVENTS_MEMBER, LABELS_MEMBER, META_MEMBER, PCAP_MEMBER, SOURCE_MEMBER
 
 from .activity import Schedule, make_schedule, simulate
 from .plan import EpisodeSpec
@@ -173,8 +173,8 @@ def build_episode(spec: EpisodeSpec) -> tuple[dict[str, bytes], dict[str, Any]]:
         "started_ns": spec.started_ns, "ended_ns": ended_ns,
         "vm": {"vcpus": h.vcpus, "mem_mb": h.mem_mb, "os": h.os}, "collector": h.collector,
     }
-    members: dict[str, bytes] = {"meta.json": json.dumps(meta, indent=2).encode() + b"\n",
-                                 "labels.jsonl": _jsonl(labels), "events.jsonl": _jsonl(events)}
+    members: dict[str, bytes] = {META_MEMBER: json.dumps(meta, indent=2).encode() + b"\n",
+                                 LABELS_MEMBER: _jsonl(labels), EVENTS_MEMBER: _jsonl(events)}
     for src in ("proc", "guest", "qmp", "netflow"):
         if src in streams:
             members[SOURCE_MEMBER[src]] = streams[src].encode()
@@ -193,11 +193,11 @@ def build_episode(spec: EpisodeSpec) -> tuple[dict[str, bytes], dict[str, Any]]:
             kinds.append(f"{src}:{how}")
         truth["malformed"] = kinds
     elif d == "meta_garbage":  # the collector's disk lost the file's blocks
-        members["meta.json"] = b"\x00" * len(members["meta.json"])
+        members[META_MEMBER] = b"\x00" * len(members[META_MEMBER])
     if h.pcap:
-        members["network.pcap"] = PCAP_HEADER
+        members[PCAP_MEMBER] = PCAP_HEADER
     if d != "collector_crash":
-        members["done.marker"] = b""
+        members[DONE_MEMBER] = b""
     truth["rows"] = {src: int(s.t.size) for src, s in streams.items()}
     return members, truth
 
