@@ -298,7 +298,8 @@ def check_runtime(version: str | None = None, machine: str | None = None) -> Non
         warnings.warn(f"onnxruntime {version} is outside the supported range {ONNXRUNTIME_RANGE}", stacklevel=2)
 
 
-def _session(path: Path, threads: int) -> Any:
+def session_options(threads: int = 1) -> Any:
+    """The daemon's ORT options (the benchmark times and profiles exactly these)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -309,8 +310,14 @@ def _session(path: Path, threads: int) -> Any:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
+    return opts
+
+
+def open_session(path: Path, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types; all mean "unusable graph"
         raise ModelSetError(f"{path}: onnxruntime cannot load it: {e}") from None
 
@@ -388,7 +395,7 @@ def load_models(
         path = directory / entry.file
         if entry.file not in sums:
             raise ModelSetError(f"{path}: in manifest.json but not in SHA256SUMS")
-        session = _session(path, threads)
+        session = open_session(path, threads)
         meta = dict(session.get_modelmeta().custom_metadata_map)
         _check_schema(path, meta, expected)
         names = json.loads(meta.get("channels", "null") or "null") or entry.channels
@@ -410,7 +417,7 @@ def load_models(
         path = directory / p.file
         if p.file not in sums:
             raise ModelSetError(f"{path}: in manifest.json but not in SHA256SUMS")
-        session = _session(path, threads)
+        session = open_session(path, threads)
         meta = dict(session.get_modelmeta().custom_metadata_map)
         _check_schema(path, meta, expected)
         channels = _channel_indices(p.channels, path)

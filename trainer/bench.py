@@ -194,7 +194,7 @@ def ort_floor_us(shape: tuple[int, ...], method: Method) -> float:
     import onnx
     from onnx import TensorProto, helper
 
-    from edge.modelset import _session  # the daemon's own session options, not a copy of them
+    from edge.modelset import open_session  # the daemon's own session options, not a copy of them
 
     graph = helper.make_graph(
         [helper.make_node("Identity", [MODEL_INPUT_NAME], [MODEL_OUTPUT_NAME])], "floor",
@@ -205,7 +205,7 @@ def ort_floor_us(shape: tuple[int, ...], method: Method) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "floor.onnx"
         onnx.save(proto, str(path))
-        session = _session(path, 1)
+        session = open_session(path, 1)
     x = np.zeros((1, *shape), np.float32)
     return measure({"floor": lambda i: session.run([MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: x})}, method)["floor"].p50_us
 
@@ -222,12 +222,9 @@ def ort_profile(path: Path, xs: Sequence[np.ndarray], calls: int) -> OpProfile:
     the daemon's options plus profiling, so the timed session is never slowed by it)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    from edge.modelset import session_options
+
+    opts = session_options(1)
     with tempfile.TemporaryDirectory() as tmp:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "ort")
