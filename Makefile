@@ -14,7 +14,7 @@ PROFILE ?= quick
 PORT    ?= 8080
 SPEED   ?= 2
 
-.PHONY: help venv data validate train export bench demo test clean browser
+.PHONY: help venv data validate train export bench demo test clean browser lint
 
 help:
 	@echo "make demo      # venv, synthetic store, train, export, daemon + deck on http://localhost:$(PORT)"
@@ -66,3 +66,9 @@ test: $(STAMP) browser
 
 clean:
 	rm -rf $(VENV) data runs models .pytest_cache
+
+# ruff (lint + format check) on everything, mypy on the Pi's side (schema/, edge/).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy

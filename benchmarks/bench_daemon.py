@@ -17,6 +17,7 @@ profile, trained for one epoch on random data: the graphs are what cost time and
 not the weights) into ``--work``; pass the output of ``phasewatch export`` to measure the
 shipped models instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,28 +73,69 @@ def export_random_models(out: Path, seed: int = 0) -> Path:
             path = out / f"{name}-{threat}.onnx"
             model.to_onnx(path)
             proto = onnx.load(path)
-            meta = {"schema_hash": schema_hash(), "model": name, "threat_model": threat, "input_kind": kind,
-                    "channels": json.dumps(chans), "classes": json.dumps(list(PHASES))}
+            meta = {
+                "schema_hash": schema_hash(),
+                "model": name,
+                "threat_model": threat,
+                "input_kind": kind,
+                "channels": json.dumps(chans),
+                "classes": json.dumps(list(PHASES)),
+            }
             onnx.helper.set_model_props(proto, meta)
             onnx.save(proto, path)
             files[path.name] = path.read_bytes()
-            entries.append(ModelEntry(file=path.name, model=name, threat_model=threat, input_kind=kind,
-                                      channels=chans, input_shape=list(shape), metrics={"accuracy": 0.2}))
+            entries.append(
+                ModelEntry(
+                    file=path.name,
+                    model=name,
+                    threat_model=threat,
+                    input_kind=kind,
+                    channels=chans,
+                    input_shape=list(shape),
+                    metrics={"accuracy": 0.2},
+                )
+            )
             print(f"  exported {path.name} ({len(files[path.name]) / 1024:.0f} KiB)", file=sys.stderr)
         files[f"projector-{threat}.onnx"] = _projector(len(chans) * k, chans, threat, schema_hash())
-        projectors.append(ProjectorEntry(file=f"projector-{threat}.onnx", threat_model=threat, channels=chans,
-                                         input_shape=[len(chans) * k], n_clusters=6, fitted_on="random", n_fit=0))
+        projectors.append(
+            ProjectorEntry(
+                file=f"projector-{threat}.onnx",
+                threat_model=threat,
+                channels=chans,
+                input_shape=[len(chans) * k],
+                n_clusters=6,
+                fitted_on="random",
+                n_fit=0,
+            )
+        )
         (out / f"projector-{threat}.onnx").write_bytes(files[f"projector-{threat}.onnx"])
     manifest = Manifest(
-        schema_hash=schema_hash(), created="bench", classes=list(PHASES), window_s=10, stride_s=5, rate_hz=10,
-        opset=17, onnxruntime="1.17",
-        files=[FileEntry(path=n, sha256=hashlib.sha256(d).hexdigest(), bytes=len(d),
-                         kind="projector" if n.startswith("projector") else "model") for n, d in files.items()],
-        models=entries, projectors=projectors, envelopes=[Envelope(name="cpu-saturate", curve=[0.0, 1.0], shape="-")],
+        schema_hash=schema_hash(),
+        created="bench",
+        classes=list(PHASES),
+        window_s=10,
+        stride_s=5,
+        rate_hz=10,
+        opset=17,
+        onnxruntime="1.17",
+        files=[
+            FileEntry(
+                path=n,
+                sha256=hashlib.sha256(d).hexdigest(),
+                bytes=len(d),
+                kind="projector" if n.startswith("projector") else "model",
+            )
+            for n, d in files.items()
+        ],
+        models=entries,
+        projectors=projectors,
+        envelopes=[Envelope(name="cpu-saturate", curve=[0.0, 1.0], shape="-")],
     )
     files["manifest.json"] = msgspec.json.encode(manifest)
     (out / "manifest.json").write_bytes(files["manifest.json"])
-    (out / "SHA256SUMS").write_text("".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in sorted(files.items())))
+    (out / "SHA256SUMS").write_text(
+        "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in sorted(files.items()))
+    )
     return out
 
 
@@ -102,15 +144,25 @@ def _projector(width: int, chans: list[str], threat: str, schema: str) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("MatMul", ["features", "P"], ["p"]), helper.make_node("Sigmoid", ["p"], ["xyz"]),
-             helper.make_node("MatMul", ["features", "C"], ["c"]),
-             helper.make_node("ArgMax", ["c"], ["cluster"], axis=1, keepdims=0)]
+    nodes = [
+        helper.make_node("MatMul", ["features", "P"], ["p"]),
+        helper.make_node("Sigmoid", ["p"], ["xyz"]),
+        helper.make_node("MatMul", ["features", "C"], ["c"]),
+        helper.make_node("ArgMax", ["c"], ["cluster"], axis=1, keepdims=0),
+    ]
     g = helper.make_graph(
-        nodes, "projector", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("xyz", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("cluster", TensorProto.INT64, ["N"])],
-        [numpy_helper.from_array(rng.normal(0, 1e-6, (width, 3)).astype(np.float32), "P"),
-         numpy_helper.from_array(rng.normal(0, 1e-6, (width, 6)).astype(np.float32), "C")])
+        nodes,
+        "projector",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", width])],
+        [
+            helper.make_tensor_value_info("xyz", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("cluster", TensorProto.INT64, ["N"]),
+        ],
+        [
+            numpy_helper.from_array(rng.normal(0, 1e-6, (width, 3)).astype(np.float32), "P"),
+            numpy_helper.from_array(rng.normal(0, 1e-6, (width, 6)).astype(np.float32), "C"),
+        ],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     helper.set_model_props(m, {"schema_hash": schema, "threat_model": threat, "channels": json.dumps(chans)})
@@ -120,18 +172,69 @@ def _projector(width: int, chans: list[str], threat: str, schema: str) -> bytes:
 # --- live episodes written at 10 Hz ------------------------------------------------------------
 
 _FIELDS = {
-    "proc": ["pid", "utime_ticks", "stime_ticks", "rss_kb", "vsize_kb", "num_threads", "read_bytes", "write_bytes",
-             "syscr", "syscw", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "majflt"],
-    "guest": ["cpu_user_pct", "cpu_system_pct", "cpu_iowait_pct", "mem_used_kb", "mem_cached_kb", "load1",
-              "procs_running", "procs_blocked", "procs_total", "forks_total", "disk_read_bytes", "disk_write_bytes",
-              "net_rx_bytes", "net_tx_bytes", "tcp_established", "tcp_syn_sent"],
-    "qmp": ["vcpu_time_ns", "blk_rd_bytes", "blk_wr_bytes", "blk_rd_ops", "blk_wr_ops", "net_rx_bytes",
-            "net_tx_bytes", "balloon_actual_kb"],
-    "netflow": ["interval_ms", "pkts_in", "pkts_out", "bytes_in", "bytes_out", "flows_new", "uniq_dst_ips",
-                "uniq_dst_ports", "syn_out", "rst_in", "dns_queries"],
+    "proc": [
+        "pid",
+        "utime_ticks",
+        "stime_ticks",
+        "rss_kb",
+        "vsize_kb",
+        "num_threads",
+        "read_bytes",
+        "write_bytes",
+        "syscr",
+        "syscw",
+        "voluntary_ctxt_switches",
+        "nonvoluntary_ctxt_switches",
+        "majflt",
+    ],
+    "guest": [
+        "cpu_user_pct",
+        "cpu_system_pct",
+        "cpu_iowait_pct",
+        "mem_used_kb",
+        "mem_cached_kb",
+        "load1",
+        "procs_running",
+        "procs_blocked",
+        "procs_total",
+        "forks_total",
+        "disk_read_bytes",
+        "disk_write_bytes",
+        "net_rx_bytes",
+        "net_tx_bytes",
+        "tcp_established",
+        "tcp_syn_sent",
+    ],
+    "qmp": [
+        "vcpu_time_ns",
+        "blk_rd_bytes",
+        "blk_wr_bytes",
+        "blk_rd_ops",
+        "blk_wr_ops",
+        "net_rx_bytes",
+        "net_tx_bytes",
+        "balloon_actual_kb",
+    ],
+    "netflow": [
+        "interval_ms",
+        "pkts_in",
+        "pkts_out",
+        "bytes_in",
+        "bytes_out",
+        "flows_new",
+        "uniq_dst_ips",
+        "uniq_dst_ports",
+        "syn_out",
+        "rst_in",
+        "dns_queries",
+    ],
 }
-_MEMBER = {"proc": "telemetry-proc.jsonl", "guest": "telemetry-guest.jsonl", "qmp": "telemetry-qmp.jsonl",
-           "netflow": "netflow.jsonl"}
+_MEMBER = {
+    "proc": "telemetry-proc.jsonl",
+    "guest": "telemetry-guest.jsonl",
+    "qmp": "telemetry-qmp.jsonl",
+    "netflow": "netflow.jsonl",
+}
 
 
 class Episode:
@@ -144,12 +247,23 @@ class Episode:
         self.t0 = started_ns
         self.rng = rng
         self.i = 0
-        meta = {"episode_id": eid, "host_id": "bench-host", "schema_version": 1, "sample_id": None,
-                "profile": None, "started_ns": started_ns, "ended_ns": started_ns + 3600 * 10**9,
-                "vm": {"vcpus": 2, "mem_mb": 2048, "os": "bench"}, "collector": "bench"}
+        meta = {
+            "episode_id": eid,
+            "host_id": "bench-host",
+            "schema_version": 1,
+            "sample_id": None,
+            "profile": None,
+            "started_ns": started_ns,
+            "ended_ns": started_ns + 3600 * 10**9,
+            "vm": {"vcpus": 2, "mem_mb": 2048, "os": "bench"},
+            "collector": "bench",
+        }
         (self.dir / "meta.json").write_text(json.dumps(meta))
         (self.dir / "labels.jsonl").write_text(json.dumps({"t_wall_ns": started_ns, "phase": "clean"}) + "\n")
-        self.fds = {s: os.open(self.dir / m, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) for s, m in _MEMBER.items()}
+        self.fds = {
+            s: os.open(self.dir / m, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            for s, m in _MEMBER.items()
+        }
         self.completed: dict[int, float] = {}  # window -> wall time its completing line was appended
 
     def close(self) -> None:
@@ -189,8 +303,10 @@ async def write_live(live: Path, n: int, seconds: float, seed: int, started: tri
     rng = random.Random(seed)
     now = time.time_ns()
     # staggered: each episode began some seconds ago, so windows complete at spread-out times
-    eps = [Episode(live, f"ep-{seed}-{k:04d}", now - rng.randint(0, 5 * 10**9) - 2 * 10**9, random.Random(k))
-           for k in range(n)]
+    eps = [
+        Episode(live, f"ep-{seed}-{k:04d}", now - rng.randint(0, 5 * 10**9) - 2 * 10**9, random.Random(k))
+        for k in range(n)
+    ]
     for ep in eps:  # the rows up to now, at once (what a collector had written before we looked)
         ep.i = 0
         t = ep.t0
@@ -238,8 +354,23 @@ def cpu_seconds(pid: int) -> float:
 class DaemonProcess:
     def __init__(self, models: Path, live: Path, cpu: int | None = None) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "edge.daemon", "--models", str(models), "--live", str(live),
-               "--bind", "127.0.0.1", "--port", str(self.port), "--log-level", "WARNING", "--idle-timeout", "600"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge.daemon",
+            "--models",
+            str(models),
+            "--live",
+            str(live),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "WARNING",
+            "--idle-timeout",
+            "600",
+        ]
         pre = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
         self.t_spawn = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=pre)
@@ -308,11 +439,22 @@ async def run_live(d: DaemonProcess, live: Path, n: int, seconds: float, seed: i
     lat_ms = np.array(lat) * 1000
     h = d.health()
     return {
-        "episodes": n, "seconds": round(wall, 1), "load_avg": round(os.getloadavg()[0], 1), "windows": len(lat), "missing": missing,
-        "latency_ms": {"p50": _r(np.percentile(lat_ms, 50)), "p99": _r(np.percentile(lat_ms, 99)),
-                       "max": _r(lat_ms.max())} if len(lat) else None,
-        "cpu_share": round(cpu / wall, 3), "windows_dropped": h["windows_dropped"],
-        "inference_queue": h["inference_queue"], "rss_mb": round(proc_status(d.proc.pid)["VmRSS"] / 1024, 1),
+        "episodes": n,
+        "seconds": round(wall, 1),
+        "load_avg": round(os.getloadavg()[0], 1),
+        "windows": len(lat),
+        "missing": missing,
+        "latency_ms": {
+            "p50": _r(np.percentile(lat_ms, 50)),
+            "p99": _r(np.percentile(lat_ms, 99)),
+            "max": _r(lat_ms.max()),
+        }
+        if len(lat)
+        else None,
+        "cpu_share": round(cpu / wall, 3),
+        "windows_dropped": h["windows_dropped"],
+        "inference_queue": h["inference_queue"],
+        "rss_mb": round(proc_status(d.proc.pid)["VmRSS"] / 1024, 1),
         "parse_errors": h["tail"]["parse_errors"],
     }
 
@@ -336,7 +478,10 @@ def throughput(models: Path, work: Path, n: int, seconds: int, seed: int = 3) ->
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(dir=work) as live:
         base = 1_700_000_000 * 10**9
-        eps = [Episode(Path(live), f"tp-{k:04d}", base - rng.randint(0, 5 * 10**9), random.Random(k)) for k in range(n)]
+        eps = [
+            Episode(Path(live), f"tp-{k:04d}", base - rng.randint(0, 5 * 10**9), random.Random(k))
+            for k in range(n)
+        ]
         tailer = LiveTailer([Path(live)], TailConfig(idle_s=1e9))
         cpu = 0.0
         windows = 0
@@ -359,10 +504,15 @@ def throughput(models: Path, work: Path, n: int, seconds: int, seed: int = 3) ->
             ep.close()
         tailer.close()
     per_ep_s = cpu / (n * seconds)
-    return {"episodes": n, "seconds": seconds, "windows": windows, "cpu_s": round(cpu, 2),
-            "cpu_ms_per_episode_second": round(per_ep_s * 1000, 3),
-            "cpu_ms_per_window": round(cpu / max(windows, 1) * 1000, 2),
-            "episodes_per_core": int(1 / per_ep_s)}
+    return {
+        "episodes": n,
+        "seconds": seconds,
+        "windows": windows,
+        "cpu_s": round(cpu, 2),
+        "cpu_ms_per_episode_second": round(per_ep_s * 1000, 3),
+        "cpu_ms_per_window": round(cpu / max(windows, 1) * 1000, 2),
+        "episodes_per_core": int(1 / per_ep_s),
+    }
 
 
 def _r(x: float) -> float:
@@ -371,11 +521,15 @@ def _r(x: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", type=Path, help="a models directory (default: export random-weight real graphs)")
+    ap.add_argument(
+        "--models", type=Path, help="a models directory (default: export random-weight real graphs)"
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/phasewatch-bench"))
     ap.add_argument("--episodes", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=90)
-    ap.add_argument("--capacity", default="100", help="comma-separated episode counts for the one-core runs ('' skips)")
+    ap.add_argument(
+        "--capacity", default="100", help="comma-separated episode counts for the one-core runs ('' skips)"
+    )
     ap.add_argument("--capacity-seconds", type=float, default=60)
     ap.add_argument("--cpu", type=int, default=1, help="core the daemon is pinned to for the capacity runs")
     ap.add_argument("--throughput", default="100,200", help="episode counts for the in-process CPU-time runs")
@@ -404,9 +558,14 @@ def main() -> int:
         try:
             st = proc_status(d.proc.pid)
             h = d.health()
-            report["startup"] = {"ready_s": round(d.ready_s, 2), "ready_cpu_s": round(d.ready_cpu_s, 2),
-                                 "load_avg": round(os.getloadavg()[0], 1), "rss_mb": round(st["VmRSS"] / 1024, 1),
-                                 "models": len(h["models"]["models"]), "projectors": len(h["models"]["projectors"])}
+            report["startup"] = {
+                "ready_s": round(d.ready_s, 2),
+                "ready_cpu_s": round(d.ready_cpu_s, 2),
+                "load_avg": round(os.getloadavg()[0], 1),
+                "rss_mb": round(st["VmRSS"] / 1024, 1),
+                "models": len(h["models"]["models"]),
+                "projectors": len(h["models"]["projectors"]),
+            }
             print("startup", report["startup"], flush=True)
             report["latency"] = trio.run(run_live, d, Path(live), args.episodes, args.seconds, 1)
             report["latency"]["rss_hwm_mb"] = round(proc_status(d.proc.pid)["VmHWM"] / 1024, 1)

@@ -15,6 +15,7 @@ rows (proc, guest, qmp, netflow); throughput is shown per wall second and per CP
 second of the worker (the second is steadier on a shared machine). Without --store, episodes come from
 ``trainer.synth.generate_store`` when it exists, otherwise from tests/archive_kit.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,10 +91,12 @@ def worker(approach: str, paths_file: Path) -> None:
     for p in paths:
         try:
             rows += fn(p)
-        except Exception:  # noqa: BLE001 - the naive way dies on a broken archive; count none
+        except Exception:
             pass
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(json.dumps({"rows": rows, "seconds": dt, "cpu_seconds": cpu, "peak_kb": _rss_kb(), "base_kb": base}))
+    print(
+        json.dumps({"rows": rows, "seconds": dt, "cpu_seconds": cpu, "peak_kb": _rss_kb(), "base_kb": base})
+    )
 
 
 def make_episodes(out: Path, episodes: int) -> tuple[Path, str]:
@@ -108,8 +111,10 @@ def make_episodes(out: Path, episodes: int) -> tuple[Path, str]:
     from archive_kit import episode_members, write_archive
 
     for i in range(episodes):
-        write_archive(out / f"host-{i % 3}" / f"ep-{i:04d}.tar.zst",
-                      episode_members(f"ep-{i:04d}", f"host-{i % 3}", duration_s=900, seed=i))
+        write_archive(
+            out / f"host-{i % 3}" / f"ep-{i:04d}.tar.zst",
+            episode_members(f"ep-{i:04d}", f"host-{i % 3}", duration_s=900, seed=i),
+        )
     return out, "tests/archive_kit.py (900 s episodes)"
 
 
@@ -136,13 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         plist = Path(tmp) / "paths.txt"
         plist.write_text("\n".join(map(str, paths)))
         mb = sum(p.stat().st_size for p in paths) / 2**20
-        print(f"{len(paths)} archives, {mb:.1f} MiB compressed, from {origin}; {args.repeats} repeats, "
-              "each approach in a fresh subprocess; memory = peak RSS (VmHWM)")
+        print(
+            f"{len(paths)} archives, {mb:.1f} MiB compressed, from {origin}; {args.repeats} repeats, "
+            "each approach in a fresh subprocess; memory = peak RSS (VmHWM)"
+        )
         runs: dict[str, list[dict]] = {"naive": [], "reader": []}
         for _ in range(args.repeats):
             for approach in runs:  # interleaved, so load on the machine hits both alike
-                out = subprocess.run([sys.executable, str(HERE), "--worker", approach, "--paths", str(plist)],
-                                     check=True, capture_output=True, text=True).stdout
+                out = subprocess.run(
+                    [sys.executable, str(HERE), "--worker", approach, "--paths", str(plist)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 runs[approach].append(json.loads(out))
         med: dict[str, dict[str, float]] = {}
         for approach, rs in runs.items():
@@ -155,19 +166,27 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_mib": statistics.median(r["peak_kb"] for r in rs) / 1024,
                 "growth_mib": statistics.median(r["peak_kb"] - r["base_kb"] for r in rs) / 1024,
             }
-        print(f"{'approach':<8} {'rows':>9} {'median s':>9} {'rows/s':>11} {'rows/CPU-s':>11} "
-              f"{'peak RSS MiB':>13} {'growth MiB':>11}")
+        print(
+            f"{'approach':<8} {'rows':>9} {'median s':>9} {'rows/s':>11} {'rows/CPU-s':>11} "
+            f"{'peak RSS MiB':>13} {'growth MiB':>11}"
+        )
         for a, m in med.items():
-            print(f"{a:<8} {m['rows']:>9,} {m['seconds']:>9.3f} {m['rows_per_s']:>11,.0f} "
-                  f"{m['rows_per_cpu_s']:>11,.0f} {m['peak_mib']:>13.1f} {m['growth_mib']:>11.1f}")
+            print(
+                f"{a:<8} {m['rows']:>9,} {m['seconds']:>9.3f} {m['rows_per_s']:>11,.0f} "
+                f"{m['rows_per_cpu_s']:>11,.0f} {m['peak_mib']:>13.1f} {m['growth_mib']:>11.1f}"
+            )
         speed = med["reader"]["rows_per_s"] / med["naive"]["rows_per_s"]
         cpu_speed = med["reader"]["rows_per_cpu_s"] / med["naive"]["rows_per_cpu_s"]
         mem = med["reader"]["growth_mib"] / max(med["naive"]["growth_mib"], 1e-9)
-        print(f"reader / naive: {speed:.1f}x rows/s (wall), {cpu_speed:.1f}x rows per CPU second, "
-              f"{mem:.2f}x memory growth (target: >= 5x throughput at <= 1x memory)")
+        print(
+            f"reader / naive: {speed:.1f}x rows/s (wall), {cpu_speed:.1f}x rows per CPU second, "
+            f"{mem:.2f}x memory growth (target: >= 5x throughput at <= 1x memory)"
+        )
         if med["reader"]["rows"] != med["naive"]["rows"]:
-            print(f"note: row counts differ (reader {med['reader']['rows']}, naive {med['naive']['rows']}): "
-                  "the reader drops rows that fail the typed schema, the naive way keeps any JSON")
+            print(
+                f"note: row counts differ (reader {med['reader']['rows']}, naive {med['naive']['rows']}): "
+                "the reader drops rows that fail the typed schema, the naive way keeps any JSON"
+            )
     return 0
 
 

@@ -29,6 +29,7 @@ the latest ``snapshot``; the latest ``attack_profile`` per name, ``model_metric`
 ``max_embeddings`` embeddings; the last ``max_predictions_per_episode`` predictions of each of
 the ``max_prediction_episodes`` most recently updated episodes. ``episode`` events are live only.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -69,8 +70,8 @@ _STATE_ORDER: Final = ("snapshot", "attack_profile", "model_metric", "model_perf
 
 @dataclass(frozen=True)
 class QueuePolicy:
-    maxlen: int = 256          # frames queued per client
-    stall_drops: int = 1024    # drops with nothing taken in between -> the client is stalled
+    maxlen: int = 256  # frames queued per client
+    stall_drops: int = 1024  # drops with nothing taken in between -> the client is stalled
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,9 @@ class Client:
         self._closed = trio.Event()
 
     def __repr__(self) -> str:
-        return f"<Client {self.id} queued={len(self._queue)} dropped={self.dropped} closed={self.closed_reason}>"
+        return (
+            f"<Client {self.id} queued={len(self._queue)} dropped={self.dropped} closed={self.closed_reason}>"
+        )
 
     @property
     def queued(self) -> int:
@@ -217,8 +220,10 @@ class Broadcaster:
     def publish(self, event: Event) -> int:
         """Encode once, remember if sticky, queue for every client; returns how many got it."""
         if not isinstance(event, _EVENT_CLASSES):
-            raise TypeError(f"publish takes a schema.events Struct, not {type(event).__name__}"
-                            " (use schema.events.from_dict for a dict)")
+            raise TypeError(
+                f"publish takes a schema.events Struct, not {type(event).__name__}"
+                " (use schema.events.from_dict for a dict)"
+            )
         frame = Frame(event_type(event), encode_event(event).decode())
         self.published[frame.type] = self.published.get(frame.type, 0) + 1
         self._remember(event, frame)

@@ -9,6 +9,7 @@ the results are published to the broadcaster, which the server fans out to brows
 models directory is reloaded on SIGHUP or when its files change (and then hold still); a
 reload that fails keeps the old set serving and shows the error on ``/healthz``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,10 +100,13 @@ class Daemon:
         self.tailer = LiveTailer(list(live), tail, self.counters)
         self.metrics.registry.register(_TailFamily(self.counters))
         self.latency = self.metrics.registry.histogram(
-            "phasewatch_window_latency_seconds", "From a window's last row read to its events published.",
-            buckets=LATENCY_BUCKETS)
+            "phasewatch_window_latency_seconds",
+            "From a window's last row read to its events published.",
+            buckets=LATENCY_BUCKETS,
+        )
         self.windows_dropped = self.metrics.registry.counter(
-            "phasewatch_windows_dropped_total", "Ready windows dropped because inference fell behind.")
+            "phasewatch_windows_dropped_total", "Ready windows dropped because inference fell behind."
+        )
         self.modelset = modelset
         self.engine: Engine | None = Engine(modelset, self.metrics) if modelset is not None else None
         self.reload_error: str | None = None
@@ -124,7 +128,9 @@ class Daemon:
             return None
         try:
             with os.scandir(self.models_dir) as it:
-                return frozenset((e.name, (st := e.stat()).st_size, st.st_mtime_ns) for e in it if e.is_file())
+                return frozenset(
+                    (e.name, (st := e.stat()).st_size, st.st_mtime_ns) for e in it if e.is_file()
+                )
         except OSError:
             return None
 
@@ -282,16 +288,26 @@ class Daemon:
 
     # --- run ---
 
-    async def run(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         from edge.server import serve
 
         self.publish_startup()
         with tempfile.TemporaryDirectory(prefix="phasewatch-replay-", dir=self.state_dir) as tmp:
             async with trio.open_nursery() as n:
-                self.listeners = await n.start(lambda task_status: serve(
-                    self.broadcaster, host=self.bind, port=self.port, static_dir=static_dir(),
-                    health=self.health, metrics=self.metrics, publish_token=self.publish_token,
-                    task_status=task_status))
+                self.listeners = await n.start(
+                    lambda task_status: serve(
+                        self.broadcaster,
+                        host=self.bind,
+                        port=self.port,
+                        static_dir=static_dir(),
+                        health=self.health,
+                        metrics=self.metrics,
+                        publish_token=self.publish_token,
+                        task_status=task_status,
+                    )
+                )
                 if self.replay is not None:
                     self.replay_dir = Path(tmp)
                     self.tailer.add_root(self.replay_dir)
@@ -314,21 +330,36 @@ class Daemon:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge-daemon", description="Live malware-phase detection for the deck.")
     ap.add_argument("--models", type=Path, help="models directory from `phasewatch export`")
-    ap.add_argument("--live", type=Path, action="append", default=[],
-                    help="live episodes root, <live>/<host>/<episode>/ (repeatable)")
+    ap.add_argument(
+        "--live",
+        type=Path,
+        action="append",
+        default=[],
+        help="live episodes root, <live>/<host>/<episode>/ (repeatable)",
+    )
     ap.add_argument("--store", type=Path, help="receiver store to summarise (snapshot, episode events)")
-    ap.add_argument("--replay", type=Path, metavar="STORE", help="replay this store's archives as live episodes")
+    ap.add_argument(
+        "--replay", type=Path, metavar="STORE", help="replay this store's archives as live episodes"
+    )
     ap.add_argument("--speed", type=float, default=1.0, help="replay time multiplier (default 1)")
     ap.add_argument("--replay-concurrency", type=int, default=4, help="episodes replayed at once")
     ap.add_argument("--bind", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     ap.add_argument("--port", type=int, default=8080)
-    ap.add_argument("--publish-token", default=os.environ.get("PHASEWATCH_PUBLISH_TOKEN"),
-                    help="bearer token for POST /publish from other hosts (env PHASEWATCH_PUBLISH_TOKEN)")
+    ap.add_argument(
+        "--publish-token",
+        default=os.environ.get("PHASEWATCH_PUBLISH_TOKEN"),
+        help="bearer token for POST /publish from other hosts (env PHASEWATCH_PUBLISH_TOKEN)",
+    )
     ap.add_argument("--demo", action="store_true", help="publish demo events (no models needed)")
-    ap.add_argument("--all-predictions", action="store_true",
-                    help="also publish every non-primary model's predictions (model field set)")
+    ap.add_argument(
+        "--all-predictions",
+        action="store_true",
+        help="also publish every non-primary model's predictions (model field set)",
+    )
     ap.add_argument("--poll-ms", type=float, default=20.0, help="tail tick in ms (default 20)")
-    ap.add_argument("--idle-timeout", type=float, default=60.0, help="finalise a silent episode after this many s")
+    ap.add_argument(
+        "--idle-timeout", type=float, default=60.0, help="finalise a silent episode after this many s"
+    )
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -336,7 +367,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.models is None and not args.demo:
         ap.error("--models DIR is required (or --demo for demo events)")
     if args.speed <= 0:
@@ -346,10 +379,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--live {d}: not a directory")
     state = os.environ.get("STATE_DIRECTORY")  # systemd's StateDirectory=
     daemon = Daemon(
-        args.models, live=args.live, store=args.store, replay=args.replay, speed=args.speed,
-        replay_concurrency=args.replay_concurrency, bind=args.bind, port=args.port,
-        publish_token=args.publish_token, demo=args.demo, poll_s=args.poll_ms / 1000.0,
-        tail=TailConfig(idle_s=args.idle_timeout), all_predictions=args.all_predictions,
+        args.models,
+        live=args.live,
+        store=args.store,
+        replay=args.replay,
+        speed=args.speed,
+        replay_concurrency=args.replay_concurrency,
+        bind=args.bind,
+        port=args.port,
+        publish_token=args.publish_token,
+        demo=args.demo,
+        poll_s=args.poll_ms / 1000.0,
+        tail=TailConfig(idle_s=args.idle_timeout),
+        all_predictions=args.all_predictions,
         state_dir=Path(state.split(":")[0]) if state else None,
     )
     if args.models is not None:

@@ -12,6 +12,7 @@ wrong, so the deck's "predicted" colouring visibly differs from "phase".
 Pi-safe: numpy, msgspec (through schema.events) and trio only. Deterministic for a seed,
 except the wall-clock timestamps.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -172,7 +173,10 @@ class _World:
         return _LiveEpisode(f"{host}-live{self.serial:04d}", _phase_sequence(self.rng, infected))
 
     def snapshot(self) -> Snapshot:
-        hosts = [HostSummary(host=h, bytes=self.bytes[h], last_seen_ns=self.last_seen[h], **self.counts[h]) for h in _HOSTS]
+        hosts = [
+            HostSummary(host=h, bytes=self.bytes[h], last_seen_ns=self.last_seen[h], **self.counts[h])
+            for h in _HOSTS
+        ]
         totals = StatusCounts(**{st: sum(c[st] for c in self.counts.values()) for st in STATUSES})
         return Snapshot(hosts=hosts, totals=totals, total_bytes=sum(self.bytes.values()), t_ns=time.time_ns())
 
@@ -181,7 +185,11 @@ class _World:
         events += [AttackProfile(name=p, curve=attack_curve(p, self.rng), shape=_SHAPES[p]) for p in PROFILES]
         for m in MODELS:
             acc, half, _ = _MODEL_FIGURES[m]
-            events.append(ModelMetric(model=m, accuracy=acc, ci_low=acc - half, ci_high=acc + half, threat_model="realistic"))
+            events.append(
+                ModelMetric(
+                    model=m, accuracy=acc, ci_low=acc - half, ci_high=acc + half, threat_model="realistic"
+                )
+            )
         events += self._perf()
         events += embedding_points(self.rng, points)
         return events
@@ -191,22 +199,37 @@ class _World:
         for m in MODELS:
             acc, _, lat = _MODEL_FIGURES[m]
             jitter = float(self.rng.normal(1.0, 0.03))
-            out.append(ModelPerf(model=m, latency_us=round(lat * jitter, 1), accuracy=acc,
-                                 p99_us=round(lat * jitter * 1.6, 1), threat_model="realistic"))
+            out.append(
+                ModelPerf(
+                    model=m,
+                    latency_us=round(lat * jitter, 1),
+                    accuracy=acc,
+                    p99_us=round(lat * jitter * 1.6, 1),
+                    threat_model="realistic",
+                )
+            )
         return out
 
     def _episode(self) -> Episode:
         rng = self.rng
         host = _HOSTS[int(rng.integers(len(_HOSTS)))]
-        status = STATUSES[int(rng.choice(len(STATUSES), p=np.array(list(_CORPUS.values())) / sum(_CORPUS.values())))]
+        status = STATUSES[
+            int(rng.choice(len(STATUSES), p=np.array(list(_CORPUS.values())) / sum(_CORPUS.values())))
+        ]
         size = int(rng.lognormal(math.log(850e3), 0.35))
         self.serial += 1
         self.counts[host][status] += 1
         self.bytes[host] += size
         self.last_seen[host] = time.time_ns()
         profile = None if rng.random() < 0.2 else PROFILES[int(rng.integers(len(PROFILES)))]
-        return Episode(episode_id=f"{host}-{self.serial:06d}", host=host, profile=profile, status=status,
-                       duration_s=round(float(rng.uniform(300, 900)), 1), bytes=size)
+        return Episode(
+            episode_id=f"{host}-{self.serial:06d}",
+            host=host,
+            profile=profile,
+            status=status,
+            duration_s=round(float(rng.uniform(300, 900)), 1),
+            bytes=size,
+        )
 
     def tick(self) -> list[Event]:
         """One step of the show: a window for one live episode, now and then the rest."""
@@ -219,9 +242,17 @@ class _World:
         wrong = rng.random() < 0.1
         predicted = PHASES[(k + (1 if rng.random() < 0.5 else -1)) % len(PHASES)] if wrong else actual
         events.append(PhaseEvent(phase=actual, episode_id=ep.episode_id, t_ns=time.time_ns()))
-        events.append(Prediction(episode_id=ep.episode_id, window_idx=ep.window_no % TIMELINE_WINDOWS,
-                                 window_no=ep.window_no, predicted=predicted, actual=actual, model="gru",
-                                 confidence=round(float(rng.uniform(0.55, 0.75) if wrong else rng.uniform(0.8, 0.99)), 3)))
+        events.append(
+            Prediction(
+                episode_id=ep.episode_id,
+                window_idx=ep.window_no % TIMELINE_WINDOWS,
+                window_no=ep.window_no,
+                predicted=predicted,
+                actual=actual,
+                model="gru",
+                confidence=round(float(rng.uniform(0.55, 0.75) if wrong else rng.uniform(0.8, 0.99)), 3),
+            )
+        )
         ep.window_no += 1
         if ep.window_no >= 2 * TIMELINE_WINDOWS and rng.random() < 0.15:
             self.live[self.live.index(ep)] = self._new_live()

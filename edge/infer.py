@@ -13,6 +13,7 @@ episode into the same six cells, so only the primary's are published by default
 (``Scored.events``); the other eleven models' go to ``Scored.others`` (published with
 ``edge-daemon --all-predictions``). Every prediction carries ``model="<name>-<threat>"``.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ TIMELINE_CELLS = 6  # the deck's chunking timeline: window_idx = window_no % 6
 _ACCURACY_KEYS = ("accuracy", "acc", "balanced_accuracy", "macro_f1")
 
 
-def metric_value(metrics: Mapping[str, Any], names: Sequence[str] = _ACCURACY_KEYS) -> tuple[float, float | None, float | None] | None:
+def metric_value(
+    metrics: Mapping[str, Any], names: Sequence[str] = _ACCURACY_KEYS
+) -> tuple[float, float | None, float | None] | None:
     """(value, ci_low, ci_high) of the first metric present; accepts a number or a dict/list form."""
     for name in names:
         m = metrics.get(name)
@@ -110,7 +113,11 @@ class Engine:
         self.modelset = modelset
         self.metrics = metrics
         self.primary = pick_primary(modelset.models)
-        self.embed_threat = self.primary.threat_model if self.primary.threat_model in modelset.projectors else next(iter(modelset.projectors), None)
+        self.embed_threat = (
+            self.primary.threat_model
+            if self.primary.threat_model in modelset.projectors
+            else next(iter(modelset.projectors), None)
+        )
         self.embed = embed and self.embed_threat is not None
         self._batchable: dict[str, bool] = {}
 
@@ -132,8 +139,14 @@ class Engine:
         batch = Batch(out, wins, tensors, summaries)
         for s, job in zip(out, jobs):
             if job.actual is not None:
-                s.events.append(PhaseEvent(phase=job.actual, episode_id=job.episode_id, host=job.host,  # type: ignore[arg-type]
-                                           t_ns=window_centre_ns(job.t0_ns, job.w)))
+                s.events.append(
+                    PhaseEvent(
+                        phase=job.actual,
+                        episode_id=job.episode_id,
+                        host=job.host,  # type: ignore[arg-type]
+                        t_ns=window_centre_ns(job.t0_ns, job.w),
+                    )
+                )
         self._score_model(self.primary, batch)
         now = time.perf_counter()
         for s in out:
@@ -155,10 +168,17 @@ class Engine:
                         continue
                     x, y, z = (min(1.0, max(0.0, float(v))) for v in p[:3])
                     s = batch.scored[i]
-                    s.late.append(Embedding(
-                        x=x, y=y, z=z, phase=s.job.actual, predicted=batch.primary_pred.get(i),
-                        cluster=max(0, int(c)), episode_id=s.job.episode_id,
-                    ))
+                    s.late.append(
+                        Embedding(
+                            x=x,
+                            y=y,
+                            z=z,
+                            phase=s.job.actual,
+                            predicted=batch.primary_pred.get(i),
+                            cluster=max(0, int(c)),
+                            episode_id=s.job.episode_id,
+                        )
+                    )
 
     def _score_model(self, model: LoadedModel, batch: Batch) -> None:
         idx = [i for i, w in enumerate(batch.wins) if w.usable(model.threat_model)]
@@ -174,8 +194,12 @@ class Engine:
             if is_primary:
                 batch.primary_pred[i] = PHASES[k]
             pred = Prediction(
-                episode_id=s.job.episode_id, window_idx=s.job.w % TIMELINE_CELLS, window_no=s.job.w,
-                predicted=PHASES[k], actual=s.job.actual, model=model.key,
+                episode_id=s.job.episode_id,
+                window_idx=s.job.w % TIMELINE_CELLS,
+                window_no=s.job.w,
+                predicted=PHASES[k],
+                actual=s.job.actual,
+                model=model.key,
                 confidence=min(1.0, max(0.0, float(p[k]))) if math.isfinite(float(p[k])) else None,
             )
             (s.events if is_primary else s.others).append(pred)
@@ -221,8 +245,15 @@ def startup_events(modelset: ModelSet, bench_file: Path | None = None) -> list[E
             continue
         acc, lo, hi = got
         accuracy[m.key] = acc
-        events.append(ModelMetric(model=m.name, accuracy=min(1.0, max(0.0, acc)), ci_low=lo, ci_high=hi,
-                                  threat_model=m.threat_model))
+        events.append(
+            ModelMetric(
+                model=m.name,
+                accuracy=min(1.0, max(0.0, acc)),
+                ci_low=lo,
+                ci_high=hi,
+                threat_model=m.threat_model,
+            )
+        )
     for env in modelset.manifest.envelopes:
         curve = [float(v) for v in env.curve if isinstance(v, (int, float)) and math.isfinite(v)]
         if curve:
@@ -253,14 +284,28 @@ def bench_events(path: Path, modelset: ModelSet, accuracy: Mapping[str, float]) 
         key = r.get("key") or (f"{name}-{threat}" if name and threat else name)
         if key in known:
             name, threat = known[key].name, known[key].threat_model
-        lat = next((r[k] for k in ("latency_us", "mean_us", "p50_us", "median_us") if isinstance(r.get(k), (int, float))), None)
+        lat = next(
+            (
+                r[k]
+                for k in ("latency_us", "mean_us", "p50_us", "median_us")
+                if isinstance(r.get(k), (int, float))
+            ),
+            None,
+        )
         acc = r.get("accuracy") if isinstance(r.get("accuracy"), (int, float)) else accuracy.get(str(key))
         if not name or lat is None or acc is None or not math.isfinite(lat) or lat < 0:
             continue
         p99 = r.get("p99_us")
-        events.append((threat == "realistic", ModelPerf(
-            model=str(name), latency_us=float(lat), accuracy=min(1.0, max(0.0, float(acc))),
-            p99_us=float(p99) if isinstance(p99, (int, float)) and p99 >= 0 else None,
-            threat_model=str(threat) if threat else None,
-        )))
+        events.append(
+            (
+                threat == "realistic",
+                ModelPerf(
+                    model=str(name),
+                    latency_us=float(lat),
+                    accuracy=min(1.0, max(0.0, float(acc))),
+                    p99_us=float(p99) if isinstance(p99, (int, float)) and p99 >= 0 else None,
+                    threat_model=str(threat) if threat else None,
+                ),
+            )
+        )
     return [e for _, e in sorted(events, key=lambda t: t[0])]

@@ -15,6 +15,7 @@ A value that lives elsewhere (the tailer's counters) is read at scrape time by s
 Every method is thread-safe (inference may run in ``trio.to_thread``) and cheap: a lock and
 a dict update. Labels are keyword arguments and must be exactly the family's label names.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -27,7 +28,20 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 # Per-window inference on a Pi 4 runs from ~100 us (gbt) to tens of ms (transformer).
 LATENCY_BUCKETS: Final[tuple[float, ...]] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 
 LabelValues = tuple[str, ...]
@@ -227,20 +241,29 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = Registry()
         self.windows_inferred = r.counter(
-            "phasewatch_windows_inferred_total", "Windows run through a model.", ("model",))
+            "phasewatch_windows_inferred_total", "Windows run through a model.", ("model",)
+        )
         self.inference_seconds = r.histogram(
-            "phasewatch_inference_seconds", "Wall time of one model call on one window.", ("model",))
+            "phasewatch_inference_seconds", "Wall time of one model call on one window.", ("model",)
+        )
         self.events_sent = r.counter(
-            "phasewatch_events_sent_total", "Events written to a WebSocket client (one per client).", ("type",))
+            "phasewatch_events_sent_total",
+            "Events written to a WebSocket client (one per client).",
+            ("type",),
+        )
         self.events_dropped = r.counter(
-            "phasewatch_events_dropped_total", "Events a client never got, by reason.", ("reason",))
+            "phasewatch_events_dropped_total", "Events a client never got, by reason.", ("reason",)
+        )
         self.clients = r.gauge("phasewatch_clients", "Connected WebSocket clients.")
         self.parse_errors = r.counter(
-            "phasewatch_parse_errors_total", "Malformed input lines or bodies, by stream.", ("stream",))
+            "phasewatch_parse_errors_total", "Malformed input lines or bodies, by stream.", ("stream",)
+        )
         self.live_episodes = r.gauge("phasewatch_live_episodes", "Episodes being followed now.")
         self.connection_errors = r.counter(
-            "phasewatch_connection_errors_total", "HTTP/WebSocket connections ended by an error, by reason.",
-            ("reason",))
+            "phasewatch_connection_errors_total",
+            "HTTP/WebSocket connections ended by an error, by reason.",
+            ("reason",),
+        )
 
     def render(self) -> str:
         return self.registry.render()

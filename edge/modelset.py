@@ -9,6 +9,7 @@ hashes so the operator knows what to re-copy or re-export.
 
 Pi-safe: stdlib, numpy, msgspec and onnxruntime only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,24 +54,24 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
     path: str
     sha256: str
     bytes: int
-    kind: str                                   # "model" | "projector"
+    kind: str  # "model" | "projector"
 
 
 class Parity(msgspec.Struct, omit_defaults=True):
     windows: int
     max_abs_diff: float
-    argmax_agreement: float                     # exact ties in the native output count as agreeing
-    argmax_agreement_raw: float = 1.0           # plain argmax equality
-    ties: int = 0                               # windows whose top two native classes tie
+    argmax_agreement: float  # exact ties in the native output count as agreeing
+    argmax_agreement_raw: float = 1.0  # plain argmax equality
+    ties: int = 0  # windows whose top two native classes tie
 
 
 class ModelEntry(msgspec.Struct, omit_defaults=True):
     file: str
     model: str
     threat_model: str
-    input_kind: str                             # "summary" | "tensor"
+    input_kind: str  # "summary" | "tensor"
     channels: list[str]
-    input_shape: list[int]                      # per window, without the batch axis
+    input_shape: list[int]  # per window, without the batch axis
     metrics: dict[str, Any] = {}
     parity: Parity | None = None
 
@@ -81,7 +82,7 @@ class ProjectorEntry(msgspec.Struct, omit_defaults=True):
     channels: list[str]
     input_shape: list[int]
     n_clusters: int
-    fitted_on: str                              # which windows the PCA / k-means saw
+    fitted_on: str  # which windows the PCA / k-means saw
     n_fit: int
     explained_variance_ratio: list[float] = []
 
@@ -134,7 +135,9 @@ def parse_sums(path: Path) -> dict[str, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ModelSetError(f"{path}: missing; a models directory without SHA256SUMS cannot be verified") from None
+        raise ModelSetError(
+            f"{path}: missing; a models directory without SHA256SUMS cannot be verified"
+        ) from None
     except UnicodeDecodeError as e:
         raise ModelSetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     sums: dict[str, str] = {}
@@ -147,7 +150,9 @@ def parse_sums(path: Path) -> dict[str, str]:
         digest, name = m.group(1).lower(), m.group(2)
         # The directory is copied from elsewhere: a name must not reach outside it.
         if "/" in name or "\\" in name or name in (".", ".."):
-            raise ModelSetError(f"{path}: line {lineno}: file name {name!r} is not a plain name in this directory")
+            raise ModelSetError(
+                f"{path}: line {lineno}: file name {name!r} is not a plain name in this directory"
+            )
         if name in sums:
             raise ModelSetError(f"{path}: line {lineno}: {name} is listed twice")
         sums[name] = digest
@@ -190,7 +195,9 @@ def _channel_indices(names: list[str], where: Path) -> tuple[int, ...]:
     index = {n: i for i, n in enumerate(CHANNEL_NAMES)}
     unknown = [n for n in names if n not in index]
     if unknown:
-        raise ModelSetError(f"{where}: unknown channels {unknown[:5]} (this daemon knows {N_CHANNELS} channels)")
+        raise ModelSetError(
+            f"{where}: unknown channels {unknown[:5]} (this daemon knows {N_CHANNELS} channels)"
+        )
     return tuple(index[n] for n in names)
 
 
@@ -216,8 +223,8 @@ class LoadedModel:
     name: str
     threat_model: str
     input_kind: str
-    channels: tuple[int, ...]          # indices on the 46-channel axis, in graph input order
-    session: Any                       # onnxruntime.InferenceSession
+    channels: tuple[int, ...]  # indices on the 46-channel axis, in graph input order
+    session: Any  # onnxruntime.InferenceSession
     metrics: dict[str, Any]
     file: str
     sha256: str
@@ -254,17 +261,14 @@ class ModelSet:
     manifest: Manifest
     models: list[LoadedModel]
     projectors: dict[str, LoadedProjector]
-    sha256: dict[str, str]             # every verified file
+    sha256: dict[str, str]  # every verified file
 
     def run(self, tensor: np.ndarray, summary: np.ndarray) -> dict[str, np.ndarray]:
         """One window's (or a batch's) full-width views -> {"<model>-<threat>": probabilities}.
 
         The daemon extracts one 46-channel window; each graph gets its own slice of it.
         """
-        return {
-            m.key: m.predict_proba(tensor if m.input_kind == "tensor" else summary)
-            for m in self.models
-        }
+        return {m.key: m.predict_proba(tensor if m.input_kind == "tensor" else summary) for m in self.models}
 
     def describe(self) -> dict[str, Any]:
         """For /healthz: what is being served, and under which schema."""
@@ -295,7 +299,9 @@ def check_runtime(version: str | None = None, machine: str | None = None) -> Non
             f"install onnxruntime{ONNXRUNTIME_RANGE}"
         )
     if (major, minor) < (1, 17) or (major, minor) == (1, 21):
-        warnings.warn(f"onnxruntime {version} is outside the supported range {ONNXRUNTIME_RANGE}", stacklevel=2)
+        warnings.warn(
+            f"onnxruntime {version} is outside the supported range {ONNXRUNTIME_RANGE}", stacklevel=2
+        )
 
 
 def session_options(threads: int = 1) -> Any:
@@ -317,7 +323,9 @@ def open_session(path: Path, threads: int = 1) -> Any:
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        )
     except Exception as e:  # ORT raises its own exception types; all mean "unusable graph"
         raise ModelSetError(f"{path}: onnxruntime cannot load it: {e}") from None
 
@@ -325,7 +333,9 @@ def open_session(path: Path, threads: int = 1) -> Any:
 def _check_schema(path: Path, meta: dict[str, str], expected: str) -> None:
     found = meta.get("schema_hash")
     if found is None:
-        raise ModelSetError(f"{path}: no schema_hash in metadata_props; expected schema hash {expected}, actual: none")
+        raise ModelSetError(
+            f"{path}: no schema_hash in metadata_props; expected schema hash {expected}, actual: none"
+        )
     if found != expected:
         raise ModelSetError(
             f"{path}: schema hash mismatch: the daemon extracts features under schema hash {expected}, "
@@ -336,11 +346,15 @@ def _check_schema(path: Path, meta: dict[str, str], expected: str) -> None:
 def _check_io(path: Path, session: Any, outputs: tuple[str, ...], width: tuple[int, ...]) -> None:
     ins = session.get_inputs()
     if len(ins) != 1 or ins[0].name != MODEL_INPUT_NAME:
-        raise ModelSetError(f"{path}: expected one input named {MODEL_INPUT_NAME!r}, got {[i.name for i in ins]}")
+        raise ModelSetError(
+            f"{path}: expected one input named {MODEL_INPUT_NAME!r}, got {[i.name for i in ins]}"
+        )
     shape = list(ins[0].shape[1:])
     # symbolic dims are fine; a fixed dim must match what the channels metadata implies
     if len(shape) != len(width) or any(isinstance(d, int) and d != w for d, w in zip(shape, width)):
-        raise ModelSetError(f"{path}: input shape per window is {shape}, the metadata's channels need {list(width)}")
+        raise ModelSetError(
+            f"{path}: input shape per window is {shape}, the metadata's channels need {list(width)}"
+        )
     names = [o.name for o in session.get_outputs()]
     missing = [o for o in outputs if o not in names]
     if missing:
@@ -373,14 +387,18 @@ def load_models(
     sums = verify_directory(directory)
     manifest = read_manifest(directory)
     if manifest.format != MANIFEST_FORMAT:
-        raise ModelSetError(f"{directory / MANIFEST_FILE}: format {manifest.format}, this daemon reads {MANIFEST_FORMAT}")
+        raise ModelSetError(
+            f"{directory / MANIFEST_FILE}: format {manifest.format}, this daemon reads {MANIFEST_FORMAT}"
+        )
     if manifest.schema_hash != expected:
         raise ModelSetError(
             f"{directory / MANIFEST_FILE}: schema hash mismatch: the daemon extracts features under "
             f"schema hash {expected}, the models directory was exported under {manifest.schema_hash}"
         )
     if list(manifest.classes) != list(PHASES):
-        raise ModelSetError(f"{directory / MANIFEST_FILE}: classes {manifest.classes} are not the phase order {list(PHASES)}")
+        raise ModelSetError(
+            f"{directory / MANIFEST_FILE}: classes {manifest.classes} are not the phase order {list(PHASES)}"
+        )
     # The manifest is itself covered by SHA256SUMS; its per-file hashes must agree too.
     for entry in manifest.files:
         listed = sums.get(entry.path)
@@ -406,11 +424,19 @@ def load_models(
         classes = json.loads(meta.get("classes", "null") or "null")
         if classes is not None and list(classes) != list(PHASES):
             raise ModelSetError(f"{path}: classes {classes} are not the phase order {list(PHASES)}")
-        models.append(LoadedModel(
-            name=meta.get("model", entry.model), threat_model=meta.get("threat_model", entry.threat_model),
-            input_kind=kind, channels=channels, session=session, metrics=dict(entry.metrics),
-            file=entry.file, sha256=sums[entry.file], metadata=meta,
-        ))
+        models.append(
+            LoadedModel(
+                name=meta.get("model", entry.model),
+                threat_model=meta.get("threat_model", entry.threat_model),
+                input_kind=kind,
+                channels=channels,
+                session=session,
+                metrics=dict(entry.metrics),
+                file=entry.file,
+                sha256=sums[entry.file],
+                metadata=meta,
+            )
+        )
 
     projectors: dict[str, LoadedProjector] = {}
     for p in manifest.projectors:
@@ -426,7 +452,11 @@ def load_models(
 
     if not models:
         raise ModelSetError(f"{directory / MANIFEST_FILE}: lists no models")
-    log.info("loaded %d models and %d projectors from %s (schema %s)",
-             len(models), len(projectors), directory, expected[:12])
+    log.info(
+        "loaded %d models and %d projectors from %s (schema %s)",
+        len(models),
+        len(projectors),
+        directory,
+        expected[:12],
+    )
     return ModelSet(directory, manifest, models, projectors, dict(sums))
-

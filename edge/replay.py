@@ -13,6 +13,7 @@ Timestamps are shifted so the episode starts now, and an episode replayed again 
 Lines are kept as one bytes blob per member with an offsets array, not as Python
 objects, so an hour-long episode costs about its decompressed size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -155,8 +156,14 @@ async def replay_episode(
     # All lines of all members, merged by time (stable: file order within a member).
     names = list(ep.members)
     order_t = np.concatenate([ep.members[n].t for n in names]) if names else np.zeros(0, np.int64)
-    order_m = np.concatenate([np.full(len(ep.members[n].t), k) for k, n in enumerate(names)]) if names else np.zeros(0, np.int64)
-    order_i = np.concatenate([np.arange(len(ep.members[n].t)) for n in names]) if names else np.zeros(0, np.int64)
+    order_m = (
+        np.concatenate([np.full(len(ep.members[n].t), k) for k, n in enumerate(names)])
+        if names
+        else np.zeros(0, np.int64)
+    )
+    order_i = (
+        np.concatenate([np.arange(len(ep.members[n].t)) for n in names]) if names else np.zeros(0, np.int64)
+    )
     order = np.argsort(order_t, kind="stable")
     fds: dict[str, int] = {}
     t_first = int(order_t[order[0]]) if len(order) else ep.started_ns
@@ -228,7 +235,9 @@ async def replay_store(
 
     async def worker(n: int) -> None:
         nonlocal replayed
-        await trio.sleep(n * stagger_s / max(speed, 1e-9) / max(concurrency, 1))  # episodes do not start in lockstep
+        await trio.sleep(
+            n * stagger_s / max(speed, 1e-9) / max(concurrency, 1)
+        )  # episodes do not start in lockstep
         for r, archive in queue:
             try:
                 ep = await trio.to_thread.run_sync(load_episode, archive)
@@ -261,8 +270,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--speed must be > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        n = trio.run(lambda: replay_store(args.store, args.out, speed=args.speed, loop=args.loop,
-                                          concurrency=args.concurrency, limit=args.limit, seed=args.seed))
+        n = trio.run(
+            lambda: replay_store(
+                args.store,
+                args.out,
+                speed=args.speed,
+                loop=args.loop,
+                concurrency=args.concurrency,
+                limit=args.limit,
+                seed=args.seed,
+            )
+        )
     except ReplayError as e:
         print(f"replay: {e}", file=sys.stderr)
         return 2

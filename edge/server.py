@@ -30,6 +30,7 @@ Routes (HTTP/1.1 parsed with h11; keep-alive supported):
 Whatever one connection does, it ends that connection only (``PEER_ERRORS``); every wait on
 a peer runs under a deadline from ``Limits``.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -38,9 +39,9 @@ import logging
 import mimetypes
 import re
 import urllib.parse
-from http import HTTPStatus
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final
 
@@ -60,16 +61,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Limits:
-    max_head: int = 16 << 10          # request line + headers
-    head_timeout: float = 10.0        # the whole head must arrive within this (slowloris)
-    request_timeout: float = 30.0     # body in + response out
-    max_requests: int = 100           # per keep-alive connection
+    max_head: int = 16 << 10  # request line + headers
+    head_timeout: float = 10.0  # the whole head must arrive within this (slowloris)
+    request_timeout: float = 30.0  # body in + response out
+    max_requests: int = 100  # per keep-alive connection
     max_static_bytes: int = 32 << 20
     ws_handshake_timeout: float = 10.0
     ws_ping_interval: float = 10.0
     ws_pong_timeout: float = 10.0
-    ws_send_timeout: float = 10.0     # one message to one client
-    ws_max_incoming: int = 4 << 10    # largest client message; bigger ones close the socket (1009)
+    ws_send_timeout: float = 10.0  # one message to one client
+    ws_max_incoming: int = 4 << 10  # largest client message; bigger ones close the socket (1009)
     ws_close_timeout: float = 2.0
 
 
@@ -86,7 +87,7 @@ PEER_ERRORS: Final[Mapping[type[BaseException], str]] = {
 
 CONTENT_TYPES: Final[Mapping[str, str]] = {
     ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",    # module scripts are refused under any other type
+    ".js": "text/javascript; charset=utf-8",  # module scripts are refused under any other type
     ".mjs": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
     ".json": "application/json",
@@ -205,7 +206,11 @@ def _load_static(root: Path, parts: list[str], max_bytes: int) -> tuple[bytes, s
         data = path.read_bytes()
     except OSError:
         return None
-    ctype = CONTENT_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    ctype = (
+        CONTENT_TYPES.get(path.suffix.lower())
+        or mimetypes.guess_type(path.name)[0]
+        or "application/octet-stream"
+    )
     return data, ctype
 
 
@@ -298,8 +303,9 @@ class _Server:
         route = self.routes.get(path)
         allowed, handler = route if route else (("GET", "HEAD"), self._static)
         if method not in allowed:
-            return _Reply.json(405, {"error": f"{method} not allowed on {path}"},
-                               headers=(("allow", ", ".join(allowed)),))
+            return _Reply.json(
+                405, {"error": f"{method} not allowed on {path}"}, headers=(("allow", ", ".join(allowed)),)
+            )
         return await handler(request, peer, conn, stream)
 
     async def _publish(
@@ -307,8 +313,12 @@ class _Server:
     ) -> _Reply:
         auth = _header(request, b"authorization")
         if not publish_allowed(peer, auth, self.publish_token, trust_loopback=self.trust_loopback):
-            return _Reply.json(401, {"error": "publishing needs loopback or Authorization: Bearer <token>"},
-                               headers=(("www-authenticate", "Bearer"),), close=True)
+            return _Reply.json(
+                401,
+                {"error": "publishing needs loopback or Authorization: Bearer <token>"},
+                headers=(("www-authenticate", "Bearer"),),
+                close=True,
+            )
         origin = _header(request, b"origin")
         if origin and urllib.parse.urlsplit(origin).netloc != (_header(request, b"host") or ""):
             # a web page in some browser may not post to a daemon it happens to reach
@@ -328,8 +338,9 @@ class _Server:
             return _Reply.json(400, {"error": str(exc), **({"field": field} if field else {})})
         return _Reply.json(200, {"delivered": self.broadcaster.publish_many(events)})
 
-    async def _healthz(self, request: h11.Request, peer: str | None, conn: h11.Connection,
-                       stream: trio.abc.Stream) -> _Reply:
+    async def _healthz(
+        self, request: h11.Request, peer: str | None, conn: h11.Connection, stream: trio.abc.Stream
+    ) -> _Reply:
         try:
             body = {**self.health(), "clients": self.broadcaster.client_count}
             return _Reply.json(200, body)
@@ -337,12 +348,14 @@ class _Server:
             logger.exception("health() failed")
             return _Reply.json(500, {"error": f"health check failed: {exc!r}"})
 
-    async def _metrics(self, request: h11.Request, peer: str | None, conn: h11.Connection,
-                       stream: trio.abc.Stream) -> _Reply:
+    async def _metrics(
+        self, request: h11.Request, peer: str | None, conn: h11.Connection, stream: trio.abc.Stream
+    ) -> _Reply:
         return _Reply(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
 
-    async def _static(self, request: h11.Request, peer: str | None, conn: h11.Connection,
-                      stream: trio.abc.Stream) -> _Reply:
+    async def _static(
+        self, request: h11.Request, peer: str | None, conn: h11.Connection, stream: trio.abc.Stream
+    ) -> _Reply:
         not_found = _Reply.json(404, {"error": "not found"})
         if self.static_root is None:
             return not_found
@@ -352,26 +365,39 @@ class _Server:
             parts[-1] = "index.html"
         if any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
             return not_found
-        found = await trio.to_thread.run_sync(_load_static, self.static_root, parts, self.limits.max_static_bytes)
+        found = await trio.to_thread.run_sync(
+            _load_static, self.static_root, parts, self.limits.max_static_bytes
+        )
         if found is None:
             return not_found
         data, ctype = found
         return _Reply(200, data, ctype)
 
     async def _websocket(self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request) -> None:
-        if ("websocket" not in (_header(request, b"upgrade") or "").lower()
-                or not _header(request, b"sec-websocket-key")
-                or _header(request, b"sec-websocket-version") != "13"):
+        if (
+            "websocket" not in (_header(request, b"upgrade") or "").lower()
+            or not _header(request, b"sec-websocket-key")
+            or _header(request, b"sec-websocket-version") != "13"
+        ):
             with trio.fail_after(self.limits.request_timeout):
-                await _send_reply(stream, conn, _Reply.json(
-                    400, {"error": "bad WebSocket handshake"}, headers=(("sec-websocket-version", "13"),), close=True))
+                await _send_reply(
+                    stream,
+                    conn,
+                    _Reply.json(
+                        400,
+                        {"error": "bad WebSocket handshake"},
+                        headers=(("sec-websocket-version", "13"),),
+                        close=True,
+                    ),
+                )
             return
         # trio-websocket does the handshake itself: hand it the request exactly as received.
         replay = _ReplayStream(stream, _request_head(request) + conn.trailing_data[0])
         async with trio.open_nursery() as nursery:
             with trio.fail_after(self.limits.ws_handshake_timeout):
                 proposal = await wrap_server_stream(
-                    nursery, replay, message_queue_size=4, max_message_size=self.limits.ws_max_incoming)
+                    nursery, replay, message_queue_size=4, max_message_size=self.limits.ws_max_incoming
+                )
                 ws = await proposal.accept()
             ending = "closed"
             try:
@@ -389,6 +415,7 @@ class _Server:
         ending: list[str] = []
         async with self.broadcaster.subscribe() as client:
             async with trio.open_nursery() as nursery:
+
                 async def until_first_ends(task: Callable[[], Awaitable[str]]) -> None:
                     try:
                         ending.append(await task())
@@ -508,7 +535,9 @@ async def _read_body(stream: trio.abc.Stream, conn: h11.Connection, limit: int) 
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in request body")
 
 
-async def _send_reply(stream: trio.abc.Stream, conn: h11.Connection, reply: _Reply, *, head_only: bool = False) -> None:
+async def _send_reply(
+    stream: trio.abc.Stream, conn: h11.Connection, reply: _Reply, *, head_only: bool = False
+) -> None:
     headers = [
         ("content-type", reply.content_type),
         ("content-length", str(len(reply.body))),
@@ -518,7 +547,9 @@ async def _send_reply(stream: trio.abc.Stream, conn: h11.Connection, reply: _Rep
     ]
     if reply.close:
         headers.append(("connection", "close"))
-    out = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=HTTPStatus(reply.status).phrase))
+    out = conn.send(
+        h11.Response(status_code=reply.status, headers=headers, reason=HTTPStatus(reply.status).phrase)
+    )
     if reply.body and not head_only:
         out += conn.send(h11.Data(data=reply.body))
     out += conn.send(h11.EndOfMessage())

@@ -10,6 +10,7 @@ no index costs a Pi a steady trickle rather than a stall.
 
 Stat polling every few seconds; synchronous ``poll()`` meant for a worker thread.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,7 +82,11 @@ class StoreWatcher:
                     del self.archives[rel]
                     changed = True
             else:
-                names = [a.rel.split("/", 1)[1] for a in self.archives.values() if a.host == host and a.record is None]
+                names = [
+                    a.rel.split("/", 1)[1]
+                    for a in self.archives.values()
+                    if a.host == host and a.record is None
+                ]
             for name in names:
                 rel = f"{host}/{name}"
                 try:
@@ -98,7 +103,11 @@ class StoreWatcher:
                 else:
                     a.stable += 1
                 rec = self._index.get(rel)
-                if a.record is None and rec is not None and (rec.bytes, rec.mtime_ns) in ((a.bytes, a.mtime_ns), (a.bytes, 0)):
+                if (
+                    a.record is None
+                    and rec is not None
+                    and (rec.bytes, rec.mtime_ns) in ((a.bytes, a.mtime_ns), (a.bytes, 0))
+                ):
                     a.record = rec
         # Classify what the index does not cover: newly shipped first, then the backlog.
         todo = [a for a in self.archives.values() if a.record is None and a.stable >= 1]
@@ -159,21 +168,32 @@ class StoreWatcher:
                 setattr(h, a.record.status, getattr(h, a.record.status) + 1)
                 totals[a.record.status] += 1
         return Snapshot(
-            hosts=[hosts[k] for k in sorted(hosts)], totals=StatusCounts(**totals),
-            total_bytes=total_bytes, t_ns=time.time_ns(),
+            hosts=[hosts[k] for k in sorted(hosts)],
+            totals=StatusCounts(**totals),
+            total_bytes=total_bytes,
+            t_ns=time.time_ns(),
         )
 
 
 def _episode_event(r: IndexRecord) -> Episode:
     return Episode(
-        episode_id=r.episode_id, host=r.host, profile=r.profile, status=r.status,
-        duration_s=max(0.0, r.duration_s), bytes=max(0, r.bytes), reasons=list(r.reasons) or None,
+        episode_id=r.episode_id,
+        host=r.host,
+        profile=r.profile,
+        status=r.status,
+        duration_s=max(0.0, r.duration_s),
+        bytes=max(0, r.bytes),
+        reasons=list(r.reasons) or None,
     )
 
 
 def _dirs(d: Path) -> list[Path]:
     try:
-        return sorted(Path(e.path) for e in os.scandir(d) if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+        return sorted(
+            Path(e.path)
+            for e in os.scandir(d)
+            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+        )
     except FileNotFoundError:
         return []
 

@@ -18,6 +18,7 @@ between two ticks). Because the descriptor stays open, a rotated file (renamed t
 ``<member>.1``) or a deleted one is read to its end through it before the new file is
 followed from offset 0.
 """
+
 from __future__ import annotations
 
 import errno
@@ -365,7 +366,9 @@ class TailConfig:
 class EpisodeTail:
     """One live episode: its followers, its bounded row buffers, its labels and next window."""
 
-    def __init__(self, path: Path, host: str, episode_id: str, counters: TailCounters, cfg: TailConfig, now: float) -> None:
+    def __init__(
+        self, path: Path, host: str, episode_id: str, counters: TailCounters, cfg: TailConfig, now: float
+    ) -> None:
         self.path = path
         self.host = host
         self.episode_id = episode_id
@@ -384,7 +387,11 @@ class EpisodeTail:
         for m in (LABELS_MEMBER, *SOURCE_MEMBER.values()):
             p = path / m
             self.followers[m] = FileFollower(
-                p, counters, max_line_bytes=cfg.max_line_bytes, read_chunk=cfg.read_chunk, seen_at_start=p.exists()
+                p,
+                counters,
+                max_line_bytes=cfg.max_line_bytes,
+                read_chunk=cfg.read_chunk,
+                seen_at_start=p.exists(),
             )
         self._member_source = MEMBER_SOURCE
 
@@ -516,7 +523,16 @@ class EpisodeTail:
             self.counters.windows_ready += 1
             self.counters.windows_forced += forced
             up.jobs.append(
-                WindowJob(self.host, self.episode_id, w, t0, streams, self.phase_at(window_centre_ns(t0, w)), now, forced)
+                WindowJob(
+                    self.host,
+                    self.episode_id,
+                    w,
+                    t0,
+                    streams,
+                    self.phase_at(window_centre_ns(t0, w)),
+                    now,
+                    forced,
+                )
             )
             self.next_w = w + 1
             cutoff = t0 + self.next_w * _STRIDE_NS - LOOKBACK_NS
@@ -542,7 +558,9 @@ class TailBatch:
 class LiveTailer:
     """All live episodes under one or more ``<live>`` roots."""
 
-    def __init__(self, roots: list[Path], cfg: TailConfig = TailConfig(), counters: TailCounters | None = None) -> None:
+    def __init__(
+        self, roots: list[Path], cfg: TailConfig = TailConfig(), counters: TailCounters | None = None
+    ) -> None:
         self.roots = list(roots)
         self.cfg = cfg
         self.counters = counters or TailCounters()
@@ -623,4 +641,3 @@ def _scandir(d: Path) -> Iterator[os.DirEntry[str]]:
             yield from sorted(it, key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError):
         return
-

@@ -4,6 +4,7 @@ A channel is one numeric row field of one source, turned into a physical unit by
 named transform. Order is SPEC order (source order, then field order) and is the
 channel axis of every tensor.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

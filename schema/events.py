@@ -3,6 +3,7 @@
 Producers already post plain dicts of these shapes, so every field added later must be
 optional, unknown fields are ignored, and unset fields are left off the wire.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Final, Union
@@ -111,7 +112,8 @@ class ModelPerf(_Event, tag="model_perf"):
 
 Event = Union[Snapshot, Episode, PhaseEvent, AttackProfile, Prediction, ModelMetric, Embedding, ModelPerf]
 EVENT_TYPES: Final = tuple(
-    t.__struct_config__.tag for t in (Snapshot, Episode, PhaseEvent, AttackProfile, Prediction, ModelMetric, Embedding, ModelPerf)
+    t.__struct_config__.tag
+    for t in (Snapshot, Episode, PhaseEvent, AttackProfile, Prediction, ModelMetric, Embedding, ModelPerf)
 )
 
 # Bound once: decoding is the hot path of /publish.

@@ -21,6 +21,7 @@ Per source, per window:
 Alignment is on ``t_wall_ns`` only: netflow rows come from another machine whose
 ``t_mono_ns`` has a different base.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -57,11 +58,15 @@ _N_FIELDS = {s: SOURCE_SLICE[s].stop - SOURCE_SLICE[s].start for s in SOURCES}
 
 
 def _columns_of(source: str, kind: str) -> np.ndarray:
-    return np.array([j for j, c in enumerate(CHANNELS[SOURCE_SLICE[source]]) if c.transform == kind], dtype=np.intp)
+    return np.array(
+        [j for j, c in enumerate(CHANNELS[SOURCE_SLICE[source]]) if c.transform == kind], dtype=np.intp
+    )
 
 
 # Per source: which columns each transform applies to (netflow's interval_ms follows its channels).
-_BY_TRANSFORM = {s: {k: _columns_of(s, k) for k in ("rate", "interval_rate", "kb_to_mb", "identity")} for s in SOURCES}
+_BY_TRANSFORM = {
+    s: {k: _columns_of(s, k) for k in ("rate", "interval_rate", "kb_to_mb", "identity")} for s in SOURCES
+}
 _STEP_OFFSETS = np.arange(WINDOW_STEPS, dtype=np.int64) * STEP_NS
 
 
@@ -234,7 +239,11 @@ class EpisodeWindows:
 
     @property
     def summary(self) -> np.ndarray:
-        return summarize(self.tensor) if len(self.tensor) else np.zeros((0, N_CHANNELS * len(SUMMARY_STATS)), np.float32)
+        return (
+            summarize(self.tensor)
+            if len(self.tensor)
+            else np.zeros((0, N_CHANNELS * len(SUMMARY_STATS)), np.float32)
+        )
 
     def usable_mask(self, threat_model: str) -> np.ndarray:
         need = [_SOURCE_POS[s] for s in THREAT_SOURCES[threat_model]]

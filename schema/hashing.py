@@ -1,4 +1,5 @@
 """The schema hash: sha256 of everything that decides the numbers a model sees."""
+
 from __future__ import annotations
 
 import hashlib

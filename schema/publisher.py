@@ -1,10 +1,11 @@
 """Publish events to a running edge daemon from any process, with the standard library only.
 
-    from schema.publisher import Publisher
-    pub = Publisher("http://127.0.0.1:8080")
-    pub.publish({"type": "model_metric", "model": "gru", "accuracy": 0.91})
-    pub.try_publish([...])  # never raises: for scripts that must not die on a dead daemon
+from schema.publisher import Publisher
+pub = Publisher("http://127.0.0.1:8080")
+pub.publish({"type": "model_metric", "model": "gru", "accuracy": 0.91})
+pub.try_publish([...])  # never raises: for scripts that must not die on a dead daemon
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def _builtin(event: Any) -> Any:
 
 
 class Publisher:
-    def __init__(self, url: str = "http://127.0.0.1:8080", token: str | None = None, timeout: float = 2.0) -> None:
+    def __init__(
+        self, url: str = "http://127.0.0.1:8080", token: str | None = None, timeout: float = 2.0
+    ) -> None:
         self.endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/publish") else "/publish")
         self.token = token
         self.timeout = timeout

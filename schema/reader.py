@@ -13,6 +13,7 @@ member chunks of whole lines -> ``msgspec`` ``decode_lines`` -> numpy columns.
 
 Pi-safe: numpy, msgspec, zstandard and the standard library only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -264,14 +265,26 @@ class _ColumnBuilder:
         n = len(rows)
         if not n:
             return
-        self._t.append(np.fromiter(chain.from_iterable(map(self._CLOCKS, rows)), np.int64, 2 * n).reshape(n, 2))
+        self._t.append(
+            np.fromiter(chain.from_iterable(map(self._CLOCKS, rows)), np.int64, 2 * n).reshape(n, 2)
+        )
         self._v.append(
-            np.fromiter(chain.from_iterable(map(self._values, rows)), np.float64, self.width * n).reshape(n, self.width)
+            np.fromiter(chain.from_iterable(map(self._values, rows)), np.float64, self.width * n).reshape(
+                n, self.width
+            )
         )
 
     def build(self) -> StreamColumns:
-        t = np.concatenate(self._t) if len(self._t) > 1 else (self._t[0] if self._t else np.empty((0, 2), np.int64))
-        v = np.concatenate(self._v) if len(self._v) > 1 else (self._v[0] if self._v else np.empty((0, self.width)))
+        t = (
+            np.concatenate(self._t)
+            if len(self._t) > 1
+            else (self._t[0] if self._t else np.empty((0, 2), np.int64))
+        )
+        v = (
+            np.concatenate(self._v)
+            if len(self._v) > 1
+            else (self._v[0] if self._v else np.empty((0, self.width)))
+        )
         return StreamColumns(self.source, t[:, 0].copy(), t[:, 1].copy(), v, self.malformed)
 
 
@@ -359,7 +372,13 @@ class _FrameWalker:
             self.state, self.need = "magic", 4
 
     def complete(self) -> bool:
-        return self.error is None and self.frames > 0 and self.state == "magic" and not self.buf and not self.skip
+        return (
+            self.error is None
+            and self.frames > 0
+            and self.state == "magic"
+            and not self.buf
+            and not self.skip
+        )
 
 
 class _RawTap:
@@ -624,9 +643,7 @@ def _parse_sidecar(path: Path, problems: list[Problem]) -> str | None:
     return digest
 
 
-def read_episode(
-    path: Path | str, *, limits: Limits = Limits(), verify_sidecar: bool = True
-) -> EpisodeData:
+def read_episode(path: Path | str, *, limits: Limits = Limits(), verify_sidecar: bool = True) -> EpisodeData:
     """Read one archive in a single streaming pass. Never raises on bad content: what is
     wrong lands in ``problems``, and ``fatal`` is set when the archive cannot be read."""
     path = Path(path)

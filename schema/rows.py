@@ -3,6 +3,7 @@
 Numeric row fields are typed ``float`` so a collector that writes ``12`` or ``12.0``
 decodes the same; ids and clocks are ints. Unknown extra fields are ignored.
 """
+
 from __future__ import annotations
 
 from typing import Final

@@ -5,6 +5,7 @@ what it means. :func:`classify` turns an :class:`~schema.reader.EpisodeData` int
 worst status among its reasons. The acceptance index is JSONL of :class:`IndexRecord`,
 written atomically. Pi-safe: the daemon classifies finished episodes with this module.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,9 @@ REASONS: Final[dict[str, Reason]] = {
     # degraded: usable with caveats
     "no_done_marker": Reason("degraded", "done.marker is missing: the episode did not close cleanly"),
     "no_sidecar": Reason("degraded", "no .sha256 sidecar, so integrity is unchecked"),
-    "sidecar_malformed": Reason("degraded", "the sidecar is not '<sha256>  <name>', so integrity is unchecked"),
+    "sidecar_malformed": Reason(
+        "degraded", "the sidecar is not '<sha256>  <name>', so integrity is unchecked"
+    ),
     "duplicate_member": Reason("degraded", "a member occurs twice; the second copy is ignored"),
     "missing_events": Reason("degraded", "optional member events.jsonl is missing"),
     "missing_guest": Reason("degraded", "optional stream telemetry-guest.jsonl is missing"),
@@ -73,7 +76,9 @@ REASONS: Final[dict[str, Reason]] = {
     "sparse_qmp": Reason("degraded", "qmp rows below SPARSE_SHARE of duration x rate"),
     "sparse_netflow": Reason("degraded", "netflow rows below SPARSE_SHARE of duration x rate"),
     "long_gap": Reason("degraded", "a stream has no row for more than LONG_GAP_S (inside or at its end)"),
-    "malformed_lines": Reason("degraded", "a small share of lines is malformed (file, line, field in details)"),
+    "malformed_lines": Reason(
+        "degraded", "a small share of lines is malformed (file, line, field in details)"
+    ),
     "line_too_long": Reason("degraded", "a line exceeds Limits.max_line_bytes and was dropped"),
     "unknown_profile": Reason("degraded", "meta.profile is not one of the attack profiles"),
 }
@@ -114,8 +119,11 @@ def findings(ep: EpisodeData) -> list[Problem]:
     add = out.append
 
     present = set(ep.members)
-    for code, member in (("missing_meta", META_MEMBER), ("missing_labels", LABELS_MEMBER),
-                         ("missing_proc", SOURCE_MEMBER[REQUIRED_SOURCE])):
+    for code, member in (
+        ("missing_meta", META_MEMBER),
+        ("missing_labels", LABELS_MEMBER),
+        ("missing_proc", SOURCE_MEMBER[REQUIRED_SOURCE]),
+    ):
         if member not in present:
             add(Problem(code, member, detail="required member missing"))
     if EVENTS_MEMBER not in present:
@@ -131,13 +139,25 @@ def findings(ep: EpisodeData) -> list[Problem]:
             add(Problem("empty_labels", LABELS_MEMBER, detail="no readable label"))
         bad = [l for l in ep.labels if l.phase not in PHASES]
         if bad:
-            add(Problem("unknown_phase", LABELS_MEMBER, field="phase",
-                        detail=f"{len(bad)} label(s), e.g. {bad[0].phase!r}"))
+            add(
+                Problem(
+                    "unknown_phase",
+                    LABELS_MEMBER,
+                    field="phase",
+                    detail=f"{len(bad)} label(s), e.g. {bad[0].phase!r}",
+                )
+            )
         t = np.fromiter((l.t_wall_ns for l in ep.labels), np.int64, len(ep.labels))
         back = np.flatnonzero(np.diff(t) < 0)
         if back.size:
-            add(Problem("labels_not_monotonic", LABELS_MEMBER, field="t_wall_ns",
-                        detail=f"goes back in time at label {int(back[0]) + 2}"))
+            add(
+                Problem(
+                    "labels_not_monotonic",
+                    LABELS_MEMBER,
+                    field="t_wall_ns",
+                    detail=f"goes back in time at label {int(back[0]) + 2}",
+                )
+            )
 
     if ep.meta is not None:
         if ep.meta.profile is not None and ep.meta.profile not in PROFILES:
@@ -150,11 +170,21 @@ def findings(ep: EpisodeData) -> list[Problem]:
             for s, cols in ep.streams.items():
                 share = len(cols) / (dur * EXPECTED_HZ[s])
                 if s == REQUIRED_SOURCE and share < ROW_GATE_SHARE:
-                    add(Problem("too_few_rows", SOURCE_MEMBER[s],
-                                detail=f"{len(cols)} rows, {share:.0%} of {dur:.0f} s x {EXPECTED_HZ[s]:g} Hz"))
+                    add(
+                        Problem(
+                            "too_few_rows",
+                            SOURCE_MEMBER[s],
+                            detail=f"{len(cols)} rows, {share:.0%} of {dur:.0f} s x {EXPECTED_HZ[s]:g} Hz",
+                        )
+                    )
                 elif share < SPARSE_SHARE:
-                    add(Problem(f"sparse_{s}", SOURCE_MEMBER[s],
-                                detail=f"{len(cols)} rows, {share:.0%} of {dur:.0f} s x {EXPECTED_HZ[s]:g} Hz"))
+                    add(
+                        Problem(
+                            f"sparse_{s}",
+                            SOURCE_MEMBER[s],
+                            detail=f"{len(cols)} rows, {share:.0%} of {dur:.0f} s x {EXPECTED_HZ[s]:g} Hz",
+                        )
+                    )
                 gap = _longest_gap_s(cols.t_wall_ns, end_ns)
                 if gap > LONG_GAP_S:
                     add(Problem("long_gap", SOURCE_MEMBER[s], detail=f"{gap:.1f} s without a row"))
@@ -182,8 +212,10 @@ def _longest_gap_s(t: np.ndarray, end_ns: int) -> float:
 def classify(ep: EpisodeData) -> tuple[str, list[str]]:
     """(status, reason codes): the worst status among the reasons; ``accepted`` when none."""
     # single malformed lines are spelled out in details; the reason is their share
-    codes = sorted({p.code for p in findings(ep) if p.code != "malformed_line"},
-                   key=lambda c: (-STATUSES.index(REASONS[c].status), c))
+    codes = sorted(
+        {p.code for p in findings(ep) if p.code != "malformed_line"},
+        key=lambda c: (-STATUSES.index(REASONS[c].status), c),
+    )
     status = worst(REASONS[c].status for c in codes)
     if ep.fatal:
         status = "errored"
@@ -244,13 +276,26 @@ def index_record(
     )
 
 
-def crash_record(path: Path, rel_path: str, exc: BaseException, *, mtime_ns: int = 0,
-                 nbytes: int = 0, sidecar_mtime_ns: int | None = None) -> IndexRecord:
+def crash_record(
+    path: Path,
+    rel_path: str,
+    exc: BaseException,
+    *,
+    mtime_ns: int = 0,
+    nbytes: int = 0,
+    sidecar_mtime_ns: int | None = None,
+) -> IndexRecord:
     """The record of an archive whose reading raised: errored, never a dead sweep."""
     return IndexRecord(
-        path=rel_path, episode_id=episode_id_from_path(path), host=path.parent.name,
-        status="errored", reasons=["reader_crash"], bytes=nbytes, mtime_ns=mtime_ns,
-        sidecar_mtime_ns=sidecar_mtime_ns, details=[f"reader_crash: {type(exc).__name__}: {exc}"],
+        path=rel_path,
+        episode_id=episode_id_from_path(path),
+        host=path.parent.name,
+        status="errored",
+        reasons=["reader_crash"],
+        bytes=nbytes,
+        mtime_ns=mtime_ns,
+        sidecar_mtime_ns=sidecar_mtime_ns,
+        details=[f"reader_crash: {type(exc).__name__}: {exc}"],
     )
 
 

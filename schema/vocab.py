@@ -1,4 +1,5 @@
 """Vocabularies. Order matters: PHASES is the class order of every model."""
+
 from __future__ import annotations
 
 from typing import Final, Literal

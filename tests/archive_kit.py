@@ -3,6 +3,7 @@
 Everything is written the way a collector ships it (SPEC section 3): a zstd-compressed
 tar whose members sit under `<episode_id>/`, plus a sha256sum-format sidecar.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,12 @@ from schema.vocab import SOURCE_MEMBER, SOURCES
 STARTED_NS = 1_700_000_000_000_000_000
 RATE_HZ = {"proc": 10, "guest": 10, "qmp": 1, "netflow": 10}
 # The capture box's monotonic clock has its own base (the netflow clock trap).
-MONO_BASE = {"proc": 5_000_000_000, "guest": 5_000_000_000, "qmp": 5_000_000_000, "netflow": 9_000_000_000_000}
+MONO_BASE = {
+    "proc": 5_000_000_000,
+    "guest": 5_000_000_000,
+    "qmp": 5_000_000_000,
+    "netflow": 9_000_000_000_000,
+}
 
 
 def jsonl(records: Iterable[Mapping[str, Any]]) -> bytes:
@@ -84,7 +90,9 @@ def episode_members(
     for s in sources:
         period = 1_000_000_000 // RATE_HZ[s]
         n = duration_s * RATE_HZ[s]
-        members[SOURCE_MEMBER[s]] = jsonl(_row(s, i, STARTED_NS + i * period + rng.randint(0, 999), rng) for i in range(n))
+        members[SOURCE_MEMBER[s]] = jsonl(
+            _row(s, i, STARTED_NS + i * period + rng.randint(0, 999), rng) for i in range(n)
+        )
     members["done.marker"] = b""
     return members
 

@@ -10,6 +10,7 @@ The server is the real one (edge.server.serve + edge.broadcast.Broadcaster) runn
 own trio thread on a free loopback port; events go through POST /publish like any producer.
 Playwright never downloads a browser here: it drives /usr/bin/chromium.
 """
+
 from __future__ import annotations
 
 import queue
@@ -28,8 +29,13 @@ from schema.publisher import Publisher
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-quic",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
 ]
 DECK_DIR = Path(__file__).resolve().parent.parent / "deck"
 
@@ -55,14 +61,19 @@ class LiveServer:
 @contextmanager
 def live_server(static_dir: Path = DECK_DIR) -> Iterator[LiveServer]:
     """The real edge server on 127.0.0.1:<free port>, serving ``static_dir``, in a trio thread."""
-    started: queue.Queue[tuple[int, trio.lowlevel.TrioToken, trio.CancelScope] | BaseException] = queue.Queue()
+    started: queue.Queue[tuple[int, trio.lowlevel.TrioToken, trio.CancelScope] | BaseException] = (
+        queue.Queue()
+    )
     broadcaster = Broadcaster()
 
     async def main() -> None:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                listeners = await nursery.start(lambda task_status: serve(
-                    broadcaster, host="127.0.0.1", port=0, static_dir=static_dir, task_status=task_status))
+                listeners = await nursery.start(
+                    lambda task_status: serve(
+                        broadcaster, host="127.0.0.1", port=0, static_dir=static_dir, task_status=task_status
+                    )
+                )
                 port = listeners[0].socket.getsockname()[1]
                 started.put((port, trio.lowlevel.current_trio_token(), scope))
 

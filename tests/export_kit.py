@@ -7,6 +7,7 @@ with real small models from `trainer.models` (profile "demo"), or with `StandIn`
 models (a log-linear softmax with its own ONNX graph) where a test needs to control
 what the exported graph computes.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,12 +45,15 @@ def _phase_of(w: int) -> int:
     return PHASE_INDEX["infected_running"] if (w - 8) % 4 < 3 else PHASE_INDEX["dormant"]
 
 
-def synthetic_windows(episodes_per_profile: int = 2, clean_episodes: int = 2, seed: int = 0,
-                      hosts: Sequence[str] = ("h1", "h2")) -> dict[str, np.ndarray]:
+def synthetic_windows(
+    episodes_per_profile: int = 2, clean_episodes: int = 2, seed: int = 0, hosts: Sequence[str] = ("h1", "h2")
+) -> dict[str, np.ndarray]:
     """Arrays of a small corpus: tensor (N, 46, 100), summary, y, episode, host, profile, window."""
     rng = np.random.default_rng(seed)
     rows: dict[str, list[Any]] = {k: [] for k in ("tensor", "y", "episode", "host", "profile", "window")}
-    plan = [(p, i) for p in PROFILES for i in range(episodes_per_profile)] + [("none", i) for i in range(clean_episodes)]
+    plan = [(p, i) for p in PROFILES for i in range(episodes_per_profile)] + [
+        ("none", i) for i in range(clean_episodes)
+    ]
     for n, (prof, i) in enumerate(plan):
         ep = f"ep-{prof}-{i}"
         host = hosts[n % len(hosts)]
@@ -91,15 +95,24 @@ class StandIn:
     `onnx_skew` is added to class 0's weights in the exported graph only, to make parity fail on purpose.
     """
 
-    def __init__(self, name: str, input_shape: tuple[int, ...], seed: int = 0, onnx_skew: float = 0.0,
-                 weights: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        input_shape: tuple[int, ...],
+        seed: int = 0,
+        onnx_skew: float = 0.0,
+        weights: np.ndarray | None = None,
+    ) -> None:
         self.name = name
         self.input_kind = MODEL_INPUT[name]
         self.input_shape = tuple(input_shape)
         self.onnx_skew = onnx_skew
         f = int(np.prod(self.input_shape))
-        self.w = weights if weights is not None else (
-            np.random.default_rng(seed).normal(0, 1.0 / np.sqrt(f), (f, 5)).astype(np.float32))
+        self.w = (
+            weights
+            if weights is not None
+            else (np.random.default_rng(seed).normal(0, 1.0 / np.sqrt(f), (f, 5)).astype(np.float32))
+        )
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         z = _slog(np.asarray(x, np.float32)).reshape(len(x), -1) @ self.w
@@ -108,9 +121,11 @@ class StandIn:
 
     def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
         w = self.w.copy()
-        w[:, 0] += self.onnx_skew      # one class only: a skew of every logit alike would cancel in softmax
-        inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-                 numpy_helper.from_array(w.astype(np.float32), "W")]
+        w[:, 0] += self.onnx_skew  # one class only: a skew of every logit alike would cancel in softmax
+        inits = [
+            numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+            numpy_helper.from_array(w.astype(np.float32), "W"),
+        ]
         nodes = [
             helper.make_node("Abs", ["features"], ["a"]),
             helper.make_node("Add", ["a", "one"], ["a1"]),
@@ -122,10 +137,12 @@ class StandIn:
             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
         ]
         graph = helper.make_graph(
-            nodes, self.name,
+            nodes,
+            self.name,
             [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", *self.input_shape])],
             [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 5])],
-            initializer=inits)
+            initializer=inits,
+        )
         opsets = [helper.make_opsetid("", opset)]
         # stamped with this onnx's IR version, as real exporters do; export lowers it
         model = helper.make_model(graph, opset_imports=opsets)
@@ -136,9 +153,16 @@ class StandIn:
     def save(self, directory: Path, *, schema_hash: str) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / "w.npy", self.w)
-        (directory / "model.json").write_text(json.dumps({
-            "model": self.name, "input_shape": list(self.input_shape), "schema_hash": schema_hash,
-            "onnx_skew": self.onnx_skew}))
+        (directory / "model.json").write_text(
+            json.dumps(
+                {
+                    "model": self.name,
+                    "input_shape": list(self.input_shape),
+                    "schema_hash": schema_hash,
+                    "onnx_skew": self.onnx_skew,
+                }
+            )
+        )
         return directory
 
 
@@ -146,8 +170,12 @@ def load_standin(directory: Path, expected_schema_hash: str) -> StandIn:
     doc = json.loads((Path(directory) / "model.json").read_text())
     if doc["schema_hash"] != expected_schema_hash:
         raise RuntimeError(f"{directory}: schema hash {doc['schema_hash']} != {expected_schema_hash}")
-    return StandIn(doc["model"], tuple(doc["input_shape"]), onnx_skew=doc["onnx_skew"],
-                   weights=np.load(Path(directory) / "w.npy"))
+    return StandIn(
+        doc["model"],
+        tuple(doc["input_shape"]),
+        onnx_skew=doc["onnx_skew"],
+        weights=np.load(Path(directory) / "w.npy"),
+    )
 
 
 # --- the run directory -----------------------------------------------------------------------
@@ -184,16 +212,30 @@ def make_run(
                 # a couple of epochs / rounds: the model only has to exist and be exported, not be good
                 fast = {"rounds": 8} if name == "gbt" else {"epochs": 2, "max_seconds": 10}
                 model = build_model(name, shape, n_classes=5, profile="demo", seed=seed, **fast)
-                tr, va = train[: len(train) // 2], train[len(train) // 2:]
+                tr, va = train[: len(train) // 2], train[len(train) // 2 :]
                 model.fit(x[tr], arrays["y"][tr], x[va], arrays["y"][va])
             else:
-                model = StandIn(name, shape, seed=seed, onnx_skew=(onnx_skew or {}).get(f"{name}-{threat}", 0.0))
+                model = StandIn(
+                    name, shape, seed=seed, onnx_skew=(onnx_skew or {}).get(f"{name}-{threat}", 0.0)
+                )
             model.save(run / f"{name}-{threat}", schema_hash=sh)
             report["models"][f"{name}-{threat}"] = {
-                "macro_f1": 0.5, "macro_f1_ci": [0.4, 0.6], "accuracy": 0.6, "n_windows": int(len(test))}
-    (run / "run.json").write_text(json.dumps({
-        "schema_hash": sh, "split": {"kind": "host", "test_groups": ["h2"]}, "profile": "demo", "seed": seed,
-        "models": [f"{m}-{t}" for t in threats for m in models]}))
+                "macro_f1": 0.5,
+                "macro_f1_ci": [0.4, 0.6],
+                "accuracy": 0.6,
+                "n_windows": int(len(test)),
+            }
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "schema_hash": sh,
+                "split": {"kind": "host", "test_groups": ["h2"]},
+                "profile": "demo",
+                "seed": seed,
+                "models": [f"{m}-{t}" for t in threats for m in models],
+            }
+        )
+    )
     (run / "report.json").write_text(json.dumps(report))
     return arrays
 
@@ -209,4 +251,3 @@ class Corpus:
 
     def view(self, threat_model: str, kind: str) -> np.ndarray:
         return extract.view(self.tensor if kind == "tensor" else self.summary, threat_model, kind)
-

@@ -1,5 +1,6 @@
 """`phasewatch bench` on a tiny real models directory: small trained models exported by
 `trainer.export`, a two-archive store, a real HTTP endpoint for --publish."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from archive_kit import episode_members, make_store
 from export_kit import Corpus, make_run
+
 from schema.events import ModelPerf, decode_events
 from trainer import bench
 from trainer.export import export_run
@@ -60,7 +61,9 @@ def test_bench_json_has_every_model_with_sane_numbers(doc: dict, tiny: dict[str,
         assert r["flops"] > 0 and r["achieved_gflops"] > 0
         assert r["work_unit"] == ("comparison" if r["model"] == "gbt" else "flop")
         if r["work_unit"] == "flop":
-            assert 0 < r["share_of_peak"] == pytest.approx(r["achieved_gflops"] / doc["machine"]["peak_gflops"])
+            assert (
+                0 < r["share_of_peak"] == pytest.approx(r["achieved_gflops"] / doc["machine"]["peak_gflops"])
+            )
         assert r["accuracy_source"] == "heldout" and r["heldout_windows"] > 0
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
         assert r["bound"]
@@ -83,7 +86,9 @@ def test_where_time_goes_comes_from_the_ort_profile(doc: dict) -> None:
     for r in doc["models"]:
         assert 0 < r["kernel_share"] <= 1 and r["nodes"] >= 1 and r["top_ops"]
         assert "kernels" in r["bound"]
-    assert by["gbt"]["top_ops"][0][0].startswith("TreeEnsemble") and by["gbt"]["bound"].startswith("tree walks")
+    assert by["gbt"]["top_ops"][0][0].startswith("TreeEnsemble") and by["gbt"]["bound"].startswith(
+        "tree walks"
+    )
     assert any(op == "LSTM" for op, _ in by["lstm"]["top_ops"])
 
 
@@ -117,7 +122,7 @@ def test_table_names_every_model_and_the_path(doc: dict) -> None:
 class _Sink(BaseHTTPRequestHandler):
     bodies: list[bytes] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         n = int(self.headers["Content-Length"])
         _Sink.bodies.append(self.rfile.read(n))
         body = b'{"delivered": 1}'
@@ -155,8 +160,9 @@ def test_publish_posts_one_model_perf_per_model(doc: dict, endpoint: str) -> Non
         assert e.accuracy == pytest.approx(r["accuracy"]) and e.threat_model == "realistic"
 
 
-def test_the_daemon_reads_bench_json_into_one_point_per_model(doc: dict, tiny: dict[str, Path],
-                                                              tmp_path: Path) -> None:
+def test_the_daemon_reads_bench_json_into_one_point_per_model(
+    doc: dict, tiny: dict[str, Path], tmp_path: Path
+) -> None:
     from edge.infer import startup_events
     from edge.modelset import load_models
 
@@ -169,24 +175,49 @@ def test_the_daemon_reads_bench_json_into_one_point_per_model(doc: dict, tiny: d
         assert e.latency_us == pytest.approx(by[e.model]["ort_p50_us"]) and e.threat_model == "realistic"
 
 
-def test_publish_to_a_dead_daemon_fails_after_writing(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_publish_to_a_dead_daemon_fails_after_writing(
+    tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    rc = bench.cli_bench(_args(["--models", str(tiny["models"]), "--store", str(tiny["store"]), "--only", "gbt",
-                                "--no-plot", "--publish", dead, *FAST]))
+    rc = bench.cli_bench(
+        _args(
+            [
+                "--models",
+                str(tiny["models"]),
+                "--store",
+                str(tiny["store"]),
+                "--only",
+                "gbt",
+                "--no-plot",
+                "--publish",
+                dead,
+                *FAST,
+            ]
+        )
+    )
     assert rc == 1 and "publish failed" in capsys.readouterr().err
-    assert [r["model"] for r in json.loads((tiny["models"] / bench.BENCH_FILE).read_text())["models"]] == ["gbt"]
+    assert [r["model"] for r in json.loads((tiny["models"] / bench.BENCH_FILE).read_text())["models"]] == [
+        "gbt"
+    ]
 
 
 def test_pin_sets_the_affinity_and_is_recorded(tiny: dict[str, Path]) -> None:
     before = os.sched_getaffinity(0)
     core = min(before)
     try:
-        got = bench.run_bench(tiny["models"], store=None, only=["mlp"], pin=core, plot=False,
-                              method=bench.Method(warmup=2, repeats=2, calls=10), progress=lambda _: None)
+        got = bench.run_bench(
+            tiny["models"],
+            store=None,
+            only=["mlp"],
+            pin=core,
+            plot=False,
+            method=bench.Method(warmup=2, repeats=2, calls=10),
+            progress=lambda _: None,
+        )
         assert os.sched_getaffinity(0) == {core}
         assert got["machine"]["pinned"] == core
         assert got["extractor_us"] is None and any("no readable archives" in n for n in got["notes"])
@@ -201,8 +232,16 @@ def test_pin_sets_the_affinity_and_is_recorded(tiny: dict[str, Path]) -> None:
 
 
 def test_without_the_run_it_benches_ort_alone_and_says_so(tiny: dict[str, Path], tmp_path: Path) -> None:
-    got = bench.run_bench(tiny["models"], run=tmp_path / "gone", store=tiny["store"], episodes=1, only=["gru"],
-                          plot=False, method=bench.Method(warmup=2, repeats=2, calls=10), progress=lambda _: None)
+    got = bench.run_bench(
+        tiny["models"],
+        run=tmp_path / "gone",
+        store=tiny["store"],
+        episodes=1,
+        only=["gru"],
+        plot=False,
+        method=bench.Method(warmup=2, repeats=2, calls=10),
+        progress=lambda _: None,
+    )
     (r,) = got["models"]
     assert r["native"] is None and r["native_p50_us"] is None and r["ratio"] is None
     assert r["ort_p50_us"] > 0 and r["accuracy_source"] == "manifest" and r["accuracy"] == pytest.approx(0.6)
@@ -210,7 +249,9 @@ def test_without_the_run_it_benches_ort_alone_and_says_so(tiny: dict[str, Path],
     assert "— (no checkpoint)" in bench.format_table(got)
 
 
-def test_only_that_matches_nothing_is_refused(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_only_that_matches_nothing_is_refused(
+    tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     rc = bench.cli_bench(_args(["--models", str(tiny["models"]), "--only", "cnn", *FAST]))
     assert rc == 2 and "--only cnn" in capsys.readouterr().err
 
@@ -233,7 +274,9 @@ def test_flop_counts_and_peak_probe() -> None:
     assert rnn_flops(gru, 50) == 2 * 3 * (30 + 64) * 64 * 50
     # the counter's own GRU count agrees with the formula; the LSTM one has 4 gates
     assert torch_flops(gru, torch.zeros(1, 50, 30)) == rnn_flops(gru, 50)
-    assert torch_flops(nn.LSTM(30, 64, batch_first=True), torch.zeros(1, 50, 30)) == 2 * 4 * (30 + 64) * 64 * 50
+    assert (
+        torch_flops(nn.LSTM(30, 64, batch_first=True), torch.zeros(1, 50, 30)) == 2 * 4 * (30 + 64) * 64 * 50
+    )
     assert torch_flops(nn.Linear(100, 10), torch.zeros(1, 100)) == 2 * 100 * 10
     probe = peak_gflops(sizes=(64, 128), min_seconds=0.01, rounds=1)
     assert probe.gflops > 0 and probe.gflops == max(probe.by_size.values())
@@ -245,8 +288,12 @@ def test_tree_comparisons_follow_the_depth() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 8)).astype(np.float32)
     y = (x[:, 0] + x[:, 1] > 0).astype(int)
-    shallow = xgb.train({"max_depth": 1, "objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(x, label=y), 5)
+    shallow = xgb.train(
+        {"max_depth": 1, "objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(x, label=y), 5
+    )
     work = xgb_comparisons(shallow)
     assert work.trees == 5 and work.comparisons == pytest.approx(5.0) and work.max_depth == 1
-    deep = xgb.train({"max_depth": 4, "objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(x, label=y), 5)
+    deep = xgb.train(
+        {"max_depth": 4, "objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(x, label=y), 5
+    )
     assert 5.0 < xgb_comparisons(deep).comparisons <= 20.0

@@ -1,4 +1,5 @@
 """Broadcaster: sticky state, bounded queues, drop and stall policy (no sockets here)."""
+
 from __future__ import annotations
 
 import json
@@ -48,9 +49,17 @@ def test_latest_wins_state_is_replayed_once_per_key() -> None:
 
     events = b.sticky_events()
     assert [type(e).__name__ for e in events] == [
-        "Snapshot", "AttackProfile", "ModelMetric", "ModelMetric", "ModelPerf"]
+        "Snapshot",
+        "AttackProfile",
+        "ModelMetric",
+        "ModelMetric",
+        "ModelPerf",
+    ]
     assert events[0] == Snapshot(total_bytes=2)
-    assert {(e.model, e.accuracy) for e in events if isinstance(e, ModelMetric)} == {("cnn", 0.8), ("gru", 0.9)}
+    assert {(e.model, e.accuracy) for e in events if isinstance(e, ModelMetric)} == {
+        ("cnn", 0.8),
+        ("gru", 0.9),
+    }
     assert events[1] == AttackProfile(name="miner", curve=[0.5, 1.0], shape="flat then up")
 
 
@@ -125,6 +134,7 @@ async def test_receive_waits_until_something_is_published() -> None:
     got: list[str] = []
     async with b.subscribe() as client:
         async with trio.open_nursery() as nursery:
+
             async def reader() -> None:
                 got.append((await client.receive()).type)
 

@@ -1,4 +1,5 @@
 """The daemon end to end: real files, real ONNX Runtime, real sockets; plus replay and the store."""
+
 from __future__ import annotations
 
 import json
@@ -12,19 +13,18 @@ from pathlib import Path
 import pytest
 import trio
 import trio_websocket
-
 from archive_kit import episode_members, write_archive
+from test_infer import build_models_dir
+
 from edge import daemon as daemon_mod
 from edge.daemon import Daemon
 from edge.modelset import load_models
 from edge.replay import load_episode, replay_store
-from schema.reader import iter_members
 from edge.storewatch import StoreWatcher
 from edge.tail import TailConfig
 from schema.hashing import schema_hash
+from schema.reader import iter_members, read_episode
 from schema.validation import index_record, write_index_atomic
-from schema.reader import read_episode
-from test_infer import build_models_dir
 
 
 def _get(port: int, path: str) -> dict:
@@ -59,8 +59,14 @@ def test_live_episode_to_websocket_client(tmp_path: Path, models_dir: Path) -> N
     live = tmp_path / "live"
     live.mkdir()
     members = episode_members("ep-live", "host-a", duration_s=40, seed=4)
-    d = Daemon(models_dir, live=[live], bind="127.0.0.1", port=0, modelset=load_models(models_dir),
-               tail=TailConfig(idle_s=30))
+    d = Daemon(
+        models_dir,
+        live=[live],
+        bind="127.0.0.1",
+        port=0,
+        modelset=load_models(models_dir),
+        tail=TailConfig(idle_s=30),
+    )
     got: list[dict] = []
 
     async def main() -> None:
@@ -75,7 +81,10 @@ def test_live_episode_to_websocket_client(tmp_path: Path, models_dir: Path) -> N
                         got.append(json.loads(await ws.get_message()))
                 health = await trio.to_thread.run_sync(_get, port, "/healthz")
                 metrics = await trio.to_thread.run_sync(
-                    lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+                    lambda: (
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                    )
+                )
             n.cancel_scope.cancel()
         assert health["primary_model"] == "gru-realistic" and health["reload_error"] is None
         assert health["tail"]["windows_ready"] == 7 and health["tail"]["episodes_finished"] == 1
@@ -114,7 +123,9 @@ def test_failed_reload_keeps_the_old_models_and_says_why(tmp_path: Path) -> None
                 while d.reload_error is None:
                     await trio.sleep(0.05)
             health = await trio.to_thread.run_sync(_get, port, "/healthz")
-            assert "sha256 mismatch" in health["reload_error"] and "gru-realistic.onnx" in health["reload_error"]
+            assert (
+                "sha256 mismatch" in health["reload_error"] and "gru-realistic.onnx" in health["reload_error"]
+            )
             assert d.engine is first and health["models"]["models"]
             # a fresh export lands: picked up without a signal once the directory holds still
             build_models_dir(mdir)
@@ -142,11 +153,13 @@ def test_replay_writes_a_live_episode_line_for_line(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as n:
+
             async def watch() -> None:  # meta.json is there before any stream line
                 d = out / "host-r" / "ep-r"
                 while not d.exists():
                     await trio.sleep(0.001)
                 seen_meta_first.append((d / "meta.json").exists() or not any(d.glob("*.jsonl")))
+
             n.start_soon(watch)
             count = await replay_store(store, out, speed=40.0, concurrency=1)
             assert count == 1
@@ -166,7 +179,9 @@ def test_replay_writes_a_live_episode_line_for_line(tmp_path: Path) -> None:
             if a.startswith(b"{"):
                 ja, jb = json.loads(a), json.loads(b)
                 assert jb["t_wall_ns"] == ja["t_wall_ns"] + shift
-                assert {k: v for k, v in ja.items() if k != "t_wall_ns"} == {k: v for k, v in jb.items() if k != "t_wall_ns"}
+                assert {k: v for k, v in ja.items() if k != "t_wall_ns"} == {
+                    k: v for k, v in jb.items() if k != "t_wall_ns"
+                }
             else:
                 assert a == b
 
@@ -177,8 +192,11 @@ def test_replay_refuses_unsafe_members_without_touching_disk(tmp_path: Path) -> 
     from archive_kit import special
 
     members = episode_members("ep-u", "host-u", duration_s=12)
-    path = write_archive(tmp_path / "s" / "host-u" / "ep-u.tar.zst", members,
-                         extra=[special("ep-u/evil", tarfile.SYMTYPE, "/etc/passwd")])
+    path = write_archive(
+        tmp_path / "s" / "host-u" / "ep-u.tar.zst",
+        members,
+        extra=[special("ep-u/evil", tarfile.SYMTYPE, "/etc/passwd")],
+    )
     names = [n for n, _ in iter_members(path)]
     assert "evil" not in names and "meta.json" in names
     ep = load_episode(path)
@@ -196,7 +214,9 @@ def test_storewatch_snapshot_and_new_archives(tmp_path: Path) -> None:
     write_archive(store / "h1" / "e2.tar.zst", nodone)
     # an index that knows e1 only
     st = good.stat()
-    write_index_atomic(store / "index.jsonl", [index_record(read_episode(good), "h1/e1.tar.zst", mtime_ns=st.st_mtime_ns)])
+    write_index_atomic(
+        store / "index.jsonl", [index_record(read_episode(good), "h1/e1.tar.zst", mtime_ns=st.st_mtime_ns)]
+    )
     w = StoreWatcher(store)
     up = w.poll()
     assert up.snapshot is not None and up.episodes == []
@@ -207,7 +227,9 @@ def test_storewatch_snapshot_and_new_archives(tmp_path: Path) -> None:
     assert (h.accepted, h.degraded) == (1, 1)
     assert up.episodes == []  # it was there before the watcher started
     # a newly shipped archive
-    write_archive(store / "h2" / "e3.tar.zst", episode_members("e3", "h2", duration_s=30, profile="bursty-c2"))
+    write_archive(
+        store / "h2" / "e3.tar.zst", episode_members("e3", "h2", duration_s=30, profile="bursty-c2")
+    )
     w.poll()
     up = w.poll()
     (ev,) = up.episodes
@@ -257,7 +279,9 @@ def test_a_slow_model_stalls_neither_tailing_nor_the_server(tmp_path: Path, mode
         async with trio.open_nursery() as n:
             listeners = await n.start(d.run)
             port = listeners[0].socket.getsockname()[1]
-            _write_live(live, {k: v for k, v in members.items() if k != "telemetry-guest.jsonl"}, eid="ep-slow")
+            _write_live(
+                live, {k: v for k, v in members.items() if k != "telemetry-guest.jsonl"}, eid="ep-slow"
+            )
             with trio.fail_after(10):
                 while not in_model.is_set():
                     await trio.sleep(0.01)
@@ -266,7 +290,9 @@ def test_a_slow_model_stalls_neither_tailing_nor_the_server(tmp_path: Path, mode
             t = time.perf_counter()
             health = await trio.to_thread.run_sync(_get, port, "/healthz")
             assert time.perf_counter() - t < 0.5 and health["ok"]
-            (live / "host-a" / "ep-slow" / "telemetry-guest.jsonl").write_bytes(members["telemetry-guest.jsonl"])
+            (live / "host-a" / "ep-slow" / "telemetry-guest.jsonl").write_bytes(
+                members["telemetry-guest.jsonl"]
+            )
             with trio.fail_after(1.5):
                 while d.counters.lines == lines:
                     await trio.sleep(0.01)
@@ -279,8 +305,15 @@ def test_a_slow_model_stalls_neither_tailing_nor_the_server(tmp_path: Path, mode
 def test_daemon_replays_a_store_into_live_predictions(tmp_path: Path, models_dir: Path) -> None:
     store = tmp_path / "store"
     write_archive(store / "host-s" / "ep-s.tar.zst", episode_members("ep-s", "host-s", duration_s=30, seed=6))
-    d = Daemon(models_dir, replay=store, speed=15.0, bind="127.0.0.1", port=0, modelset=load_models(models_dir),
-               state_dir=tmp_path)
+    d = Daemon(
+        models_dir,
+        replay=store,
+        speed=15.0,
+        bind="127.0.0.1",
+        port=0,
+        modelset=load_models(models_dir),
+        state_dir=tmp_path,
+    )
     preds: list[dict] = []
 
     async def main() -> None:

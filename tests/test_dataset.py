@@ -1,4 +1,5 @@
 """Windows of a store, the feature cache, and the three honest splits."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,9 +28,16 @@ def _windowset(hosts: int = 6, eps_per_host: int = 8, drop: tuple[str, str] | No
     n = len(rows)
     ep, host, prof, sample, order, win = (np.array(c) for c in zip(*rows))
     return WindowSet(
-        tensor=np.zeros((n, 46, 100), np.float32), summary=np.zeros((n, 368), np.float32),
-        coverage=np.ones((n, 4), np.float32), y=np.arange(n) % 5, episode=ep, host=host, profile=prof,
-        sample=sample, t_rank=order / order.max(), window=win.astype(np.int32),
+        tensor=np.zeros((n, 46, 100), np.float32),
+        summary=np.zeros((n, 368), np.float32),
+        coverage=np.ones((n, 4), np.float32),
+        y=np.arange(n) % 5,
+        episode=ep,
+        host=host,
+        profile=prof,
+        sample=sample,
+        t_rank=order / order.max(),
+        window=win.astype(np.int32),
     )
 
 
@@ -52,8 +60,12 @@ def test_host_split_holds_out_whole_hosts_and_a_validation_host() -> None:
 
 def test_a_profile_the_test_hosts_never_ran_is_listed_not_averaged_away() -> None:
     ws = _windowset(hosts=2)
-    ws.profile[ws.host == "h1"] = np.where(ws.profile[ws.host == "h1"] == "disk-encrypt", CLEAN_ONLY, ws.profile[ws.host == "h1"])
-    ws.profile[ws.host == "h0"] = np.where(ws.profile[ws.host == "h0"] == "bursty-c2", CLEAN_ONLY, ws.profile[ws.host == "h0"])
+    ws.profile[ws.host == "h1"] = np.where(
+        ws.profile[ws.host == "h1"] == "disk-encrypt", CLEAN_ONLY, ws.profile[ws.host == "h1"]
+    )
+    ws.profile[ws.host == "h0"] = np.where(
+        ws.profile[ws.host == "h0"] == "bursty-c2", CLEAN_ONLY, ws.profile[ws.host == "h0"]
+    )
     split = make_split(ws, "host", seed=0)
     _check_disjoint(ws, split)
     train_only = set(ws.profile[split.train]) - set(ws.profile[split.test])
@@ -101,7 +113,9 @@ def test_load_windows_extracts_then_reuses_the_cache(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(dataset, "_episode_windows", boom)
     again = load_windows(store, jobs=1, progress=False)
-    assert np.array_equal(again.tensor, ws.tensor, equal_nan=True) and np.array_equal(again.episode, ws.episode)
+    assert np.array_equal(again.tensor, ws.tensor, equal_nan=True) and np.array_equal(
+        again.episode, ws.episode
+    )
 
 
 def test_a_store_with_nothing_usable_says_so(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ One browser for the module. Events go through POST /publish (the producers' path
 the server would refuse them (unknown types), in which case they are injected where a
 WebSocket frame would land. Screenshots of every scene go to out/deck/NN-scene.png.
 """
+
 from __future__ import annotations
 
 import html
@@ -19,20 +20,33 @@ import pytest
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from browser import CHROMIUM, DECK_DIR, LiveServer, launch_chromium, live_server  # noqa: E402
+from browser import CHROMIUM, DECK_DIR, LiveServer, launch_chromium, live_server
 
-from edge.demo import MISLABEL_RATE, run_demo  # noqa: E402
-from schema.events import Event, event_type  # noqa: E402
-from schema.vocab import MODELS, PHASES, PROFILES, STATUSES  # noqa: E402
+from edge.demo import MISLABEL_RATE, run_demo
+from schema.events import Event, event_type
+from schema.vocab import MODELS, PHASES, PROFILES, STATUSES
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "deck"
-SCENES = ["title", "stack", "collect", "hosts", "db", "baseline", "attacks", "chunking", "models",
-          "training-code", "knn", "perf"]
+SCENES = [
+    "title",
+    "stack",
+    "collect",
+    "hosts",
+    "db",
+    "baseline",
+    "attacks",
+    "chunking",
+    "models",
+    "training-code",
+    "knn",
+    "perf",
+]
 VIEWPORT = {"width": 1600, "height": 900}
 
 
 # ---------------------------------------------------------------- static contracts (no browser)
+
 
 def _js_array(src: str, name: str) -> list[str]:
     m = re.search(rf"export const {name} = Object\.freeze\((\[.*?\])\);", src)
@@ -42,17 +56,30 @@ def _js_array(src: str, name: str) -> list[str]:
 
 def test_vocab_js_matches_schema() -> None:
     src = (DECK_DIR / "vocab.js").read_text()
-    for name, expected in (("PHASES", PHASES), ("MODELS", MODELS), ("PROFILES", PROFILES), ("STATUSES", STATUSES)):
+    for name, expected in (
+        ("PHASES", PHASES),
+        ("MODELS", MODELS),
+        ("PROFILES", PROFILES),
+        ("STATUSES", STATUSES),
+    ):
         assert _js_array(src, name) == list(expected), f"deck/vocab.js {name} drifted from schema/vocab.py"
 
 
 def test_palette_defines_every_phase_and_model_once() -> None:
     css = (DECK_DIR / "style.css").read_text()
-    for prop in [f"--phase-{p}" for p in PHASES] + [f"--model-{m}" for m in MODELS] + ["--model-unknown", "--cluster-hue"]:
-        assert len(re.findall(rf"^\s*{re.escape(prop)}\s*:", css, re.M)) == 1, f"deck/style.css: {prop} must be defined exactly once"
+    for prop in (
+        [f"--phase-{p}" for p in PHASES]
+        + [f"--model-{m}" for m in MODELS]
+        + ["--model-unknown", "--cluster-hue"]
+    ):
+        assert len(re.findall(rf"^\s*{re.escape(prop)}\s*:", css, re.M)) == 1, (
+            f"deck/style.css: {prop} must be defined exactly once"
+        )
     # No colour literals in the scripts: the palette lives in CSS only.
     for js in DECK_DIR.glob("*.js"):
-        assert not re.search(r"['\"]#[0-9a-fA-F]{3,8}['\"]", js.read_text()), f"{js.name}: colour literal outside style.css"
+        assert not re.search(r"['\"]#[0-9a-fA-F]{3,8}['\"]", js.read_text()), (
+            f"{js.name}: colour literal outside style.css"
+        )
 
 
 def test_training_code_excerpt_is_true_to_the_loop() -> None:
@@ -61,7 +88,9 @@ def test_training_code_excerpt_is_true_to_the_loop() -> None:
         pytest.skip("trainer/loop.py not written yet")
     real = {line.strip() for line in loop.read_text().splitlines()}
     page = (DECK_DIR / "index.html").read_text()
-    blocks = re.findall(r'<pre class="code" data-source="trainer/loop.py"><code>(.*?)</code></pre>', page, re.S)
+    blocks = re.findall(
+        r'<pre class="code" data-source="trainer/loop.py"><code>(.*?)</code></pre>', page, re.S
+    )
     assert blocks, "deck/index.html: no training-code excerpt"
     quoted = [html.unescape(line).strip() for block in blocks for line in block.splitlines()]
     quoted = [q for q in quoted if q and q != "# ..."]  # "# ..." marks an elision
@@ -88,7 +117,16 @@ def _demo_events(ticks: int, initial_points: int, seed: int = 0) -> list[Event]:
 def test_demo_covers_every_scene_and_mislabels_about_seven_percent() -> None:
     events = _demo_events(ticks=400, initial_points=4000)
     kinds = {event_type(e) for e in events}
-    assert kinds == {"snapshot", "episode", "phase", "attack_profile", "prediction", "model_metric", "embedding", "model_perf"}
+    assert kinds == {
+        "snapshot",
+        "episode",
+        "phase",
+        "attack_profile",
+        "prediction",
+        "model_metric",
+        "embedding",
+        "model_perf",
+    }
     assert sorted(e.name for e in events if event_type(e) == "attack_profile") == sorted(PROFILES)
     assert {e.model for e in events if event_type(e) == "model_metric"} == set(MODELS)
     emb = [e for e in events if event_type(e) == "embedding"]
@@ -100,11 +138,14 @@ def test_demo_covers_every_scene_and_mislabels_about_seven_percent() -> None:
     assert all(0 <= p.window_idx < 6 for p in preds) and any(p.predicted != p.actual for p in preds)
     # Same seed, same show (timestamps aside).
     again = _demo_events(ticks=400, initial_points=4000)
+
     def strip(evs: list[Event]) -> list[Event]:  # wall-clock fields only
         out = []
         for e in evs:
             if event_type(e) == "snapshot":
-                e = msgspec.structs.replace(e, t_ns=None, hosts=[msgspec.structs.replace(h, last_seen_ns=None) for h in e.hosts])
+                e = msgspec.structs.replace(
+                    e, t_ns=None, hosts=[msgspec.structs.replace(h, last_seen_ns=None) for h in e.hosts]
+                )
             elif event_type(e) == "phase":
                 e = msgspec.structs.replace(e, t_ns=None)
             out.append(e)
@@ -120,12 +161,18 @@ def test_demo_refuses_a_bad_rate() -> None:
 
 # ---------------------------------------------------------------- browser
 
+
 class Deck:
     def __init__(self, page: Any, url: str) -> None:
         self.page = page
         self.url = url
         self.errors: list[str] = []
-        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        page.on(
+            "console",
+            lambda m: (
+                self.errors.append(f"console.{m.type}: {m.text}") if m.type in ("error", "warning") else None
+            ),
+        )
         page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
         page.on("requestfailed", lambda r: self.errors.append(f"requestfailed: {r.url}"))
 
@@ -134,7 +181,9 @@ class Deck:
         self.wait_connected()
 
     def wait_connected(self) -> None:
-        self.page.wait_for_function("window.__deck && window.__deck.connection === 'connected'", timeout=10_000)
+        self.page.wait_for_function(
+            "window.__deck && window.__deck.connection === 'connected'", timeout=10_000
+        )
 
     def events(self) -> int:
         return self.page.evaluate("window.__deck.state.events")
@@ -142,7 +191,7 @@ class Deck:
     def send(self, server: LiveServer, events: list[dict[str, Any]] | list[Event], batch: int = 200) -> None:
         """POST in batches no bigger than a client's queue and wait until the page has them all."""
         for i in range(0, len(events), batch):
-            chunk = events[i:i + batch]
+            chunk = events[i : i + batch]
             n0 = self.events()
             assert server.publish(chunk) >= 1
             self.page.wait_for_function(f"window.__deck.state.events >= {n0 + len(chunk)}", timeout=10_000)
@@ -153,7 +202,9 @@ class Deck:
 
     def go(self, scene: str) -> None:
         self.page.evaluate(f"window.__deck.go({json.dumps(scene)})")
-        self.page.wait_for_function(f"document.getElementById({json.dumps(scene)}).classList.contains('active')")
+        self.page.wait_for_function(
+            f"document.getElementById({json.dumps(scene)}).classList.contains('active')"
+        )
         self.settle()
 
     def text(self, selector: str) -> str:
@@ -164,7 +215,8 @@ class Deck:
 
     def has_colour(self, css_var: str, tol: int = 14) -> int:
         """How many knn canvas pixels carry this palette colour (points are drawn opaque-ish)."""
-        return self.page.evaluate("""([v, tol]) => {
+        return self.page.evaluate(
+            """([v, tol]) => {
           const probe = document.createElement('canvas').getContext('2d', {willReadFrequently: true});
           probe.fillStyle = getComputedStyle(document.documentElement).getPropertyValue(v).trim();
           probe.fillRect(0, 0, 1, 1);
@@ -180,7 +232,9 @@ class Deck:
           for (let i = 0; i < d.length; i += 4)
             if (d[i + 3] > 150 && Math.abs(d[i] - r) <= tol && Math.abs(d[i + 1] - g) <= tol && Math.abs(d[i + 2] - b) <= tol) n++;
           return n;
-        }""", [css_var, tol])
+        }""",
+            [css_var, tol],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -246,19 +300,60 @@ def test_every_scene_renders_in_order_with_connection_state(deck: Deck) -> None:
 @pytest.mark.slow
 def test_published_events_reach_their_scenes(deck: Deck, server: LiveServer) -> None:
     page = deck.page
-    snapshot = {"type": "snapshot", "hosts": [
-        {"host": "h-alpha", "accepted": 40, "degraded": 5, "rejected": 3, "errored": 1, "bytes": 2_000_000_000},
-        {"host": "h-beta", "accepted": 10, "degraded": 1, "bytes": 500_000_000}],
-        "totals": {"accepted": 50, "degraded": 6, "rejected": 3, "errored": 1}, "total_bytes": 2_500_000_000}
+    snapshot = {
+        "type": "snapshot",
+        "hosts": [
+            {
+                "host": "h-alpha",
+                "accepted": 40,
+                "degraded": 5,
+                "rejected": 3,
+                "errored": 1,
+                "bytes": 2_000_000_000,
+            },
+            {"host": "h-beta", "accepted": 10, "degraded": 1, "bytes": 500_000_000},
+        ],
+        "totals": {"accepted": 50, "degraded": 6, "rejected": 3, "errored": 1},
+        "total_bytes": 2_500_000_000,
+    }
     events: list[dict[str, Any]] = [
         snapshot,
-        {"type": "episode", "episode_id": "ep-zeta-0001", "host": "h-beta", "profile": "bursty-c2", "status": "degraded",
-         "duration_s": 612.0, "bytes": 900_000},
+        {
+            "type": "episode",
+            "episode_id": "ep-zeta-0001",
+            "host": "h-beta",
+            "profile": "bursty-c2",
+            "status": "degraded",
+            "duration_s": 612.0,
+            "bytes": 900_000,
+        },
         *({"type": "phase", "phase": p} for p in ("clean", "clean", "infecting", "dormant")),
-        {"type": "attack_profile", "name": "mem-inflate", "curve": [i * 0.5 for i in range(80)], "shape": "climbs steadily"},
-        {"type": "attack_profile", "name": "mem-inflate", "curve": [float(i % 7) for i in range(80)], "shape": "sawtooth now"},
-        {"type": "prediction", "episode_id": "live-7", "window_idx": 0, "predicted": "clean", "actual": "clean"},
-        {"type": "prediction", "episode_id": "live-7", "window_idx": 1, "predicted": "dormant", "actual": "armed"},
+        {
+            "type": "attack_profile",
+            "name": "mem-inflate",
+            "curve": [i * 0.5 for i in range(80)],
+            "shape": "climbs steadily",
+        },
+        {
+            "type": "attack_profile",
+            "name": "mem-inflate",
+            "curve": [float(i % 7) for i in range(80)],
+            "shape": "sawtooth now",
+        },
+        {
+            "type": "prediction",
+            "episode_id": "live-7",
+            "window_idx": 0,
+            "predicted": "clean",
+            "actual": "clean",
+        },
+        {
+            "type": "prediction",
+            "episode_id": "live-7",
+            "window_idx": 1,
+            "predicted": "dormant",
+            "actual": "armed",
+        },
         {"type": "prediction", "episode_id": "live-7", "window_idx": 2, "actual": "infecting"},
         {"type": "prediction", "episode_id": "live-7", "window_idx": 6, "predicted": "armed"},
         {"type": "prediction", "episode_id": "live-7", "window_idx": -1, "predicted": "armed"},
@@ -275,7 +370,9 @@ def test_published_events_reach_their_scenes(deck: Deck, server: LiveServer) -> 
     assert page.evaluate("window.__deck.state.ignored") == ignored0 + 6
 
     deck.go("collect")
-    assert page.locator('#collect-tiles [data-status="degraded"] b').inner_text() == "7"  # 6 + the new episode
+    assert (
+        page.locator('#collect-tiles [data-status="degraded"] b').inner_text() == "7"
+    )  # 6 + the new episode
     assert deck.text("#collect-total") == "61"
     assert "ep-zeta-0001" in deck.text("#collect-feed")
     deck.go("hosts")
@@ -283,7 +380,9 @@ def test_published_events_reach_their_scenes(deck: Deck, server: LiveServer) -> 
     assert "bursty-c2" in row and "2" in row.split("\t")[2]  # degraded 1 + 1
     assert page.locator('#hosts-table tr[data-host="h-alpha"]').count() == 1
     deck.go("db")
-    assert "60" not in deck.text('#db-status tr[data-status="accepted"]') and "50" in deck.text('#db-status tr[data-status="accepted"]')
+    assert "60" not in deck.text('#db-status tr[data-status="accepted"]') and "50" in deck.text(
+        '#db-status tr[data-status="accepted"]'
+    )
     assert "h-alpha" in deck.text("#db-bytes")
     deck.go("baseline")
     assert deck.text("#baseline-n").startswith("4 phase events")
@@ -294,16 +393,19 @@ def test_published_events_reach_their_scenes(deck: Deck, server: LiveServer) -> 
     assert card.locator("path.spark-line").count() == 1
     assert "no curve yet" in deck.text('.card[data-profile="cpu-saturate"]')
     deck.go("chunking")
-    cells = page.locator('#chunking-grid .cell')
+    cells = page.locator("#chunking-grid .cell")
     assert cells.count() == 6  # idx 6 and -1 ignored
     assert page.locator('#chunking-grid .cell[data-idx="1"]').get_attribute("class") == "cell wrong"
     assert "actual armed" in deck.text('#chunking-grid .cell[data-idx="1"]')
     assert page.locator('#chunking-grid .cell[data-idx="2"]').get_attribute("class") == "cell actual-only"
-    assert page.locator('#chunking-grid .cell.none').count() == 3
+    assert page.locator("#chunking-grid .cell.none").count() == 3
     deck.go("models")
     gru = page.locator('#models-chart g[data-model="gru"]')
     assert gru.locator("text.val").text_content() == "0.900"  # latest wins
-    assert page.locator('#models-chart g[data-model="xgb-tiny"] rect').get_attribute("fill") == "var(--model-unknown)"
+    assert (
+        page.locator('#models-chart g[data-model="xgb-tiny"] rect').get_attribute("fill")
+        == "var(--model-unknown)"
+    )
     # 0.5-1.0 scale: 0.9 is 80 % of the full height, 0.7 is 40 %.
     h_gru = float(gru.locator("rect").get_attribute("height"))
     h_unk = float(page.locator('#models-chart g[data-model="xgb-tiny"] rect').get_attribute("height"))
@@ -322,10 +424,29 @@ def test_knn_points_drag_reset_and_colour_modes(deck: Deck, server: LiveServer) 
     deck.go("knn")
     empty = deck.canvas()
     n0 = page.evaluate("window.__deck.knn.count()")
-    pts = [{"type": "embedding", "x": 0.15 + 0.1 * (i % 7) / 7, "y": 0.2 + 0.1 * (i % 5) / 5, "z": 0.8 + 0.1 * (i % 3) / 3,
-            "phase": "dormant", "predicted": "clean", "cluster": 3} for i in range(150)]
-    pts += [{"type": "embedding", "x": 0.7 + 0.1 * (i % 7) / 7, "y": 0.75 + 0.1 * (i % 5) / 5, "phase": "armed",
-             "predicted": "armed", "cluster": 11} for i in range(150)]  # 2-D: no z
+    pts = [
+        {
+            "type": "embedding",
+            "x": 0.15 + 0.1 * (i % 7) / 7,
+            "y": 0.2 + 0.1 * (i % 5) / 5,
+            "z": 0.8 + 0.1 * (i % 3) / 3,
+            "phase": "dormant",
+            "predicted": "clean",
+            "cluster": 3,
+        }
+        for i in range(150)
+    ]
+    pts += [
+        {
+            "type": "embedding",
+            "x": 0.7 + 0.1 * (i % 7) / 7,
+            "y": 0.75 + 0.1 * (i % 5) / 5,
+            "phase": "armed",
+            "predicted": "armed",
+            "cluster": 11,
+        }
+        for i in range(150)
+    ]  # 2-D: no z
     deck.send(server, pts)
     assert page.evaluate("window.__deck.knn.count()") == n0 + 300
     assert page.evaluate(f"window.__deck.knn.point({n0 + 150}).z") == 0.5
@@ -361,7 +482,9 @@ def test_knn_points_drag_reset_and_colour_modes(deck: Deck, server: LiveServer) 
     page.click('#knn-mode button[data-mode="phase"]')
     deck.settle()
     assert deck.canvas() == before
-    assert "1 / 0" not in deck.text("#knn-stats") and "50.0 %" in deck.text("#knn-stats")  # half the points mislabelled
+    assert "1 / 0" not in deck.text("#knn-stats") and "50.0 %" in deck.text(
+        "#knn-stats"
+    )  # half the points mislabelled
 
 
 @pytest.mark.slow
@@ -378,7 +501,7 @@ def test_reload_repaints_from_sticky_state(deck: Deck) -> None:
     deck.go("hosts")
     assert page.locator('#hosts-table tr[data-host="h-alpha"]').count() == 1
     deck.go("chunking")
-    assert page.locator('#chunking-grid .cell.wrong').count() == 1
+    assert page.locator("#chunking-grid .cell.wrong").count() == 1
     deck.go("baseline")
     assert deck.text("#baseline-n").startswith("4 phase events")
 
@@ -389,7 +512,9 @@ def test_reconnect_with_backoff_then_repaint(deck: Deck) -> None:
     deck.go("perf")
     page.evaluate("window.__deck.state.perf.clear()")  # a stale picture the replay must replace
     page.evaluate("window.__deck.drop()")
-    page.wait_for_function("/^reconnecting in \\d+ s$/.test(document.getElementById('conn').textContent)", timeout=5_000)
+    page.wait_for_function(
+        "/^reconnecting in \\d+ s$/.test(document.getElementById('conn').textContent)", timeout=5_000
+    )
     deck.wait_connected()
     deck.settle()
     assert page.locator("#perf-chart g[data-model]").count() == 2
@@ -423,7 +548,9 @@ def test_demo_screenshots_and_knn_frame_rate(browser: Any) -> None:
         page.click('#knn-mode button[data-mode="phase"]')
         fps = page.evaluate("window.__deck.knn.measureFps(3000)")
         (OUT / "knn-fps.json").write_text(json.dumps(fps, indent=2) + "\n")
-        print(f"\nknn: {fps['points']} points, {fps['fps']:.1f} fps, mean draw {fps['meanDrawMs']:.2f} ms, p95 {fps['p95DrawMs']:.2f} ms")
+        print(
+            f"\nknn: {fps['points']} points, {fps['fps']:.1f} fps, mean draw {fps['meanDrawMs']:.2f} ms, p95 {fps['p95DrawMs']:.2f} ms"
+        )
         assert fps["points"] == 10_000
         # Drawing must fit a 60 Hz frame; the frame rate itself also depends on how busy
         # the (shared, GPU-less) machine is, so its floor is generous.
@@ -449,10 +576,17 @@ def test_edge_daemon_demo_fills_every_scene(browser: Any) -> None:
     import urllib.request
 
     exe = Path(sys.executable).with_name("edge-daemon")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from edge.daemon import main; sys.exit(main())"]
+    cmd = (
+        [str(exe)]
+        if exe.exists()
+        else [sys.executable, "-c", "import sys; from edge.daemon import main; sys.exit(main())"]
+    )
     port = _free_port()
-    proc = subprocess.Popen([*cmd, "--demo", "--bind", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*cmd, "--demo", "--bind", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -470,7 +604,9 @@ def test_edge_daemon_demo_fills_every_scene(browser: Any) -> None:
         d = Deck(page, url)
         d.open("knn")
         # the opening state comes from the sticky replay, the rest live at the demo's pace
-        page.wait_for_function("window.__deck.knn.count() >= 1500 && window.__deck.state.timelines.size >= 1", timeout=15_000)
+        page.wait_for_function(
+            "window.__deck.knn.count() >= 1500 && window.__deck.state.timelines.size >= 1", timeout=15_000
+        )
         assert d.has_colour("--phase-infected_running") > 50
         checks = {
             "collect": "Number(document.getElementById('collect-total').textContent.replace(/,/g, '')) > 70000",

@@ -1,4 +1,5 @@
 """Metrics: macro F1, confusion over the union of labels, episode bootstrap, paired gaps, baselines."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -95,7 +96,11 @@ def test_baselines() -> None:
     x_te[np.arange(100), y_te] += 1e4
     proba = ev.logistic_baseline(x_tr, y_tr, x_te)
     assert proba.shape == (100, 5) and (proba[:, 3:] == 0).all()
-    assert ev.macro_f1(y_te, proba.argmax(axis=1)) > 0.95 > ev.macro_f1(y_te, ev.majority_baseline(y_tr, 100).argmax(axis=1))
+    assert (
+        ev.macro_f1(y_te, proba.argmax(axis=1))
+        > 0.95
+        > ev.macro_f1(y_te, ev.majority_baseline(y_tr, 100).argmax(axis=1))
+    )
 
 
 def test_evaluate_predictions_report_shape() -> None:

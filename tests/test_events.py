@@ -1,4 +1,5 @@
 """The deck's wire contract: producers' plain dicts decode, bad fields are named."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,34 @@ from schema import events as ev
 
 # Shapes the existing producers post (SPEC section 7), as plain dicts.
 PRODUCER_DICTS = [
-    {"type": "snapshot", "hosts": [{"host": "h1", "accepted": 10, "degraded": 2, "bytes": 123, "last_seen_ns": 5}], "totals": {"accepted": 10, "degraded": 2}},
-    {"type": "episode", "episode_id": "ep-1", "host": "h1", "profile": "bursty-c2", "status": "accepted", "duration_s": 312.5, "bytes": 812345},
+    {
+        "type": "snapshot",
+        "hosts": [{"host": "h1", "accepted": 10, "degraded": 2, "bytes": 123, "last_seen_ns": 5}],
+        "totals": {"accepted": 10, "degraded": 2},
+    },
+    {
+        "type": "episode",
+        "episode_id": "ep-1",
+        "host": "h1",
+        "profile": "bursty-c2",
+        "status": "accepted",
+        "duration_s": 312.5,
+        "bytes": 812345,
+    },
     {"type": "phase", "phase": "dormant"},
-    {"type": "attack_profile", "name": "cpu-saturate", "curve": [0.0] * 40 + [1.0] * 40, "shape": "sustained one-vCPU peg"},
-    {"type": "prediction", "episode_id": "ep-1", "window_idx": 3, "predicted": "infecting", "actual": "armed"},
+    {
+        "type": "attack_profile",
+        "name": "cpu-saturate",
+        "curve": [0.0] * 40 + [1.0] * 40,
+        "shape": "sustained one-vCPU peg",
+    },
+    {
+        "type": "prediction",
+        "episode_id": "ep-1",
+        "window_idx": 3,
+        "predicted": "infecting",
+        "actual": "armed",
+    },
     {"type": "model_metric", "model": "gru", "accuracy": 0.83},
     {"type": "embedding", "x": 0.1, "y": 0.9, "z": 0.4, "phase": "clean", "predicted": "armed", "cluster": 2},
     {"type": "model_perf", "model": "cnn", "latency_us": 812.0, "accuracy": 0.8},
@@ -59,7 +83,10 @@ def test_unknown_extra_fields_are_ignored() -> None:
         (b'{"type":"embedding","x":0.1,"y":0.2,"cluster":-1}', "$.cluster"),
         (b'{"type":"phase","phase":"sleepy"}', "$.phase"),
         (b'{"type":"prediction","window_idx":1}', "episode_id"),
-        (b'[{"type":"phase","phase":"clean"},{"type":"model_perf","model":"x","latency_us":-3,"accuracy":0.5}]', "$[1].latency_us"),
+        (
+            b'[{"type":"phase","phase":"clean"},{"type":"model_perf","model":"x","latency_us":-3,"accuracy":0.5}]',
+            "$[1].latency_us",
+        ),
     ],
 )
 def test_bad_field_is_named(body: bytes, field: str) -> None:
@@ -75,5 +102,12 @@ def test_unknown_type_is_refused() -> None:
 
 def test_event_types_follow_spec() -> None:
     assert set(ev.EVENT_TYPES) == {
-        "snapshot", "episode", "phase", "attack_profile", "prediction", "model_metric", "embedding", "model_perf"
+        "snapshot",
+        "episode",
+        "phase",
+        "attack_profile",
+        "prediction",
+        "model_metric",
+        "embedding",
+        "model_perf",
     }

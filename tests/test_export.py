@@ -1,4 +1,5 @@
 """`phasewatch export`: graphs proven (checker, opset, parity), manifest, SHA256SUMS, atomic swap."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from export_kit import SIGNAL, Corpus, load_standin, make_run, synthetic_windows
 from onnx import helper
 
-from export_kit import SIGNAL, Corpus, load_standin, make_run, synthetic_windows
 from schema import extract
 from schema.channels import CHANNEL_NAMES, REALISTIC_CHANNELS, view_channels
 from schema.hashing import schema_hash
@@ -50,8 +51,9 @@ def test_export_real_models_parity_and_contents(tmp_path: Path) -> None:
     manifest = export_run(tmp_path / "run", out, progress=False, windows=Corpus(arrays))
 
     names = {f"{m}-{t}.onnx" for m in MODELS for t in THREAT_MODELS}
-    assert names | {"projector-realistic.onnx", "projector-oracle.onnx", "manifest.json", "SHA256SUMS"} == \
-        {p.name for p in out.iterdir()}
+    assert names | {"projector-realistic.onnx", "projector-oracle.onnx", "manifest.json", "SHA256SUMS"} == {
+        p.name for p in out.iterdir()
+    }
     for entry in manifest.models:
         assert entry.parity is not None
         assert entry.parity.windows == int((arrays["host"] == "h2").sum())
@@ -87,7 +89,9 @@ def test_export_real_models_parity_and_contents(tmp_path: Path) -> None:
     ms = load_models(out)
     probs = ms.run(arrays["tensor"][:3], arrays["summary"][:3])
     assert set(probs) == {n.removesuffix(".onnx") for n in names}
-    assert all(p.shape == (3, len(PHASES)) and np.allclose(p.sum(axis=1), 1, atol=1e-5) for p in probs.values())
+    assert all(
+        p.shape == (3, len(PHASES)) and np.allclose(p.sum(axis=1), 1, atol=1e-5) for p in probs.values()
+    )
 
 
 # --- the directory -----------------------------------------------------------------------------
@@ -106,8 +110,12 @@ def test_manifest_and_sums_describe_every_file(standin_run: Path, tmp_path: Path
     assert doc["onnxruntime"] == ">=1.17,!=1.21.*"
     for f in doc["files"]:
         assert f["sha256"] == listed[f["path"]] and f["bytes"] == (out / f["path"]).stat().st_size
-    assert {e["file"] for e in doc["models"]} == {"gbt-realistic.onnx", "cnn-realistic.onnx",
-                                                   "gbt-oracle.onnx", "cnn-oracle.onnx"}
+    assert {e["file"] for e in doc["models"]} == {
+        "gbt-realistic.onnx",
+        "cnn-realistic.onnx",
+        "gbt-oracle.onnx",
+        "cnn-oracle.onnx",
+    }
     assert doc["models"][0]["metrics"]["accuracy"] == 0.6
     assert {p["threat_model"] for p in doc["projectors"]} == set(THREAT_MODELS)
     # the held-out host h2 carries one infected episode of every profile
@@ -131,8 +139,9 @@ def test_parity_failure_aborts_and_names_model(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("models.tmp-*"))
 
 
-def test_interrupted_export_leaves_previous_directory(standin_run: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_export_leaves_previous_directory(
+    standin_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "models"
     export_run(standin_run, out, loader=load_standin, progress=False)
     before = _digests(out)
@@ -148,22 +157,24 @@ def test_interrupted_export_leaves_previous_directory(standin_run: Path, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "run"]
 
 
-def test_reexport_replaces_directory_with_and_without_exchange(standin_run: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reexport_replaces_directory_with_and_without_exchange(
+    standin_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "models"
     export_run(standin_run, out, loader=load_standin, progress=False)
-    (out / "bench.json").write_text("{}")        # written by `phasewatch bench`; gone after a re-export
+    (out / "bench.json").write_text("{}")  # written by `phasewatch bench`; gone after a re-export
     export_run(standin_run, out, loader=load_standin, progress=False)
     assert not (out / "bench.json").exists()
-    monkeypatch.setattr(export_mod, "_exchange", lambda a, b: False)   # no renameat2: two renames
+    monkeypatch.setattr(export_mod, "_exchange", lambda a, b: False)  # no renameat2: two renames
     (out / "bench.json").write_text("{}")
     export_run(standin_run, out, loader=load_standin, progress=False)
     assert not (out / "bench.json").exists() and (out / "SHA256SUMS").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "run"]
 
 
-def test_failed_second_rename_puts_the_previous_export_back(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_second_rename_puts_the_previous_export_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out, new = tmp_path / "models", tmp_path / "models.tmp-x"
     out.mkdir()
     (out / "SHA256SUMS").write_text("previous\n")
@@ -211,8 +222,9 @@ def test_listed_but_missing_checkpoint_and_bad_json_are_named(standin_run: Path,
         export_run(standin_run, tmp_path / "models", loader=load_standin, progress=False)
 
 
-def test_cli_export(standin_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export(
+    standin_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from trainer.cli import main
 
     monkeypatch.setattr("trainer.models.load_model", load_standin)
@@ -227,14 +239,18 @@ def test_cli_export(standin_run: Path, tmp_path: Path, monkeypatch: pytest.Monke
 
 def _tiny(opsets: list[tuple[str, int]], domain: str = "") -> onnx.ModelProto:
     node = helper.make_node("Relu", ["features"], ["probabilities"], domain=domain)
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, [1, 5])],
-                          [helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [1, 5])])
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, [1, 5])],
+        [helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [1, 5])],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
 
 
 def test_check_graph_limits() -> None:
     proto = _tiny([("", 17)])
-    assert proto.ir_version > MAX_IR_VERSION            # this onnx stamps a newer IR than the Pi reads
+    assert proto.ir_version > MAX_IR_VERSION  # this onnx stamps a newer IR than the Pi reads
     assert check_graph(proto, "x.onnx") == {"ai.onnx": 17}
     assert proto.ir_version == MAX_IR_VERSION
     onnx.checker.check_model(proto, full_check=True)
@@ -281,7 +297,9 @@ def test_projector_refuses_bad_input() -> None:
 
 def test_envelopes_follow_the_signature_channel() -> None:
     a = synthetic_windows(episodes_per_profile=3)
-    envs = {e.name: e for e in compute_envelopes(a["tensor"], a["y"], a["episode"], a["profile"], a["window"])}
+    envs = {
+        e.name: e for e in compute_envelopes(a["tensor"], a["y"], a["episode"], a["profile"], a["window"])
+    }
     assert set(envs) == set(PROFILES)
     cpu = envs["cpu-saturate"]
     assert cpu.episodes == 3 and len(cpu.curve) == POINTS
@@ -293,8 +311,9 @@ def test_envelopes_follow_the_signature_channel() -> None:
     assert envs["disk-encrypt"].channel == "qmp.blk_rd_bytes+qmp.blk_wr_bytes"
     # shuffled input gives the same envelopes (windows are ordered by their number)
     perm = np.random.default_rng(0).permutation(len(a["y"]))
-    again = compute_envelopes(a["tensor"][perm], a["y"][perm], a["episode"][perm], a["profile"][perm],
-                              a["window"][perm])
+    again = compute_envelopes(
+        a["tensor"][perm], a["y"][perm], a["episode"][perm], a["profile"][perm], a["window"][perm]
+    )
     assert [e.curve for e in again] == [envs[e.name].curve for e in again]
 
 
@@ -303,10 +322,12 @@ def test_envelope_channel_is_the_one_that_rises_in_this_corpus() -> None:
     mem = a["profile"] == "mem-inflate"
     for name in ("proc.rss_kb", "guest.mem_used_kb"):
         c = CHANNEL_NAMES.index(name)
-        a["tensor"][mem, c] = a["tensor"][mem & (a["y"] == 0), c].mean()     # flat: nothing rises
+        a["tensor"][mem, c] = a["tensor"][mem & (a["y"] == 0), c].mean()  # flat: nothing rises
     balloon = CHANNEL_NAMES.index("qmp.balloon_actual_kb")
     a["tensor"][mem & (a["y"] >= 2), balloon] *= 50.0
-    envs = {e.name: e for e in compute_envelopes(a["tensor"], a["y"], a["episode"], a["profile"], a["window"])}
+    envs = {
+        e.name: e for e in compute_envelopes(a["tensor"], a["y"], a["episode"], a["profile"], a["window"])
+    }
     assert envs["mem-inflate"].channel == "qmp.balloon_actual_kb"
 
 
@@ -315,6 +336,6 @@ def test_envelopes_on_a_channel_subset_and_length_checks() -> None:
     real = extract.view(a["tensor"], "realistic", "tensor")
     names = [CHANNEL_NAMES[c] for c in REALISTIC_CHANNELS]
     envs = compute_envelopes(real, a["y"], a["episode"], a["profile"], a["window"], names)
-    assert [e.name for e in envs] == list(PROFILES)    # every signature channel is host-side
+    assert [e.name for e in envs] == list(PROFILES)  # every signature channel is host-side
     with pytest.raises(ValueError, match="disagree in length"):
         compute_envelopes(real, a["y"][:-1], a["episode"], a["profile"], a["window"], names)

@@ -1,4 +1,5 @@
 """The one extractor: alignment, transforms, coverage, and the golden features."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,14 +28,21 @@ def _stream(source: str, hz: float, seconds: float, *, t_offset_ns: int = 0, mon
     """Deterministic rows (no RNG): counters grow at a wobbling rate, gauges oscillate."""
     n = int(seconds * hz)
     i = np.arange(n, dtype=np.float64)
-    t = T0 + t_offset_ns + (i * (S / hz)).astype(np.int64) + ((i * 7919) % 11 - 5).astype(np.int64) * 1_000_000
+    t = (
+        T0
+        + t_offset_ns
+        + (i * (S / hz)).astype(np.int64)
+        + ((i * 7919) % 11 - 5).astype(np.int64) * 1_000_000
+    )
     fields = row_fields(source)
     v = np.empty((n, len(fields)))
     for j, name in enumerate(fields):
         wave = 1.0 + 0.5 * np.sin(i / (5.0 + j) + j)
         if name == "interval_ms":
             v[:, j] = 100.0
-        elif source != "netflow" and any(k in name for k in ("ticks", "bytes", "sysc", "ctxt", "majflt", "forks", "time_ns", "ops")):
+        elif source != "netflow" and any(
+            k in name for k in ("ticks", "bytes", "sysc", "ctxt", "majflt", "forks", "time_ns", "ops")
+        ):
             v[:, j] = np.cumsum(wave * (j + 1) * 10.0)
         else:
             v[:, j] = wave * (j + 3)
@@ -51,7 +59,11 @@ def fixed_episode(seconds: float = 60.0) -> dict[str, Cols]:
     }
 
 
-LABELS = [Label(t_wall_ns=T0, phase="clean"), Label(t_wall_ns=T0 + 22 * S, phase="armed"), Label(t_wall_ns=T0 + 40 * S, phase="infecting")]
+LABELS = [
+    Label(t_wall_ns=T0, phase="clean"),
+    Label(t_wall_ns=T0 + 22 * S, phase="armed"),
+    Label(t_wall_ns=T0 + 40 * S, phase="infecting"),
+]
 
 # Pinned features of fixed_episode(), per schema hash. Changing extraction output without
 # bumping EXTRACTOR_VERSION (and so the schema hash) fails here.
@@ -69,7 +81,9 @@ def _digest(ew: extract.EpisodeWindows) -> str:
 
 def test_golden_features_are_pinned_to_the_schema_hash() -> None:
     ew = extract.extract_streams(fixed_episode(), T0, LABELS)
-    assert schema_hash() in GOLDEN, f"new schema hash {schema_hash()} (extractor v{EXTRACTOR_VERSION}): add its golden digest"
+    assert schema_hash() in GOLDEN, (
+        f"new schema hash {schema_hash()} (extractor v{EXTRACTOR_VERSION}): add its golden digest"
+    )
     assert _digest(ew) == GOLDEN[schema_hash()], (
         "extraction output changed but the schema hash did not: bump EXTRACTOR_VERSION in schema/channels.py"
     )
@@ -165,7 +179,10 @@ def test_ring_buffer_of_recent_rows_gives_identical_bits() -> None:
     full = extract.extract_streams(streams, T0, LABELS)
     for w in (3, 7, 10):
         start = extract.window_start_ns(T0, w)
-        recent = {s: Cols(c.t_wall_ns[c.t_wall_ns >= start - 6 * S], c.values[c.t_wall_ns >= start - 6 * S]) for s, c in streams.items()}
+        recent = {
+            s: Cols(c.t_wall_ns[c.t_wall_ns >= start - 6 * S], c.values[c.t_wall_ns >= start - 6 * S])
+            for s, c in streams.items()
+        }
         win = extract.extract_window(recent, T0, w)
         i = full.windows.tolist().index(w)
         assert np.array_equal(win.tensor, full.tensor[i], equal_nan=True)

@@ -3,6 +3,7 @@
 ``build_models_dir`` writes a complete models directory (12 graphs, 2 projectors,
 manifest.json, SHA256SUMS, bench.json) from small ``onnx.helper`` graphs whose maths is
 reproduced in numpy, so a test can check every number the engine publishes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,9 @@ import msgspec
 import numpy as np
 import onnx
 import pytest
+from archive_kit import episode_members
 from onnx import TensorProto, helper, numpy_helper
 
-from archive_kit import episode_members
 from edge.infer import Engine, metric_value, pick_primary, startup_events
 from edge.modelset import Envelope, FileEntry, Manifest, ModelEntry, ProjectorEntry, load_models
 from edge.tail import WindowJob
@@ -56,8 +57,10 @@ def _model(key: str, kind: str, n_ch: int, meta: dict[str, str]) -> onnx.ModelPr
         nodes = []
         w = _weights(key, width, len(PHASES))
         src = "features"
-    nodes += [helper.make_node("MatMul", [src, "W"], ["logits"]),
-              helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
+    nodes += [
+        helper.make_node("MatMul", [src, "W"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
     out = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(PHASES)])
     graph = helper.make_graph(nodes, key, [inp], [out], [numpy_helper.from_array(w, "W")])
     return _finish(graph, meta)
@@ -72,10 +75,14 @@ def _projector(threat: str, n_ch: int, meta: dict[str, str]) -> onnx.ModelProto:
         helper.make_node("MatMul", ["features", "C"], ["c"]),
         helper.make_node("ArgMax", ["c"], ["cluster"], axis=1, keepdims=0),
     ]
-    outs = [helper.make_tensor_value_info("xyz", TensorProto.FLOAT, ["N", 3]),
-            helper.make_tensor_value_info("cluster", TensorProto.INT64, ["N"])]
-    inits = [numpy_helper.from_array(_weights("P" + threat, width, 3), "P"),
-             numpy_helper.from_array(_weights("C" + threat, width, 4), "C")]
+    outs = [
+        helper.make_tensor_value_info("xyz", TensorProto.FLOAT, ["N", 3]),
+        helper.make_tensor_value_info("cluster", TensorProto.INT64, ["N"]),
+    ]
+    inits = [
+        numpy_helper.from_array(_weights("P" + threat, width, 3), "P"),
+        numpy_helper.from_array(_weights("C" + threat, width, 4), "C"),
+    ]
     return _finish(helper.make_graph(nodes, "projector", [inp], outs, inits), meta)
 
 
@@ -108,33 +115,74 @@ def build_models_dir(
             kind = MODEL_INPUT[name]
             key = f"{name}-{threat}"
             acc = accuracy[name] - (0.0 if threat == "oracle" else 0.05)
-            meta = {"schema_hash": schema, "model": name, "threat_model": threat, "input_kind": kind,
-                    "channels": json.dumps(chans), "classes": json.dumps(list(PHASES))}
+            meta = {
+                "schema_hash": schema,
+                "model": name,
+                "threat_model": threat,
+                "input_kind": kind,
+                "channels": json.dumps(chans),
+                "classes": json.dumps(list(PHASES)),
+            }
             files[f"{key}.onnx"] = _model(key, kind, len(chans), meta).SerializeToString()
             shape = [len(chans), WINDOW_STEPS] if kind == "tensor" else [len(chans) * K]
-            entries.append(ModelEntry(file=f"{key}.onnx", model=name, threat_model=threat, input_kind=kind,
-                                      channels=chans, input_shape=shape,
-                                      metrics={"accuracy": {"value": acc, "ci": [acc - 0.02, acc + 0.02]}}))
+            entries.append(
+                ModelEntry(
+                    file=f"{key}.onnx",
+                    model=name,
+                    threat_model=threat,
+                    input_kind=kind,
+                    channels=chans,
+                    input_shape=shape,
+                    metrics={"accuracy": {"value": acc, "ci": [acc - 0.02, acc + 0.02]}},
+                )
+            )
         meta = {"schema_hash": schema, "threat_model": threat, "channels": json.dumps(chans)}
         files[f"projector-{threat}.onnx"] = _projector(threat, len(chans), meta).SerializeToString()
-        projectors.append(ProjectorEntry(file=f"projector-{threat}.onnx", threat_model=threat, channels=chans,
-                                         input_shape=[len(chans) * K], n_clusters=4, fitted_on="test", n_fit=1))
+        projectors.append(
+            ProjectorEntry(
+                file=f"projector-{threat}.onnx",
+                threat_model=threat,
+                channels=chans,
+                input_shape=[len(chans) * K],
+                n_clusters=4,
+                fitted_on="test",
+                n_fit=1,
+            )
+        )
     for name, data in files.items():
         (out / name).write_bytes(data)
     manifest = Manifest(
-        schema_hash=schema, created="2026-01-01T00:00:00Z", classes=list(PHASES), window_s=10, stride_s=5,
-        rate_hz=10, opset=17, onnxruntime="1.17",
-        files=[FileEntry(path=n, sha256=hashlib.sha256(d).hexdigest(), bytes=len(d),
-                         kind="projector" if n.startswith("projector") else "model") for n, d in files.items()],
-        models=entries, projectors=projectors,
+        schema_hash=schema,
+        created="2026-01-01T00:00:00Z",
+        classes=list(PHASES),
+        window_s=10,
+        stride_s=5,
+        rate_hz=10,
+        opset=17,
+        onnxruntime="1.17",
+        files=[
+            FileEntry(
+                path=n,
+                sha256=hashlib.sha256(d).hexdigest(),
+                bytes=len(d),
+                kind="projector" if n.startswith("projector") else "model",
+            )
+            for n, d in files.items()
+        ],
+        models=entries,
+        projectors=projectors,
         envelopes=[Envelope(name="cpu-saturate", curve=[0.0, 0.5, 1.0, 1.0], shape="one vCPU pegged")],
     )
     files["manifest.json"] = msgspec.json.encode(manifest)
     (out / "manifest.json").write_bytes(files["manifest.json"])
-    (out / "SHA256SUMS").write_text("".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in sorted(files.items())))
+    (out / "SHA256SUMS").write_text(
+        "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in sorted(files.items()))
+    )
     if bench:
-        rows = [{"model": m, "threat_model": t, "latency_us": 100.0 + i, "p99_us": 300.0 + i}
-                for i, (m, t) in enumerate((m, t) for t in threats for m in models)]
+        rows = [
+            {"model": m, "threat_model": t, "latency_us": 100.0 + i, "p99_us": 300.0 + i}
+            for i, (m, t) in enumerate((m, t) for t in threats for m in models)
+        ]
         (out / "bench.json").write_text(json.dumps({"models": rows}))
     return out
 
@@ -177,12 +225,21 @@ def test_every_model_scores_what_its_graph_computes(modelset) -> None:
         assert len(preds) == 12 and s.usable
         for m in modelset.models:
             chans = list(m.channels)
-            x = win.tensor[None, chans, :] if m.input_kind == "tensor" else summ.reshape(46, K)[None, chans, :].reshape(1, -1)
+            x = (
+                win.tensor[None, chans, :]
+                if m.input_kind == "tensor"
+                else summ.reshape(46, K)[None, chans, :].reshape(1, -1)
+            )
             want = expected_probs(m.key, m.input_kind, x)[0]
             p = preds[m.key]
             assert p.predicted == PHASES[int(np.argmax(want))]
             assert p.confidence == pytest.approx(float(want.max()), rel=1e-4)
-            assert (p.window_idx, p.window_no, p.actual, p.episode_id) == (s.job.w % 6, s.job.w, "armed", "ep-1")
+            assert (p.window_idx, p.window_no, p.actual, p.episode_id) == (
+                s.job.w % 6,
+                s.job.w,
+                "armed",
+                "ep-1",
+            )
         primary = [e for e in s.events if isinstance(e, Prediction)]
         assert [p.model for p in primary] == ["gru-realistic"]
         (emb,) = [e for e in s.late if isinstance(e, Embedding)]
@@ -198,7 +255,9 @@ def test_batched_scoring_equals_one_window_at_a_time(modelset) -> None:
     together = engine.score([_job(streams, w) for w in range(5)])
     alone = [engine.score([_job(streams, w)])[0] for w in range(5)]
     for a, b in zip(together, alone):
-        assert [msgspec.json.encode(e) for e in a.all_events] == [msgspec.json.encode(e) for e in b.all_events]
+        assert [msgspec.json.encode(e) for e in a.all_events] == [
+            msgspec.json.encode(e) for e in b.all_events
+        ]
 
 
 def test_oracle_models_skip_a_window_without_the_guest_agent(modelset) -> None:

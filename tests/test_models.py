@@ -1,4 +1,5 @@
 """The six models behind one interface: learning, determinism, checkpoints, ONNX parity."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,14 @@ from trainer.models import SchemaMismatch, build_model, load_model
 # No wall-clock budget: on a loaded CI machine it would cut training short and break
 # determinism. One thread: tiny batches gain nothing from two, and lose a lot when the
 # cores are shared.
-FAST = {"gbt": {"rounds": 40, "threads": 1},
-        "mlp": {"epochs": 15, "patience": 15, "max_seconds": None, "threads": 1},
-        **{m: {"epochs": 8, "patience": 8, "max_seconds": None, "threads": 1} for m in ("cnn", "gru", "lstm", "transformer")}}
+FAST = {
+    "gbt": {"rounds": 40, "threads": 1},
+    "mlp": {"epochs": 15, "patience": 15, "max_seconds": None, "threads": 1},
+    **{
+        m: {"epochs": 8, "patience": 8, "max_seconds": None, "threads": 1}
+        for m in ("cnn", "gru", "lstm", "transformer")
+    },
+}
 C, T, F = 6, 20, 24
 # Raw-unit spread like the real channels: % next to B/s; the models must normalise themselves.
 SCALE = np.array([1.0, 100.0, 1e3, 1e5, 1e7, 10.0], np.float32)
@@ -144,7 +150,9 @@ def test_kept_weights_are_the_best_on_validation() -> None:
     x_val, y_val = toy(kind, 100, seed=9)
     # Noisy labels on half the training set make later epochs worse than the best one.
     y_tr = np.where(np.arange(300) % 2 == 0, (y_tr + 1) % 5, y_tr)
-    model = build_model("cnn", x_tr.shape[1:], profile="demo", seed=0, epochs=8, patience=8, max_seconds=None, threads=1)
+    model = build_model(
+        "cnn", x_tr.shape[1:], profile="demo", seed=0, epochs=8, patience=8, max_seconds=None, threads=1
+    )
     fit = model.fit(x_tr, y_tr, x_val, y_val)
     scores = [row["val_f1"] for row in fit.history]
     assert fit.best_val_f1 == max(scores) and scores[fit.best_epoch - 1] == max(scores)

@@ -1,5 +1,6 @@
 """The edge loader: a good models directory loads and runs; every kind of bad one is refused
 with a message naming the file and both hashes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from export_kit import make_run, synthetic_windows
 
 from edge.modelset import ModelSetError, check_runtime, load_models, sha256_file
-from export_kit import make_run, synthetic_windows
 from schema import extract
 from schema.hashing import schema_hash
 from schema.vocab import PHASES
@@ -62,15 +63,17 @@ def _rewrite_sums(d: Path) -> None:
 def test_good_directory_loads_and_runs(models: Path, run_dir: Path) -> None:
     ms = load_models(models, expected_schema_hash=schema_hash(), threads=1)
     assert sorted(m.key for m in ms.models) == sorted(
-        f"{m}-{t}" for m in ("gbt", "mlp", "cnn", "gru") for t in ("realistic", "oracle"))
+        f"{m}-{t}" for m in ("gbt", "mlp", "cnn", "gru") for t in ("realistic", "oracle")
+    )
     a = synthetic_windows(seed=5)
     out = ms.run(a["tensor"][0], a["summary"][0])
     assert all(p.shape == (1, len(PHASES)) and abs(float(p.sum()) - 1) < 1e-5 for p in out.values())
     # each graph got its own threat model's slice of the full window
     cnn = next(m for m in ms.models if m.key == "cnn-realistic")
     direct = ort.InferenceSession(str(models / "cnn-realistic.onnx")).run(
-        ["probabilities"], {"features": extract.view(a["tensor"][:1], "realistic", "tensor")})[0]
-    assert np.allclose(out["cnn-realistic"], direct, atol=1e-6)   # thread count may round differently
+        ["probabilities"], {"features": extract.view(a["tensor"][:1], "realistic", "tensor")}
+    )[0]
+    assert np.allclose(out["cnn-realistic"], direct, atol=1e-6)  # thread count may round differently
     assert len(cnn.channels) == 30 and cnn.input_kind == "tensor" and cnn.metrics["accuracy"] == 0.6
     # and equals the native model the run trained, fed the same raw features
     from trainer.models import load_model
@@ -148,8 +151,10 @@ def test_sums_and_manifest_hash_mismatch_is_refused(models: Path) -> None:
     (models / "manifest.json").write_text(json.dumps(manifest))
     # SHA256SUMS updated for the edited manifest, so only the two lists disagree
     sums = (models / "SHA256SUMS").read_text().splitlines()
-    sums = [f"{sha256_file(models / 'manifest.json')}  manifest.json" if s.endswith("manifest.json") else s
-            for s in sums]
+    sums = [
+        f"{sha256_file(models / 'manifest.json')}  manifest.json" if s.endswith("manifest.json") else s
+        for s in sums
+    ]
     (models / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     with pytest.raises(ModelSetError) as err:
         load_models(models)
@@ -171,7 +176,7 @@ def test_model_with_wrong_schema_hash_in_metadata_is_refused(models: Path) -> No
         if p.key == "schema_hash":
             p.value = OTHER_HASH
     onnx.save(proto, str(path))
-    _rewrite_sums(models)        # the files are intact; only what the model was built for is wrong
+    _rewrite_sums(models)  # the files are intact; only what the model was built for is wrong
     with pytest.raises(ModelSetError) as err:
         load_models(models)
     msg = str(err.value)

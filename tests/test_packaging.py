@@ -1,17 +1,27 @@
 """Edge first: what the Pi installs, and that the wheel serves the deck."""
+
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINER_ONLY = ("torch", "xgboost", "xgboost-cpu", "onnx", "onnxmltools", "scikit-learn", "matplotlib", "tqdm")
+TRAINER_ONLY = (
+    "torch",
+    "xgboost",
+    "xgboost-cpu",
+    "onnx",
+    "onnxmltools",
+    "scikit-learn",
+    "matplotlib",
+    "tqdm",
+)
 
 
 def _name(req: str) -> str:
@@ -20,8 +30,20 @@ def _name(req: str) -> str:
 
 def test_edge_extra_pulls_in_nothing_heavy() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    edge = {_name(r) for r in project["optional-dependencies"]["edge"]} | {_name(r) for r in project["dependencies"]}
-    assert edge == {"numpy", "msgspec", "zstandard", "onnxruntime", "trio", "trio-websocket"}
+    edge = {_name(r) for r in project["optional-dependencies"]["edge"]} | {
+        _name(r) for r in project["dependencies"]
+    }
+    assert edge == {
+        "numpy",
+        "msgspec",
+        "zstandard",
+        "onnxruntime",
+        "trio",
+        "trio-websocket",
+        "h11",
+        "paho-mqtt",
+        "inotify-simple",
+    }
     assert not edge & set(TRAINER_ONLY)
     ort = next(r for r in project["optional-dependencies"]["edge"] if _name(r) == "onnxruntime")
     assert "!=1.21.*" in ort  # SIGILL on a Pi 4
@@ -29,10 +51,14 @@ def test_edge_extra_pulls_in_nothing_heavy() -> None:
 
 def test_schema_and_edge_never_import_the_trainer_side() -> None:
     offenders = []
-    pattern = re.compile(r"^\s*(from|import)\s+(trainer|torch|xgboost|onnxmltools|onnx|sklearn|matplotlib|tqdm)\b", re.M)
+    pattern = re.compile(
+        r"^\s*(from|import)\s+(trainer|torch|xgboost|onnxmltools|onnx|sklearn|matplotlib|tqdm)\b", re.M
+    )
     for pkg in ("schema", "edge"):
         for py in (ROOT / pkg).rglob("*.py"):
-            offenders += [f"{py.relative_to(ROOT)}: {m.group(0).strip()}" for m in pattern.finditer(py.read_text())]
+            offenders += [
+                f"{py.relative_to(ROOT)}: {m.group(0).strip()}" for m in pattern.finditer(py.read_text())
+            ]
     assert offenders == []
 
 
@@ -52,8 +78,21 @@ def test_daemon_modules_import_without_trainer_packages() -> None:
 @pytest.mark.slow
 def test_wheel_ships_the_deck_inside_edge(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if out.returncode != 0 and "hatchling" in out.stderr:
         pytest.skip("hatchling is not installed in this environment")

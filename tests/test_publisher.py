@@ -1,15 +1,16 @@
 """The stdlib Publisher against a real HTTP endpoint on loopback."""
+
 from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from schema.events import ModelMetric
-from schema.publisher import PublishError, Publisher
+from schema.publisher import Publisher, PublishError
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def endpoint() -> Iterator[tuple[str, list]]:
     received: list = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             received.append((self.path, self.headers.get("Authorization"), body))
             if isinstance(body, dict) and body.get("model") == "refuse-me":
@@ -48,7 +49,11 @@ def test_publish_dict_struct_and_list(endpoint) -> None:
     paths = {r[0] for r in received}
     assert paths == {"/publish"}
     assert received[0][1] == "Bearer s3cret"
-    assert received[1][2] == {"type": "model_metric", "model": "gru", "accuracy": 0.9}  # unset fields left out
+    assert received[1][2] == {
+        "type": "model_metric",
+        "model": "gru",
+        "accuracy": 0.9,
+    }  # unset fields left out
     assert len(received[2][2]) == 2
 
 

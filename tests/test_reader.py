@@ -1,4 +1,5 @@
 """The streaming archive reader: columns, bad lines with their place, caps, unsafe members."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,12 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import schema.reader as reader
-from schema.reader import Limits, decode_rows, read_episode
-from schema.rows import row_fields
-from schema.vocab import SOURCES
-
 from archive_kit import (
     big,
     episode_members,
@@ -27,6 +22,11 @@ from archive_kit import (
     write_raw,
     write_sidecar,
 )
+
+import schema.reader as reader
+from schema.reader import Limits, decode_rows, read_episode
+from schema.rows import row_fields
+from schema.vocab import SOURCES
 
 
 @pytest.fixture
@@ -89,8 +89,10 @@ def test_decode_rows_names_line_and_field_and_keeps_the_rest(good: tuple[Path, d
 
 
 def test_two_objects_on_one_line_and_blank_lines() -> None:
-    row = b'{"t_wall_ns":1,"t_mono_ns":2,"interval_ms":100,"pkts_in":1,"pkts_out":1,"bytes_in":1,' \
-          b'"bytes_out":1,"flows_new":1,"uniq_dst_ips":1,"uniq_dst_ports":1,"syn_out":1,"rst_in":1,"dns_queries":1}'
+    row = (
+        b'{"t_wall_ns":1,"t_mono_ns":2,"interval_ms":100,"pkts_in":1,"pkts_out":1,"bytes_in":1,'
+        b'"bytes_out":1,"flows_new":1,"uniq_dst_ips":1,"uniq_dst_ports":1,"syn_out":1,"rst_in":1,"dns_queries":1}'
+    )
     data = row + b"\n\n" + row + row + b"\n" + row
     cols, problems = decode_rows("netflow", data)
     # blank line 2 is skipped, line 3 holds two rows glued together (a lost newline)
@@ -148,8 +150,9 @@ def test_decompression_bomb_stops_at_the_total_cap_and_still_hashes(tmp_path: Pa
 def test_member_over_its_cap_is_not_read(tmp_path: Path) -> None:
     m = episode_members("ep-m", duration_s=20)
     del m["telemetry-guest.jsonl"]
-    ep_path = write_archive(tmp_path / "h" / "ep-m.tar.zst", m,
-                            extra=[big("ep-m/telemetry-guest.jsonl", 8 << 20)], level=1)
+    ep_path = write_archive(
+        tmp_path / "h" / "ep-m.tar.zst", m, extra=[big("ep-m/telemetry-guest.jsonl", 8 << 20)], level=1
+    )
     ep = read_episode(ep_path, limits=Limits(max_member_bytes=4 << 20))
     assert [(p.code, p.member) for p in ep.problems] == [("member_too_large", "telemetry-guest.jsonl")]
     assert "guest" not in ep.streams and ep.has_done_marker  # later members still read
@@ -181,7 +184,9 @@ def test_unsafe_members_are_refused(tmp_path: Path, member: tuple[tarfile.TarInf
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.6, 0.97])
-def test_truncated_zstd_is_fatal_even_with_a_matching_sidecar(good: tuple[Path, dict[str, bytes]], keep: float) -> None:
+def test_truncated_zstd_is_fatal_even_with_a_matching_sidecar(
+    good: tuple[Path, dict[str, bytes]], keep: float
+) -> None:
     path, _ = good
     truncate(path, keep)
     ep = read_episode(path)
@@ -254,8 +259,12 @@ def test_bisection_finds_every_bad_line_in_a_big_chunk(good: tuple[Path, dict[st
 def test_long_member_names(tmp_path: Path, fmt: int) -> None:
     # names past ustar's 100 bytes come from GNU long-name or PAX headers
     ep_id = "ep-" + "x" * 150
-    ep = read_episode(write_archive(tmp_path / "h" / f"{ep_id}.tar.zst", episode_members(ep_id, duration_s=20), format=fmt))
-    assert ep.problems == [] and ep.rows["proc"] == 200 and ep.meta is not None and ep.meta.episode_id == ep_id
+    ep = read_episode(
+        write_archive(tmp_path / "h" / f"{ep_id}.tar.zst", episode_members(ep_id, duration_s=20), format=fmt)
+    )
+    assert (
+        ep.problems == [] and ep.rows["proc"] == 200 and ep.meta is not None and ep.meta.episode_id == ep_id
+    )
 
 
 def test_tar_without_end_blocks_is_corrupt(tmp_path: Path) -> None:
@@ -270,4 +279,6 @@ def test_bad_tar_header_checksum_is_corrupt(tmp_path: Path) -> None:
     raw = bytearray(tar_bytes("ep-k", episode_members("ep-k", duration_s=20)))
     raw[0] ^= 0x20  # the first header's name changes, its checksum no longer matches
     ep = read_episode(write_raw(tmp_path / "h" / "ep-k.tar.zst", bytes(raw)))
-    assert ep.fatal and [p.code for p in ep.problems] == ["tar_corrupt"] and "checksum" in ep.problems[0].detail
+    assert (
+        ep.fatal and [p.code for p in ep.problems] == ["tar_corrupt"] and "checksum" in ep.problems[0].detail
+    )

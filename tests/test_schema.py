@@ -1,4 +1,5 @@
 """The channel table, the views and the schema hash."""
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,15 @@ def test_schema_hash_is_pinned() -> None:
 
 def test_schema_hash_covers_what_decides_the_numbers() -> None:
     doc = schema_document()
-    for key in ("channels", "rate_hz", "window_steps", "stride_steps", "summary_stats", "phases", "extractor_version"):
+    for key in (
+        "channels",
+        "rate_hz",
+        "window_steps",
+        "stride_steps",
+        "summary_stats",
+        "phases",
+        "extractor_version",
+    ):
         assert key in doc
     assert doc["phases"] == list(PHASES)
     # canonical: key order does not matter, content does

@@ -4,6 +4,7 @@ Run the latency probe by hand (publish -> WebSocket client, 10 clients, 1000 eve
 
     .venv/bin/python tests/test_server.py --probe 1000 --clients 10
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,14 @@ class Resp:
 
 
 async def exchange(
-    stream: trio.SocketStream, conn: h11.Connection, method: str, target: str, port: int,
-    body: bytes = b"", headers: Sequence[tuple[str, str]] = (), chunked: bool = False,
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    method: str,
+    target: str,
+    port: int,
+    body: bytes = b"",
+    headers: Sequence[tuple[str, str]] = (),
+    chunked: bool = False,
 ) -> Resp:
     hdrs = [("host", f"127.0.0.1:{port}"), *headers]
     if chunked:
@@ -67,7 +74,7 @@ async def exchange(
     if body:
         step = 1000 if chunked else len(body)
         for i in range(0, len(body), step):
-            await stream.send_all(conn.send(h11.Data(data=body[i:i + step])))
+            await stream.send_all(conn.send(h11.Data(data=body[i : i + step])))
     await stream.send_all(conn.send(h11.EndOfMessage()))
     response: h11.Response | None = None
     parts: list[bytes] = []
@@ -107,8 +114,10 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
             await trio.sleep(0.01)
 
 
-HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 
 
 async def raw_websocket(port: int, rcvbuf: int | None = None) -> trio.SocketStream:
@@ -128,6 +137,7 @@ async def raw_websocket(port: int, rcvbuf: int | None = None) -> trio.SocketStre
 
 
 # --- static files ------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def deck(tmp_path: Path) -> Path:
@@ -169,9 +179,19 @@ async def test_static_files_with_content_types(deck: Path) -> None:
 @trio.testing.trio_test
 async def test_static_refuses_traversal_and_missing(deck: Path) -> None:
     async with serving(static_dir=deck) as port:
-        for target in ["/../secret.txt", "/%2e%2e/secret.txt", "/sub/../../secret.txt", "/sub/%2E%2E/%2E%2E/secret.txt",
-                       "/..%2fsecret.txt", "//etc/passwd", "/link.txt", "/nope.js", "/sub/nope", "/app.js%00.png",
-                       "/..\\secret.txt"]:
+        for target in [
+            "/../secret.txt",
+            "/%2e%2e/secret.txt",
+            "/sub/../../secret.txt",
+            "/sub/%2E%2E/%2E%2E/secret.txt",
+            "/..%2fsecret.txt",
+            "//etc/passwd",
+            "/link.txt",
+            "/nope.js",
+            "/sub/nope",
+            "/app.js%00.png",
+            "/..\\secret.txt",
+        ]:
             r = await http(port, "GET", target)
             assert r.status == 404, target
             assert b"do not serve" not in r.body
@@ -186,19 +206,26 @@ async def test_no_static_dir_is_404() -> None:
 
 # --- /publish --------------------------------------------------------------------------------------
 
+
 @trio.testing.trio_test
 async def test_publish_one_and_a_list_reach_every_client() -> None:
     b = Broadcaster()
     async with serving(b) as port:
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws1, \
-                open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws2:
+        async with (
+            open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws1,
+            open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws2,
+        ):
             await wait_for(lambda: b.client_count == 2)
             r = await http(port, "POST", "/publish", b'{"type":"model_metric","model":"gru","accuracy":0.91}')
             assert (r.status, r.json()) == (200, {"delivered": 2})
             for ws in (ws1, ws2):
                 assert await get_json(ws) == {"type": "model_metric", "model": "gru", "accuracy": 0.91}
-            body = json.dumps([{"type": "phase", "phase": "armed", "ignored_extra": 1},
-                               {"type": "prediction", "episode_id": "e1", "window_idx": 2, "predicted": "armed"}])
+            body = json.dumps(
+                [
+                    {"type": "phase", "phase": "armed", "ignored_extra": 1},
+                    {"type": "prediction", "episode_id": "e1", "window_idx": 2, "predicted": "armed"},
+                ]
+            )
             r = await http(port, "POST", "/publish", body.encode())
             assert (r.status, r.json()) == (200, {"delivered": 2})
             for ws in (ws1, ws2):
@@ -206,19 +233,22 @@ async def test_publish_one_and_a_list_reach_every_client() -> None:
                 assert (await get_json(ws))["window_idx"] == 2
     r_no_clients = None
     async with serving(b) as port:
-        r_no_clients = await http(port, "POST", "/publish", b'[]')
+        r_no_clients = await http(port, "POST", "/publish", b"[]")
     assert r_no_clients.json() == {"delivered": 0}
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    (b'{"type":"model_metric","model":"gru","accuracy":1.5}', "$.accuracy"),
-    (b'[{"type":"phase","phase":"clean"},{"type":"phase","phase":"exfil"}]', "$[1].phase"),
-    (b'{"type":"prediction","window_idx":1}', "$.episode_id"),
-    (b'[{"type":"phase","phase":"clean"},{"type":"embedding","y":0.1}]', "$[1].x"),
-    (b'{"type":"nonsense"}', "$.type"),
-    (b'{"type":"embedding","x":0.1,"y":0.2,"cluster":-1}', "$.cluster"),
-    (b'{"type": "phase", "phase": ', None),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"type":"model_metric","model":"gru","accuracy":1.5}', "$.accuracy"),
+        (b'[{"type":"phase","phase":"clean"},{"type":"phase","phase":"exfil"}]', "$[1].phase"),
+        (b'{"type":"prediction","window_idx":1}', "$.episode_id"),
+        (b'[{"type":"phase","phase":"clean"},{"type":"embedding","y":0.1}]', "$[1].x"),
+        (b'{"type":"nonsense"}', "$.type"),
+        (b'{"type":"embedding","x":0.1,"y":0.2,"cluster":-1}', "$.cluster"),
+        (b'{"type": "phase", "phase": ', None),
+    ],
+)
 def test_publish_400_names_the_field(body: bytes, field: str | None) -> None:
     async def main() -> None:
         metrics = Metrics()
@@ -243,8 +273,15 @@ async def test_publish_413_before_and_while_reading() -> None:
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 conn = h11.Connection(h11.CLIENT)
-                await stream.send_all(conn.send(h11.Request(method="POST", target="/publish", headers=[
-                    ("host", "x"), ("content-length", str(10**9))])))
+                await stream.send_all(
+                    conn.send(
+                        h11.Request(
+                            method="POST",
+                            target="/publish",
+                            headers=[("host", "x"), ("content-length", str(10**9))],
+                        )
+                    )
+                )
                 while (event := conn.next_event()) is h11.NEED_DATA:
                     conn.receive_data(await stream.receive_some(4096))
                 assert isinstance(event, h11.Response) and event.status_code == 413
@@ -291,7 +328,8 @@ async def test_publish_401_without_the_token_and_stdlib_publisher_with_it() -> N
             await get_json(ws)  # the phase above, replayed
             await wait_for(lambda: b.client_count == 1)
             delivered = await trio.to_thread.run_sync(
-                Publisher(url, token="s3cret").publish, ModelMetric(model="gru", accuracy=0.8))
+                Publisher(url, token="s3cret").publish, ModelMetric(model="gru", accuracy=0.8)
+            )
             assert delivered == 1
             assert (await get_json(ws))["model"] == "gru"
             with pytest.raises(PublishError) as info:
@@ -312,6 +350,7 @@ async def test_publish_from_a_cross_origin_page_is_refused() -> None:
 
 # --- WebSocket ---------------------------------------------------------------------------------
 
+
 @trio.testing.trio_test
 async def test_late_client_gets_sticky_state_first() -> None:
     b = Broadcaster()
@@ -325,7 +364,9 @@ async def test_late_client_gets_sticky_state_first() -> None:
     async with serving(b) as port:
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws:
             got = [await get_json(ws) for _ in range(6)]
-            assert [g["type"] for g in got] == ["snapshot", "attack_profile", "model_metric"] + ["embedding"] * 3
+            assert [g["type"] for g in got] == ["snapshot", "attack_profile", "model_metric"] + [
+                "embedding"
+            ] * 3
             assert got[0]["total_bytes"] == 20
             await wait_for(lambda: b.client_count == 1)
             b.publish(Prediction(episode_id="e1", window_idx=0, predicted="clean"))
@@ -333,7 +374,12 @@ async def test_late_client_gets_sticky_state_first() -> None:
         # reconnecting gets the state again, now with the prediction
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws:
             got = [await get_json(ws) for _ in range(7)]
-            assert got[-1] == {"type": "prediction", "episode_id": "e1", "window_idx": 0, "predicted": "clean"}
+            assert got[-1] == {
+                "type": "prediction",
+                "episode_id": "e1",
+                "window_idx": 0,
+                "predicted": "clean",
+            }
 
 
 @trio.testing.trio_test
@@ -351,6 +397,7 @@ async def test_stalled_client_never_slows_a_fast_one() -> None:
             publish_s: list[float] = []
             start = time.perf_counter()
             async with trio.open_nursery() as nursery:
+
                 async def receive_all() -> None:
                     for _ in range(n):
                         got.append(int((await get_json(fast, 10))["episode_id"]))
@@ -372,8 +419,10 @@ async def test_stalled_client_never_slows_a_fast_one() -> None:
     assert metrics.events_dropped.value(reason="overflow") > 0
     ended = {r: metrics.connection_errors.value(reason=r) for r in ("stalled", "send_timeout")}
     assert sum(ended.values()) == 1, ended
-    print(f"\nfast client: {n} x 4 KiB in {elapsed:.2f} s, publish median {publish_s[n // 2] * 1e6:.0f} us, "
-          f"stalled one ended by {[r for r, v in ended.items() if v]}")
+    print(
+        f"\nfast client: {n} x 4 KiB in {elapsed:.2f} s, publish median {publish_s[n // 2] * 1e6:.0f} us, "
+        f"stalled one ended by {[r for r, v in ended.items() if v]}"
+    )
 
 
 @trio.testing.trio_test
@@ -404,6 +453,7 @@ async def test_websocket_needs_a_real_handshake() -> None:
 
 
 # --- robustness ----------------------------------------------------------------------------------
+
 
 @trio.testing.trio_test
 async def test_bad_connections_end_alone() -> None:
@@ -441,10 +491,11 @@ async def test_bad_connections_end_alone() -> None:
 
 # --- /healthz and /metrics ---------------------------------------------------------------------
 
+
 @trio.testing.trio_test
 async def test_healthz_merges_health_and_clients() -> None:
     b = Broadcaster()
-    health = lambda: {"models": {"gru-host": "ab12"}, "live_episodes": 3}  # noqa: E731
+    health = lambda: {"models": {"gru-host": "ab12"}, "live_episodes": 3}
     async with serving(b, health=health) as port:
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws"):
             await wait_for(lambda: b.client_count == 1)
@@ -508,8 +559,11 @@ async def test_metrics_endpoint_in_exposition_format() -> None:
     assert samples["phasewatch_clients"] == 1
     assert samples["phasewatch_live_episodes"] == 10
     assert samples['phasewatch_parse_errors_total{stream="proc"}'] == 1
-    buckets = [(float(m.group(1).replace("Inf", "inf")), v) for k, v in samples.items()
-               if (m := re.fullmatch(r'phasewatch_inference_seconds_bucket\{model="gru",le="([^"]+)"\}', k))]
+    buckets = [
+        (float(m.group(1).replace("Inf", "inf")), v)
+        for k, v in samples.items()
+        if (m := re.fullmatch(r'phasewatch_inference_seconds_bucket\{model="gru",le="([^"]+)"\}', k))
+    ]
     assert [le for le, _ in buckets] == [*LATENCY_BUCKETS, math.inf]
     counts = [v for _, v in buckets]
     assert counts == sorted(counts) and counts[-1] == 4  # cumulative, +Inf == _count
@@ -519,7 +573,13 @@ async def test_metrics_endpoint_in_exposition_format() -> None:
 
 
 def test_metric_values_and_label_checks() -> None:
-    assert [format_value(v) for v in (3, 2.0, 0.25, math.inf, -math.inf)] == ["3", "2", "0.25", "+Inf", "-Inf"]
+    assert [format_value(v) for v in (3, 2.0, 0.25, math.inf, -math.inf)] == [
+        "3",
+        "2",
+        "0.25",
+        "+Inf",
+        "-Inf",
+    ]
     m = Metrics()
     with pytest.raises(ValueError, match="labels"):
         m.windows_inferred.inc(modle="gru")
@@ -532,6 +592,7 @@ def test_metric_values_and_label_checks() -> None:
 # --- latency: publish -> WebSocket client ----------------------------------------------------------
 # Each event carries its publish time (CLOCK_MONOTONIC, system-wide on Linux) in window_no, so the
 # clients may run in this process (they then compete with the server for the loop) or in another.
+
 
 async def _probe_clients(port: int, n_clients: int, n_events: int) -> list[float]:
     decoder = msgspec.json.Decoder(Prediction)
@@ -559,14 +620,24 @@ async def latency_probe(
     async with serving(b) as port:
         async with trio.open_nursery() as nursery:
             if clients_apart:
+
                 async def apart() -> None:
-                    cmd = [sys.executable, __file__, "--clients-for", str(port), "--clients", str(n_clients),
-                           "--probe", str(n_events)]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--clients-for",
+                        str(port),
+                        "--clients",
+                        str(n_clients),
+                        "--probe",
+                        str(n_events),
+                    ]
                     done = await trio.run_process(cmd, capture_stdout=True)
                     latencies.extend(json.loads(done.stdout))
 
                 nursery.start_soon(apart)
             else:
+
                 async def inside() -> None:
                     latencies.extend(await _probe_clients(port, n_clients, n_events))
 
@@ -574,8 +645,16 @@ async def latency_probe(
             await wait_for(lambda: b.client_count == n_clients, timeout=30)
             with trio.fail_after(60 + n_events * interval * 2):
                 for i in range(n_events):
-                    b.publish(Prediction(episode_id=f"e{i % 10}", window_idx=i % 6, window_no=time.monotonic_ns(),
-                                         predicted="infecting", model="gru", confidence=0.8))
+                    b.publish(
+                        Prediction(
+                            episode_id=f"e{i % 10}",
+                            window_idx=i % 6,
+                            window_no=time.monotonic_ns(),
+                            predicted="infecting",
+                            model="gru",
+                            confidence=0.8,
+                        )
+                    )
                     await trio.sleep(interval)
     latencies.sort()
     q = statistics.quantiles(latencies, n=100)
@@ -593,7 +672,9 @@ async def test_latency_probe_smoke() -> None:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--probe", type=int, default=1000, help="events to publish")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--interval", type=float, default=0.005, help="seconds between events")

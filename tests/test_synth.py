@@ -1,4 +1,5 @@
 """The synthetic store generator: format (SPEC 3), realism and hardness (SPEC 8), determinism."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,27 @@ from trainer.synth.streams import GUEST_COUNTERS, member_fields
 
 N_STORE = 60
 COUNTERS = {
-    "proc": ("utime_ticks", "stime_ticks", "read_bytes", "write_bytes", "syscr", "syscw",
-             "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "majflt"),
+    "proc": (
+        "utime_ticks",
+        "stime_ticks",
+        "read_bytes",
+        "write_bytes",
+        "syscr",
+        "syscw",
+        "voluntary_ctxt_switches",
+        "nonvoluntary_ctxt_switches",
+        "majflt",
+    ),
     "guest": GUEST_COUNTERS,
-    "qmp": ("vcpu_time_ns", "blk_rd_bytes", "blk_wr_bytes", "blk_rd_ops", "blk_wr_ops", "net_rx_bytes", "net_tx_bytes"),
+    "qmp": (
+        "vcpu_time_ns",
+        "blk_rd_bytes",
+        "blk_wr_bytes",
+        "blk_rd_ops",
+        "blk_wr_ops",
+        "net_rx_bytes",
+        "net_tx_bytes",
+    ),
 }
 
 
@@ -62,8 +80,11 @@ def windows(store: Path, truth: list[dict]) -> list[tuple[dict, object]]:
     """(truth, EpisodeWindows) of every accepted episode, extracted once by the project's own extractor."""
     extract = pytest.importorskip("schema.extract")
     reader = pytest.importorskip("schema.reader")
-    return [(t, extract.extract_episode(reader.read_episode(store / t["host"] / f"{t['episode_id']}.tar.zst")))
-            for t in truth if t["outcome"] == "accepted"]
+    return [
+        (t, extract.extract_episode(reader.read_episode(store / t["host"] / f"{t['episode_id']}.tar.zst")))
+        for t in truth
+        if t["outcome"] == "accepted"
+    ]
 
 
 def _members(archive: bytes) -> dict[str, bytes]:
@@ -113,7 +134,9 @@ def test_same_seed_same_bytes_any_jobs(tmp_path: Path) -> None:
 def test_generate_episode_is_pure() -> None:
     spec = plan_store(10, 6, 1)[3]
     assert generate_episode(spec) == generate_episode(spec)
-    assert pack_archive(spec.episode_id, generate_episode(spec), 7) == pack_archive(spec.episode_id, generate_episode(spec), 7)
+    assert pack_archive(spec.episode_id, generate_episode(spec), 7) == pack_archive(
+        spec.episode_id, generate_episode(spec), 7
+    )
 
 
 # --- layout, sidecars, members -----------------------------------------------------------------
@@ -144,12 +167,20 @@ def test_layout_and_sidecars(store: Path, truth: list[dict]) -> None:
 @pytest.mark.skipif(shutil.which("sha256sum") is None, reason="coreutils sha256sum not installed")
 def test_sha256sum_checks_sidecars(store: Path, truth: list[dict]) -> None:
     t = next(t for t in truth if t["outcome"] == "accepted")
-    r = subprocess.run(["sha256sum", "-c", f"{t['episode_id']}.tar.zst.sha256"], cwd=store / t["host"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["sha256sum", "-c", f"{t['episode_id']}.tar.zst.sha256"],
+        cwd=store / t["host"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith(": OK"), r.stdout + r.stderr
     bad = next(t for t in truth if t["defect"] in ("truncated_upload", "bit_flip"))
-    r = subprocess.run(["sha256sum", "-c", f"{bad['episode_id']}.tar.zst.sha256"], cwd=store / bad["host"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["sha256sum", "-c", f"{bad['episode_id']}.tar.zst.sha256"],
+        cwd=store / bad["host"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0
 
 
@@ -168,17 +199,24 @@ def test_every_member_with_spec_fields(store: Path, truth: list[dict]) -> None:
     members = _members(_archive(store, t))
     prefix = t["episode_id"] + "/"
     assert all(name.startswith(prefix) for name in members)
-    members = {k[len(prefix):]: v for k, v in members.items()}
+    members = {k[len(prefix) :]: v for k, v in members.items()}
     required = {"meta.json", "labels.jsonl", "events.jsonl", "done.marker", *SOURCE_MEMBER.values()}
     assert required <= set(members) <= required | {"network.pcap"}
     assert members["done.marker"] == b""
     meta = msgspec.json.decode(members["meta.json"], type=EpisodeMeta)
-    assert (meta.episode_id, meta.host_id, meta.schema_version, meta.profile) == (t["episode_id"], t["host"], 1, t["profile"])
+    assert (meta.episode_id, meta.host_id, meta.schema_version, meta.profile) == (
+        t["episode_id"],
+        t["host"],
+        1,
+        t["profile"],
+    )
     assert meta.ended_ns - meta.started_ns == pytest.approx(t["duration_s"] * 1e9, abs=2e6)
     labels = [msgspec.json.decode(x, type=Label) for x in members["labels.jsonl"].splitlines()]
     assert [l.phase for l in labels] == [p[0] for p in t["phases"]]
     assert labels[0].t_wall_ns == meta.started_ns and all(l.phase in PHASES for l in labels)
-    kinds = [msgspec.json.decode(x, type=OrchestratorEvent).kind for x in members["events.jsonl"].splitlines()]
+    kinds = [
+        msgspec.json.decode(x, type=OrchestratorEvent).kind for x in members["events.jsonl"].splitlines()
+    ]
     assert kinds[0] == "vm_boot" and kinds[-1] == "vm_shutdown"
     assert kinds[1:3] == ["sample_drop", "sample_exec"] and "payload_start" in kinds
     for src, member in SOURCE_MEMBER.items():
@@ -327,7 +365,9 @@ def test_phase_schedules_have_realistic_lengths(truth: list[dict]) -> None:
 def test_bad_cases_made_as_in_life() -> None:
     crash, _ = build_episode(_spec_with("collector_crash", "degraded"))
     assert "done.marker" not in crash
-    assert any(not v.endswith(b"\n") for k, v in crash.items() if k.endswith(".jsonl") and k != "labels.jsonl")
+    assert any(
+        not v.endswith(b"\n") for k, v in crash.items() if k.endswith(".jsonl") and k != "labels.jsonl"
+    )
     assert b"vm_shutdown" not in crash["events.jsonl"]
     step, tr = build_episode(_spec_with("clock_step", "rejected"))
     times = [msgspec.json.decode(x)["t_wall_ns"] for x in step["labels.jsonl"].splitlines()]
@@ -364,8 +404,14 @@ def test_bad_cases_made_as_in_life() -> None:
 
 def test_profiles_leave_their_signature(windows: list) -> None:
     """Per profile, the channel its attack moves is higher while running than while clean, in most episodes."""
-    sig = {"cpu-saturate": "qmp.vcpu_time_ns", "bursty-c2": "netflow.bytes_in", "scan-and-dial": "netflow.syn_out",
-           "exfil-trickle": "netflow.bytes_out", "disk-encrypt": "qmp.blk_wr_bytes", "mem-inflate": "proc.rss_kb"}
+    sig = {
+        "cpu-saturate": "qmp.vcpu_time_ns",
+        "bursty-c2": "netflow.bytes_in",
+        "scan-and-dial": "netflow.syn_out",
+        "exfil-trickle": "netflow.bytes_out",
+        "disk-encrypt": "qmp.blk_wr_bytes",
+        "mem-inflate": "proc.rss_kb",
+    }
     wins: Counter = Counter()
     total: Counter = Counter()
     for t, w in windows:

@@ -1,6 +1,7 @@
 """The tailer against real files on disk: appends, partial lines, truncation, rotation,
 deletion, late files, malformed lines, clock steps, bounded memory, finalisation, and
 bit-identical windows against the trainer's extractor."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-
 from archive_kit import STARTED_NS, episode_members, write_archive
+
 from edge.tail import FileFollower, LiveTailer, TailConfig, TailCounters
 from schema.channels import STEP_NS
 from schema.extract import extract_episode, extract_window
@@ -199,13 +200,23 @@ def _row(source: str, i: int, t: int) -> dict:
 class LiveWriter:
     """Writes one live episode the way a collector does, second by second."""
 
-    def __init__(self, root: Path, host: str = "h1", eid: str = "e1", sources=("proc", "qmp", "netflow")) -> None:
+    def __init__(
+        self, root: Path, host: str = "h1", eid: str = "e1", sources=("proc", "qmp", "netflow")
+    ) -> None:
         self.dir = root / host / eid
         self.dir.mkdir(parents=True)
         self.sources = sources
-        meta = {"episode_id": eid, "host_id": host, "schema_version": 1, "sample_id": None, "profile": None,
-                "started_ns": STARTED_NS, "ended_ns": STARTED_NS + 10**12,
-                "vm": {"vcpus": 1, "mem_mb": 512, "os": "x"}, "collector": "test"}
+        meta = {
+            "episode_id": eid,
+            "host_id": host,
+            "schema_version": 1,
+            "sample_id": None,
+            "profile": None,
+            "started_ns": STARTED_NS,
+            "ended_ns": STARTED_NS + 10**12,
+            "vm": {"vcpus": 1, "mem_mb": 512, "os": "x"},
+            "collector": "test",
+        }
         (self.dir / "meta.json").write_text(json.dumps(meta))
         (self.dir / "labels.jsonl").write_text(json.dumps({"t_wall_ns": STARTED_NS, "phase": "clean"}) + "\n")
         self.i = {s: 0 for s in sources}
@@ -337,8 +348,13 @@ def test_tailed_windows_are_bit_identical_to_the_trainers(tmp_path: Path) -> Non
     rng = random.Random(1)
     streams = [m for m in members if m.endswith(".jsonl")]
     lines = {m: members[m].splitlines(keepends=True) for m in streams}
-    times = {m: [json.loads(x).get("t_wall_ns", STARTED_NS) if x.startswith(b"{") and b"NaN" not in x else None
-                 for x in lines[m]] for m in streams}
+    times = {
+        m: [
+            json.loads(x).get("t_wall_ns", STARTED_NS) if x.startswith(b"{") and b"NaN" not in x else None
+            for x in lines[m]
+        ]
+        for m in streams
+    }
     pos = {m: 0 for m in streams}
     cursor = STARTED_NS
     jobs = []

@@ -1,4 +1,5 @@
 """`phasewatch train` end to end on a small synthetic WindowSet: run directory, report, checkpoints."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,17 @@ from trainer.models import load_model
 from trainer.report import summary_table
 from trainer.train import add_train_arguments, cli_train, train_windowset
 
-SIGNAL = {"cpu-saturate": "proc.utime_ticks", "bursty-c2": "netflow.bytes_out", "disk-encrypt": "qmp.blk_wr_bytes"}
+SIGNAL = {
+    "cpu-saturate": "proc.utime_ticks",
+    "bursty-c2": "netflow.bytes_out",
+    "disk-encrypt": "qmp.blk_wr_bytes",
+}
 PER_EP = 12
-FAST = {"gbt": {"rounds": 15, "threads": 1}, "mlp": {"epochs": 4, "threads": 1, "max_seconds": None},
-        "cnn": {"epochs": 3, "threads": 1, "max_seconds": None}}
+FAST = {
+    "gbt": {"rounds": 15, "threads": 1},
+    "mlp": {"epochs": 4, "threads": 1, "max_seconds": None},
+    "cnn": {"epochs": 3, "threads": 1, "max_seconds": None},
+}
 
 
 def phase(w: int) -> int:
@@ -36,7 +44,9 @@ def phase(w: int) -> int:
 def windowset(seed: int = 0) -> WindowSet:
     """3 hosts x (3 profiles + clean-only) x 2 episodes; the guest agent is silent in some windows."""
     rng = np.random.default_rng(seed)
-    parts: dict[str, list] = {k: [] for k in ("tensor", "coverage", "y", "episode", "host", "profile", "sample", "window")}
+    parts: dict[str, list] = {
+        k: [] for k in ("tensor", "coverage", "y", "episode", "host", "profile", "sample", "window")
+    }
     n_ep = 0
     for host in ("h1", "h2", "h3"):
         for prof in (*SIGNAL, "none"):
@@ -65,12 +75,19 @@ def windowset(seed: int = 0) -> WindowSet:
                 n_ep += 1
     tensor = np.stack(parts["tensor"])
     episode = np.array(parts["episode"])
-    _, first = np.unique(episode, return_index=True)
+    _, _first = np.unique(episode, return_index=True)
     return WindowSet(
-        tensor=tensor, summary=extract.summarize(tensor), coverage=np.stack(parts["coverage"]),
-        y=np.array(parts["y"], np.int64), episode=episode, host=np.array(parts["host"]),
-        profile=np.array(parts["profile"]), sample=np.array(parts["sample"]),
-        t_rank=np.repeat(np.linspace(0, 1, n_ep), PER_EP), window=np.array(parts["window"], np.int32))
+        tensor=tensor,
+        summary=extract.summarize(tensor),
+        coverage=np.stack(parts["coverage"]),
+        y=np.array(parts["y"], np.int64),
+        episode=episode,
+        host=np.array(parts["host"]),
+        profile=np.array(parts["profile"]),
+        sample=np.array(parts["sample"]),
+        t_rank=np.repeat(np.linspace(0, 1, n_ep), PER_EP),
+        window=np.array(parts["window"], np.int32),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +95,36 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, WindowSet
     ws = windowset()
     split = make_split(ws, "host", seed=0)
     out = tmp_path_factory.mktemp("run")
-    report = train_windowset(ws, split, out, profile="demo", models=["gbt", "mlp", "cnn"], seed=0,
-                             n_boot=200, progress=False, overrides=FAST)
+    report = train_windowset(
+        ws,
+        split,
+        out,
+        profile="demo",
+        models=["gbt", "mlp", "cnn"],
+        seed=0,
+        n_boot=200,
+        progress=False,
+        overrides=FAST,
+    )
     return out, report, ws, split
 
 
 def test_run_directory_layout(run) -> None:
-    out, report, ws, split = run
+    out, _report, _ws, _split = run
     doc = json.loads((out / "run.json").read_text())
     assert doc["schema_hash"] == schema_hash() and doc["split"]["kind"] == "host"
     assert doc["models"] == [f"{m}-{t}" for t in ("realistic", "oracle") for m in ("gbt", "mlp", "cnn")]
     for key in doc["models"]:
         assert (out / key / "model.json").is_file()
-    for name in ("report.json", "report.html", "confusion-realistic.png", "confusion-oracle.png",
-                 "per-profile-f1.png", "model-comparison.png", "threat-gap.png"):
+    for name in (
+        "report.json",
+        "report.html",
+        "confusion-realistic.png",
+        "confusion-oracle.png",
+        "per-profile-f1.png",
+        "model-comparison.png",
+        "threat-gap.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     html = (out / "report.html").read_text()
     assert 'src="confusion-realistic.png"' in html and "threat-gap" in html
@@ -112,13 +145,18 @@ def test_heldout_windows_are_the_test_side_in_each_view(run) -> None:
 
 
 def test_report_contents(run) -> None:
-    out, report, ws, split = run
+    out, _report, _ws, split = run
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["untested_profiles"] == split.untested_profiles
     for key, m in on_disk["models"].items():
         assert m["macro_f1_ci"][0] <= m["macro_f1"] <= m["macro_f1_ci"][1], key
         assert m["fit"]["epochs_run"] >= 1 and set(m["per_host"]) == set(split.test_groups)
-    assert set(on_disk["baselines"]) == {"majority-realistic", "logreg-realistic", "majority-oracle", "logreg-oracle"}
+    assert set(on_disk["baselines"]) == {
+        "majority-realistic",
+        "logreg-realistic",
+        "majority-oracle",
+        "logreg-oracle",
+    }
     assert len(on_disk["comparisons"]) == 2 * 3  # every pair within each threat model
     assert set(on_disk["threat_gap"]) == {"gbt", "mlp", "cnn"}
     v = on_disk["verdict"]["best_realistic_vs_majority"]
@@ -130,7 +168,7 @@ def test_report_contents(run) -> None:
 
 
 def test_checkpoints_reproduce_the_reported_score(run) -> None:
-    out, report, ws, split = run
+    out, report, _ws, _split = run
     from trainer.evaluate import macro_f1
 
     held = np.load(out / "heldout-realistic.npz")
@@ -149,7 +187,12 @@ def test_cli_arguments() -> None:
     p = argparse.ArgumentParser()
     add_train_arguments(p)
     args = p.parse_args([])
-    assert (args.split, args.profile, args.store, args.out) == ("host", "quick", Path("data/store"), Path("runs/latest"))
+    assert (args.split, args.profile, args.store, args.out) == (
+        "host",
+        "quick",
+        Path("data/store"),
+        Path("runs/latest"),
+    )
     args = p.parse_args(["--models", "gbt,svm"])
     with pytest.raises(SystemExit, match="unknown svm"):
         cli_train(args)

@@ -1,5 +1,6 @@
 """The validation sweep: every bad case built on purpose gets its status and reason,
 while the rest of the store still validates; the index is atomic and reused."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,13 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from archive_kit import big, episode_members, replace_line, special, truncate, write_archive, write_sidecar
 
 import trainer.validate as tv
 from schema.reader import read_episode
 from schema.validation import REASONS, IndexRecord, classify, read_index, write_index_atomic
 from schema.vocab import STATUSES
-
-from archive_kit import big, episode_members, replace_line, special, truncate, write_archive, write_sidecar
 
 Members = dict[str, bytes]
 
@@ -30,6 +30,7 @@ def _lines(member: str, keep: Callable[[int], bool]) -> Callable[[Members], None
     def edit(m: Members) -> None:
         rows = m[member].splitlines(keepends=True)
         m[member] = b"".join(r for i, r in enumerate(rows) if keep(i))
+
     return edit
 
 
@@ -37,6 +38,7 @@ def _replace(member: str, **lines: bytes) -> Callable[[Members], None]:
     def edit(m: Members) -> None:
         for k, v in lines.items():
             m[member] = replace_line(m[member], int(k[1:]), v)
+
     return edit
 
 
@@ -63,7 +65,13 @@ CASES: dict[str, tuple] = {
     "truncated": (None, None, lambda p: truncate(p, 0.5), "errored", "zstd_corrupt"),
     "sha-mismatch": (None, None, lambda p: write_sidecar(p, "ab" * 32), "errored", "sha256_mismatch"),
     "meta-garbage": (lambda m: m.update({"meta.json": bytes(300)}), None, None, "errored", "meta_unreadable"),
-    "no-sidecar": (None, None, lambda p: (p.parent / (p.name + ".sha256")).unlink(), "degraded", "no_sidecar"),
+    "no-sidecar": (
+        None,
+        None,
+        lambda p: (p.parent / (p.name + ".sha256")).unlink(),
+        "degraded",
+        "no_sidecar",
+    ),
     "no-meta": (_drop("meta.json"), None, None, "rejected", "missing_meta"),
     "no-labels": (_drop("labels.jsonl"), None, None, "rejected", "missing_labels"),
     "no-proc": (_drop("telemetry-proc.jsonl"), None, None, "rejected", "missing_proc"),
@@ -71,26 +79,75 @@ CASES: dict[str, tuple] = {
     "no-done": (_drop("done.marker"), None, None, "degraded", "no_done_marker"),
     "labels-back": (_labels_back, None, None, "rejected", "labels_not_monotonic"),
     "unknown-phase": (_unknown_phase, None, None, "rejected", "unknown_phase"),
-    "nan-inf": (_replace("telemetry-proc.jsonl",
-                         l5=b'{"t_wall_ns":1,"t_mono_ns":1,"pid":1,"utime_ticks":NaN}',
-                         l9=b'{"t_wall_ns":1,"t_mono_ns":1,"pid":1,"utime_ticks":Infinity}',
-                         l11=b'{"t_wall_ns":1,"t_mono_ns":1,"pid":1,"utime_ticks":-1e999}'),
-                None, None, "degraded", "malformed_lines"),
-    "non-utf8": (_replace("telemetry-guest.jsonl", l7=b'{"t_wall_ns":1,\xff\xfe\xfd}'),
-                 None, None, "degraded", "malformed_lines"),
-    "too-many-bad": (lambda m: m.update({"netflow.jsonl": b"\n".join(
-        b"{garbage" if i % 5 == 0 else r for i, r in enumerate(m["netflow.jsonl"].split(b"\n")))}),
-        None, None, "rejected", "too_many_malformed"),
+    "nan-inf": (
+        _replace(
+            "telemetry-proc.jsonl",
+            l5=b'{"t_wall_ns":1,"t_mono_ns":1,"pid":1,"utime_ticks":NaN}',
+            l9=b'{"t_wall_ns":1,"t_mono_ns":1,"pid":1,"utime_ticks":Infinity}',
+            l11=b'{"t_wall_ns":1,"t_mono_ns":1,"pid":1,"utime_ticks":-1e999}',
+        ),
+        None,
+        None,
+        "degraded",
+        "malformed_lines",
+    ),
+    "non-utf8": (
+        _replace("telemetry-guest.jsonl", l7=b'{"t_wall_ns":1,\xff\xfe\xfd}'),
+        None,
+        None,
+        "degraded",
+        "malformed_lines",
+    ),
+    "too-many-bad": (
+        lambda m: m.update(
+            {
+                "netflow.jsonl": b"\n".join(
+                    b"{garbage" if i % 5 == 0 else r for i, r in enumerate(m["netflow.jsonl"].split(b"\n"))
+                )
+            }
+        ),
+        None,
+        None,
+        "rejected",
+        "too_many_malformed",
+    ),
     "traversal": (None, [big("../../escape.jsonl", 100)], None, "rejected", "unsafe_member"),
-    "symlink": (_drop("telemetry-guest.jsonl"),
-                [special("symlink/telemetry-guest.jsonl", b"2", "/etc/shadow")], None, "rejected", "unsafe_member"),
-    "long-line": (_replace("telemetry-qmp.jsonl", l3=b'{"t_wall_ns":"' + b"9" * (100 << 20) + b'"}'),
-                  None, None, "degraded", "line_too_long"),
-    "bomb": (_drop("telemetry-guest.jsonl"), [big("bomb/telemetry-guest.jsonl", 300 << 20)], None,
-             "rejected", "member_too_large"),
+    "symlink": (
+        _drop("telemetry-guest.jsonl"),
+        [special("symlink/telemetry-guest.jsonl", b"2", "/etc/shadow")],
+        None,
+        "rejected",
+        "unsafe_member",
+    ),
+    "long-line": (
+        _replace("telemetry-qmp.jsonl", l3=b'{"t_wall_ns":"' + b"9" * (100 << 20) + b'"}'),
+        None,
+        None,
+        "degraded",
+        "line_too_long",
+    ),
+    "bomb": (
+        _drop("telemetry-guest.jsonl"),
+        [big("bomb/telemetry-guest.jsonl", 300 << 20)],
+        None,
+        "rejected",
+        "member_too_large",
+    ),
     "too-short": (_short, None, None, "rejected", "too_short"),
-    "proc-sparse": (_lines("telemetry-proc.jsonl", lambda i: i % 5 == 0), None, None, "rejected", "too_few_rows"),
-    "guest-sparse": (_lines("telemetry-guest.jsonl", lambda i: i % 3 == 0), None, None, "degraded", "sparse_guest"),
+    "proc-sparse": (
+        _lines("telemetry-proc.jsonl", lambda i: i % 5 == 0),
+        None,
+        None,
+        "rejected",
+        "too_few_rows",
+    ),
+    "guest-sparse": (
+        _lines("telemetry-guest.jsonl", lambda i: i % 3 == 0),
+        None,
+        None,
+        "degraded",
+        "sparse_guest",
+    ),
     "long-gap": (_lines("netflow.jsonl", lambda i: not 200 <= i < 360), None, None, "degraded", "long_gap"),
 }
 
@@ -99,8 +156,9 @@ def _build(root: Path, name: str) -> Path:
     edit, extra, after, _, _ = CASES[name]
     ep_id = name
     host = "host-b" if name == "good-clean" else "host-a"
-    m = episode_members(ep_id, host, duration_s=60, profile=None if edit == "clean" else "bursty-c2",
-                        seed=len(name))
+    m = episode_members(
+        ep_id, host, duration_s=60, profile=None if edit == "clean" else "bursty-c2", seed=len(name)
+    )
     if callable(edit):
         edit(m)
     fixed_extra = []
@@ -159,7 +217,9 @@ def test_every_bad_case_gets_its_status_and_reason(store: Path, tmp_path: Path) 
 def test_cli_json_prints_one_object(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = argparse.ArgumentParser()
     tv.add_validate_arguments(p)
-    rc = tv.cli_validate(p.parse_args([str(store), "--index", str(tmp_path / "i.jsonl"), "--json", "--jobs", "2"]))
+    rc = tv.cli_validate(
+        p.parse_args([str(store), "--index", str(tmp_path / "i.jsonl"), "--json", "--jobs", "2"])
+    )
     out = capsys.readouterr()
     assert rc == 0
     summary = json.loads(out.out)  # the whole of stdout is one JSON object
@@ -178,7 +238,9 @@ def test_cli_json_prints_one_object(store: Path, tmp_path: Path, capsys: pytest.
 def small_store(tmp_path: Path) -> Path:
     root = tmp_path / "small"
     for i in range(4):
-        write_archive(root / f"host-{i % 2}" / f"ep-{i}.tar.zst", episode_members(f"ep-{i}", duration_s=20, seed=i))
+        write_archive(
+            root / f"host-{i % 2}" / f"ep-{i}.tar.zst", episode_members(f"ep-{i}", duration_s=20, seed=i)
+        )
     return root
 
 
@@ -203,7 +265,9 @@ def test_rerun_reuses_unchanged_archives(small_store: Path) -> None:
 
 
 @pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patch reaches workers by fork")
-def test_a_crashing_reader_costs_one_errored_record(small_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crashing_reader_costs_one_errored_record(
+    small_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = tv.read_episode
 
     def flaky(path: Path, **kw: object):  # type: ignore[no-untyped-def]
@@ -219,7 +283,9 @@ def test_a_crashing_reader_costs_one_errored_record(small_store: Path, monkeypat
     assert [by[f"ep-{i}"].status for i in (0, 1, 3)] == ["accepted"] * 3
     # a crash is never reused: the next sweep tries again
     monkeypatch.setattr(tv, "read_episode", real)
-    assert {r.episode_id: r.status for r in tv.validate_store(small_store, jobs=2, progress=False).records}["ep-2"] == "accepted"
+    assert {r.episode_id: r.status for r in tv.validate_store(small_store, jobs=2, progress=False).records}[
+        "ep-2"
+    ] == "accepted"
 
 
 def test_interrupted_index_write_leaves_the_old_index(tmp_path: Path) -> None:
@@ -282,7 +348,11 @@ def test_generated_store_matches_its_truth(tmp_path: Path) -> None:
         pytest.skip("trainer.synth.generate_store not written yet")
     synth.generate_store(tmp_path / "store", episodes=50, hosts=3, seed=7, progress=False)
     res = tv.validate_store(tmp_path / "store", jobs=2, progress=False)
-    truth = [json.loads(x) for x in (tmp_path / "store" / "synth-truth.jsonl").read_text().splitlines() if x.strip()]
+    truth = [
+        json.loads(x)
+        for x in (tmp_path / "store" / "synth-truth.jsonl").read_text().splitlines()
+        if x.strip()
+    ]
     want = {t["episode_id"]: t.get("outcome", t.get("status")) for t in truth}
     got = {r.episode_id: r for r in res.records}
     assert set(got) == set(want)
@@ -290,5 +360,8 @@ def test_generated_store_matches_its_truth(tmp_path: Path) -> None:
     assert not wrong, wrong
     for t in truth:
         rec, expect = got[t["episode_id"]], DEFECT_REASONS[t["defect"]]
-        assert (not rec.reasons) if not expect else bool(expect & set(rec.reasons)), (t["defect"], rec.reasons)
+        assert (not rec.reasons) if not expect else bool(expect & set(rec.reasons)), (
+            t["defect"],
+            rec.reasons,
+        )
     assert {r.status for r in res.records} == set(STATUSES)  # 50 episodes reach every status

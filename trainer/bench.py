@@ -63,6 +63,7 @@ only the deployable ``realistic`` models are published, named plainly (``gru``),
 ``threat_model`` set; a directory with no realistic model publishes its oracle ones.
 ``latency_us`` is the ORT p50 (what the Pi pays), ``p99_us`` the ORT p99.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,8 @@ BENCH_FILE = "bench.json"
 PLOT_FILE = "bench.png"
 BENCH_FORMAT = 1
 _K = len(SUMMARY_STATS)
-_DISTINCT_INPUTS = 256         # held-out windows cycled through at batch 1
-_ACC_BATCH = 256               # accuracy is measured in batches: it is not a latency figure
+_DISTINCT_INPUTS = 256  # held-out windows cycled through at batch 1
+_ACC_BATCH = 256  # accuracy is measured in batches: it is not a latency figure
 
 
 class BenchError(RuntimeError):
@@ -110,19 +111,23 @@ class Method:
 
 @dataclass(frozen=True)
 class Timing:
-    p50_us: float               # median over repeats of each repeat's p50
-    p99_us: float               # median over repeats of each repeat's p99
-    spread_us: float            # max - min of the repeat p50s
+    p50_us: float  # median over repeats of each repeat's p50
+    p99_us: float  # median over repeats of each repeat's p99
+    spread_us: float  # max - min of the repeat p50s
     repeat_p50_us: list[float]
-    calls: int                  # timed calls in all
+    calls: int  # timed calls in all
 
     @classmethod
     def of(cls, repeats: Sequence[np.ndarray]) -> Timing:
         p50 = [float(np.percentile(r, 50)) / 1e3 for r in repeats]
         p99 = [float(np.percentile(r, 99)) / 1e3 for r in repeats]
-        return cls(p50_us=float(np.median(p50)), p99_us=float(np.median(p99)),
-                   spread_us=max(p50) - min(p50), repeat_p50_us=[round(v, 3) for v in p50],
-                   calls=int(sum(len(r) for r in repeats)))
+        return cls(
+            p50_us=float(np.median(p50)),
+            p99_us=float(np.median(p99)),
+            spread_us=max(p50) - min(p50),
+            repeat_p50_us=[round(v, 3) for v in p50],
+            calls=int(sum(len(r) for r in repeats)),
+        )
 
 
 def _time_calls(fn: Callable[[int], object], calls: int) -> np.ndarray:
@@ -163,7 +168,9 @@ def pin_to_core(core: int) -> int:
     allowed = sorted(os.sched_getaffinity(0))
     core = allowed[-1] if core < 0 else core
     if core not in allowed:
-        raise BenchError(f"--pin {core}: not one of the cores this process may use ({', '.join(map(str, allowed))})")
+        raise BenchError(
+            f"--pin {core}: not one of the cores this process may use ({', '.join(map(str, allowed))})"
+        )
     os.sched_setaffinity(0, {core})
     return core
 
@@ -197,9 +204,11 @@ def ort_floor_us(shape: tuple[int, ...], method: Method) -> float:
     from edge.modelset import open_session  # the daemon's own session options, not a copy of them
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", [MODEL_INPUT_NAME], [MODEL_OUTPUT_NAME])], "floor",
+        [helper.make_node("Identity", [MODEL_INPUT_NAME], [MODEL_OUTPUT_NAME])],
+        "floor",
         [helper.make_tensor_value_info(MODEL_INPUT_NAME, TensorProto.FLOAT, ["batch", *shape])],
-        [helper.make_tensor_value_info(MODEL_OUTPUT_NAME, TensorProto.FLOAT, ["batch", *shape])])
+        [helper.make_tensor_value_info(MODEL_OUTPUT_NAME, TensorProto.FLOAT, ["batch", *shape])],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,14 +216,16 @@ def ort_floor_us(shape: tuple[int, ...], method: Method) -> float:
         onnx.save(proto, str(path))
         session = open_session(path, 1)
     x = np.zeros((1, *shape), np.float32)
-    return measure({"floor": lambda i: session.run([MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: x})}, method)["floor"].p50_us
+    return measure({"floor": lambda i: session.run([MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: x})}, method)[
+        "floor"
+    ].p50_us
 
 
 @dataclass(frozen=True)
 class OpProfile:
-    kernel_share: float                 # share of session.run time spent inside node kernels
-    top_ops: list[tuple[str, float]]    # op type -> share of session.run time, largest first
-    nodes: int                          # nodes run per call
+    kernel_share: float  # share of session.run time spent inside node kernels
+    top_ops: list[tuple[str, float]]  # op type -> share of session.run time, largest first
+    nodes: int  # nodes run per call
 
 
 def ort_profile(path: Path, xs: Sequence[np.ndarray], calls: int) -> OpProfile:
@@ -269,8 +280,9 @@ def model_inputs(x: np.ndarray, m: LoadedModel, where: Path | str) -> np.ndarray
         return np.ascontiguousarray(x)
     if tuple(x.shape[1:]) == full:
         return np.ascontiguousarray(_slice(x, m))
-    raise BenchError(f"{where}: {m.input_kind} windows are {tuple(x.shape[1:])}, {m.key} reads {view} "
-                     f"(or the full {full})")
+    raise BenchError(
+        f"{where}: {m.input_kind} windows are {tuple(x.shape[1:])}, {m.key} reads {view} (or the full {full})"
+    )
 
 
 @dataclass
@@ -307,8 +319,12 @@ def heldout_accuracy(m: LoadedModel, x: np.ndarray, y: np.ndarray) -> tuple[floa
     """(accuracy, macro F1) of the exported graph itself on the held-out windows."""
     from trainer.evaluate import macro_f1
 
-    probs = np.concatenate([m.session.run([MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: x[i:i + _ACC_BATCH]})[0]
-                            for i in range(0, len(x), _ACC_BATCH)])
+    probs = np.concatenate(
+        [
+            m.session.run([MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: x[i : i + _ACC_BATCH]})[0]
+            for i in range(0, len(x), _ACC_BATCH)
+        ]
+    )
     pred = probs.argmax(axis=1)
     return float((pred == y).mean()), float(macro_f1(y, pred))
 
@@ -325,10 +341,10 @@ def _manifest_metric(m: LoadedModel, names: tuple[str, ...]) -> float | None:
 
 @dataclass
 class Native:
-    kind: str                                   # "torch" | "xgboost"
-    call: Callable[[np.ndarray], Any]           # one (1, ...) window -> probabilities
-    work: float                                 # FLOPs (torch) or comparisons (xgboost) per window
-    unit: str                                   # "flop" | "comparison"
+    kind: str  # "torch" | "xgboost"
+    call: Callable[[np.ndarray], Any]  # one (1, ...) window -> probabilities
+    work: float  # FLOPs (torch) or comparisons (xgboost) per window
+    unit: str  # "flop" | "comparison"
     detail: str = ""
 
 
@@ -340,8 +356,13 @@ def native_of(model: Any, input_shape: tuple[int, ...]) -> Native:
 
         booster.set_param({"nthread": 1})
         work = xgb_comparisons(booster)
-        return Native("xgboost", lambda x: booster.inplace_predict(x), work.comparisons, "comparison",
-                      f"{work.trees} trees, mean path {work.mean_depth:.1f}")
+        return Native(
+            "xgboost",
+            lambda x: booster.inplace_predict(x),
+            work.comparisons,
+            "comparison",
+            f"{work.trees} trees, mean path {work.mean_depth:.1f}",
+        )
     net = getattr(model, "net", None)
     if net is not None:
         import torch
@@ -349,7 +370,7 @@ def native_of(model: Any, input_shape: tuple[int, ...]) -> Native:
         from trainer.flops import torch_flops
         from trainer.models.torch_base import WithSoftmax
 
-        wrapped = WithSoftmax(net).eval()   # the exported graph ends in softmax too
+        wrapped = WithSoftmax(net).eval()  # the exported graph ends in softmax too
         flops = torch_flops(wrapped, torch.zeros((1, *input_shape), dtype=torch.float32))
         return Native("torch", lambda x: wrapped(torch.from_numpy(x)), float(flops), "flop")
     raise BenchError(f"{type(model).__name__}: neither a booster nor a torch net to time")
@@ -406,9 +427,16 @@ def _bound(unit: str | None, share: float | None, prof: OpProfile | None, p50: f
     return verdict + ops
 
 
-def bench_model(m: LoadedModel, inputs: np.ndarray, native: Native | None, method: Method,
-                peak: float, floor: float, graph: Path | None = None) -> dict[str, Any]:
-    xs = [np.ascontiguousarray(inputs[i:i + 1]) for i in range(min(len(inputs), _DISTINCT_INPUTS))]
+def bench_model(
+    m: LoadedModel,
+    inputs: np.ndarray,
+    native: Native | None,
+    method: Method,
+    peak: float,
+    floor: float,
+    graph: Path | None = None,
+) -> dict[str, Any]:
+    xs = [np.ascontiguousarray(inputs[i : i + 1]) for i in range(min(len(inputs), _DISTINCT_INPUTS))]
     n = len(xs)
     session = m.session
     fns: dict[str, Callable[[int], object]] = {
@@ -430,17 +458,28 @@ def bench_model(m: LoadedModel, inputs: np.ndarray, native: Native | None, metho
     achieved = work / (ort.p50_us * 1e-6) / 1e9 if work is not None and ort.p50_us > 0 else None
     share = achieved / peak if achieved is not None and unit == "flop" and peak > 0 else None
     return {
-        "model": m.name, "threat_model": m.threat_model, "file": m.file, "input_kind": m.input_kind,
-        "ort_p50_us": ort.p50_us, "ort_p99_us": ort.p99_us, "ort_spread_us": ort.spread_us,
+        "model": m.name,
+        "threat_model": m.threat_model,
+        "file": m.file,
+        "input_kind": m.input_kind,
+        "ort_p50_us": ort.p50_us,
+        "ort_p99_us": ort.p99_us,
+        "ort_spread_us": ort.spread_us,
         # model_perf's own field names, which edge.infer.bench_events reads
-        "latency_us": ort.p50_us, "p99_us": ort.p99_us,
+        "latency_us": ort.p50_us,
+        "p99_us": ort.p99_us,
         "native": native.kind if native else None,
-        "native_p50_us": nat.p50_us if nat else None, "native_p99_us": nat.p99_us if nat else None,
+        "native_p50_us": nat.p50_us if nat else None,
+        "native_p99_us": nat.p99_us if nat else None,
         "native_spread_us": nat.spread_us if nat else None,
         "ratio": ort.p50_us / nat.p50_us if nat and nat.p50_us > 0 else None,
-        "flops": work, "work_unit": unit, "work_detail": native.detail if native else "",
-        "achieved_gflops": achieved, "share_of_peak": share,
-        "bound": _bound(unit, share, prof, ort.p50_us, floor), "ort_floor_us": floor,
+        "flops": work,
+        "work_unit": unit,
+        "work_detail": native.detail if native else "",
+        "achieved_gflops": achieved,
+        "share_of_peak": share,
+        "bound": _bound(unit, share, prof, ort.p50_us, floor),
+        "ort_floor_us": floor,
         "kernel_share": prof.kernel_share if prof else None,
         "top_ops": [[op, v] for op, v in prof.top_ops] if prof else [],
         "nodes": prof.nodes if prof else None,
@@ -454,7 +493,7 @@ def bench_model(m: LoadedModel, inputs: np.ndarray, native: Native | None, metho
 @dataclass
 class StoreSample:
     archives: list[Path]
-    rows: int                                   # telemetry rows in those archives
+    rows: int  # telemetry rows in those archives
     windows: list[tuple[Mapping[str, Any], int, int]] = field(default_factory=list)  # (streams, t0, w)
 
 
@@ -517,12 +556,18 @@ def bench_store(sample: StoreSample, modelset: ModelSet, method: Method) -> dict
         for p in sample.archives:
             read_episode(p)
         rates.append(sample.rows / ((time.perf_counter_ns() - start) / 1e9))
-    what = f"extract + summarize + {len(modelset.models)} models" + (f" + {projector.file}" if projector else "")
+    what = f"extract + summarize + {len(modelset.models)} models" + (
+        f" + {projector.file}" if projector else ""
+    )
     return {
         "extractor": {**_timing_dict(t["extract"]), "windows": n, "episodes": len(sample.archives)},
         "path": {**_timing_dict(t["path"]), "what": what},
-        "reader": {"rows_per_s": float(np.median(rates)), "spread_rows_per_s": max(rates) - min(rates),
-                   "rows": sample.rows, "archives": [str(p) for p in sample.archives]},
+        "reader": {
+            "rows_per_s": float(np.median(rates)),
+            "spread_rows_per_s": max(rates) - min(rates),
+            "rows": sample.rows,
+            "archives": [str(p) for p in sample.archives],
+        },
     }
 
 
@@ -548,8 +593,9 @@ def _select(models: Sequence[LoadedModel], only: Sequence[str] | None) -> list[L
     return picked
 
 
-def _inputs_and_scores(m: LoadedModel, held: Heldout | None, sample: StoreSample | None,
-                       notes: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+def _inputs_and_scores(
+    m: LoadedModel, held: Heldout | None, sample: StoreSample | None, notes: list[str]
+) -> tuple[np.ndarray, dict[str, Any]]:
     """The windows to time one graph on, and its accuracy: held-out windows when the run has
     them (accuracy of this very graph), else store or random windows and the manifest's figures."""
     got = held.windows(m) if held is not None else None
@@ -558,8 +604,12 @@ def _inputs_and_scores(m: LoadedModel, held: Heldout | None, sample: StoreSample
         acc, f1 = heldout_accuracy(m, x, y)
         return x, {"accuracy": acc, "macro_f1": f1, "accuracy_source": "heldout", "heldout_windows": len(y)}
     acc = _manifest_metric(m, ("accuracy", "acc"))
-    scores = {"accuracy": acc, "macro_f1": _manifest_metric(m, ("macro_f1",)),
-              "accuracy_source": "manifest" if acc is not None else None, "heldout_windows": 0}
+    scores = {
+        "accuracy": acc,
+        "macro_f1": _manifest_metric(m, ("macro_f1",)),
+        "accuracy_source": "manifest" if acc is not None else None,
+        "heldout_windows": 0,
+    }
     if sample is not None:
         from schema.extract import extract_window, summarize
 
@@ -614,7 +664,9 @@ def run_bench(
     run_dir = resolve_run(models_dir, modelset, run)
     if not run_dir.is_dir():
         notes.append(f"no run directory at {run_dir}: ORT only, accuracy from manifest.json")
-    heldouts = {t: Heldout.load(run_dir / f"heldout-{t}.npz") for t in sorted({m.threat_model for m in chosen})}
+    heldouts = {
+        t: Heldout.load(run_dir / f"heldout-{t}.npz") for t in sorted({m.threat_model for m in chosen})
+    }
     sample = sample_store(store, episodes) if store is not None and store.is_dir() else None
     if sample is None:
         notes.append(f"no readable archives under {store}: no extractor, path or reader figures")
@@ -640,10 +692,17 @@ def run_bench(
         "schema_hash": schema,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
-            "cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count() or 1, "pinned": pinned,
-            "peak_gflops": peak.gflops, "peak_by_size": {str(k): v for k, v in peak.by_size.items()},
-            "blas": peak.library, "ort_floor_us": min(floors.values()), "loadavg": list(os.getloadavg()),
-            "onnxruntime": _version("onnxruntime"), "torch": _version("torch"),
+            "cpu": cpu_name(),
+            "arch": platform.machine(),
+            "cores": os.cpu_count() or 1,
+            "pinned": pinned,
+            "peak_gflops": peak.gflops,
+            "peak_by_size": {str(k): v for k, v in peak.by_size.items()},
+            "blas": peak.library,
+            "ort_floor_us": min(floors.values()),
+            "loadavg": list(os.getloadavg()),
+            "onnxruntime": _version("onnxruntime"),
+            "torch": _version("torch"),
             "xgboost": _version("xgboost") or _version("xgboost-cpu"),
         },
         "method": {"batch": 1, **asdict(method), "spread": "max-min of repeat p50s"},
@@ -711,8 +770,10 @@ def _pct(v: float | None, digits: int = 1) -> str:
 
 def format_table(doc: dict[str, Any]) -> str:
     """The report: one markdown row per model, then the per-window path and the machine."""
-    head = ("| model | threat | ORT p50 µs | ORT p99 µs | spread µs | native p50 µs | ORT/native "
-            "| work/window | achieved | % of peak | where time goes | accuracy | macro F1 |")
+    head = (
+        "| model | threat | ORT p50 µs | ORT p99 µs | spread µs | native p50 µs | ORT/native "
+        "| work/window | achieved | % of peak | where time goes | accuracy | macro F1 |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in doc["models"]:
         native = f"{_us(r['native_p50_us'])} ({r['native']})" if r["native"] else "— (no checkpoint)"
@@ -722,26 +783,38 @@ def format_table(doc: dict[str, Any]) -> str:
             f"| {r['model']} | {r['threat_model']} | {_us(r['ort_p50_us'])} | {_us(r['ort_p99_us'])} "
             f"| {_us(r['ort_spread_us'])} | {native} | {ratio} | {_work(r['flops'], r['work_unit'])} "
             f"| {achieved} | {_pct(r['share_of_peak'], 2)} | {r['bound']} | {_pct(r['accuracy'])} "
-            f"| {_pct(r['macro_f1'])} |")
+            f"| {_pct(r['macro_f1'])} |"
+        )
     mach, meth = doc["machine"], doc["method"]
     pinned = f", pinned to core {mach['pinned']}" if mach["pinned"] is not None else ""
-    lines += ["", f"- machine: {mach['cpu']} ({mach['arch']}, {mach['cores']} cores{pinned}), "
-              f"load average {mach['loadavg'][0]:.1f}; peak {mach['peak_gflops']:.1f} GFLOP/s "
-              f"(one thread, float32 GEMM, {mach['blas']}); ORT call floor {mach['ort_floor_us']:.1f} µs"]
+    lines += [
+        "",
+        f"- machine: {mach['cpu']} ({mach['arch']}, {mach['cores']} cores{pinned}), "
+        f"load average {mach['loadavg'][0]:.1f}; peak {mach['peak_gflops']:.1f} GFLOP/s "
+        f"(one thread, float32 GEMM, {mach['blas']}); ORT call floor {mach['ort_floor_us']:.1f} µs",
+    ]
     ex, path, rd = doc.get("extractor"), doc.get("path"), doc.get("reader")
     if ex:
-        lines.append(f"- extractor (extract_window + summarize): {_us(ex['p50_us'])} µs/window p50, "
-                     f"{_us(ex['p99_us'])} p99, spread {_us(ex['spread_us'])} "
-                     f"({ex['windows']} windows of {ex['episodes']} archives)")
+        lines.append(
+            f"- extractor (extract_window + summarize): {_us(ex['p50_us'])} µs/window p50, "
+            f"{_us(ex['p99_us'])} p99, spread {_us(ex['spread_us'])} "
+            f"({ex['windows']} windows of {ex['episodes']} archives)"
+        )
     if path:
-        lines.append(f"- whole per-window path ({path['what']}): {_us(path['p50_us'])} µs/window p50, "
-                     f"{_us(path['p99_us'])} p99, spread {_us(path['spread_us'])}")
+        lines.append(
+            f"- whole per-window path ({path['what']}): {_us(path['p50_us'])} µs/window p50, "
+            f"{_us(path['p99_us'])} p99, spread {_us(path['spread_us'])}"
+        )
     if rd:
-        lines.append(f"- reader: {rd['rows_per_s']:,.0f} telemetry rows/s "
-                     f"(spread {rd['spread_rows_per_s']:,.0f}; {rd['rows']:,} rows in {len(rd['archives'])} archives)")
-    lines.append(f"- method: batch 1, one thread everywhere; {meth['warmup']} warm-up calls, then "
-                 f"{meth['repeats']} repeats x {meth['calls']} calls, interleaved ORT/native; p50/p99 are "
-                 f"medians over repeats; spread = {meth['spread']}; ratio = ORT p50 / native p50")
+        lines.append(
+            f"- reader: {rd['rows_per_s']:,.0f} telemetry rows/s "
+            f"(spread {rd['spread_rows_per_s']:,.0f}; {rd['rows']:,} rows in {len(rd['archives'])} archives)"
+        )
+    lines.append(
+        f"- method: batch 1, one thread everywhere; {meth['warmup']} warm-up calls, then "
+        f"{meth['repeats']} repeats x {meth['calls']} calls, interleaved ORT/native; p50/p99 are "
+        f"medians over repeats; spread = {meth['spread']}; ratio = ORT p50 / native p50"
+    )
     lines += [f"- note: {n}" for n in doc.get("notes", [])]
     return "\n".join(lines)
 
@@ -766,18 +839,35 @@ def plot_bench(doc: dict[str, Any], path: Path) -> Path:
         x, y = r["ort_p50_us"], r["accuracy"]
         # the p50 -> p99 tail as a whisker: how bad the slow calls are
         ax.plot([x, r["ort_p99_us"]], [y, y], color=c, alpha=0.5, lw=1.5)
-        ax.scatter([x], [y], s=70, marker="o" if realistic else "^", color=c if realistic else "none",
-                   edgecolors=c, linewidths=1.8, zorder=3)
+        ax.scatter(
+            [x],
+            [y],
+            s=70,
+            marker="o" if realistic else "^",
+            color=c if realistic else "none",
+            edgecolors=c,
+            linewidths=1.8,
+            zorder=3,
+        )
         # realistic labels above, oracle below: twins of one model sit close together
-        ax.annotate(r["model"] if realistic else f"{r['model']}·{r['threat_model']}", (x, y),
-                    textcoords="offset points", xytext=(7, 5) if realistic else (7, -13), fontsize=9, color=c)
+        ax.annotate(
+            r["model"] if realistic else f"{r['model']}·{r['threat_model']}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(7, 5) if realistic else (7, -13),
+            fontsize=9,
+            color=c,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("ONNX Runtime µs per window (p50, whisker to p99; batch 1, one thread; log scale)")
     ax.set_ylabel("held-out accuracy")
     mach = doc["machine"]
     pinned = f", core {mach['pinned']}" if mach["pinned"] is not None else ""
-    ax.set_title(f"accuracy vs latency — {mach['cpu']}{pinned}\n"
-                 f"filled: realistic, hollow: oracle; peak {mach['peak_gflops']:.0f} GFLOP/s", fontsize=10)
+    ax.set_title(
+        f"accuracy vs latency — {mach['cpu']}{pinned}\n"
+        f"filled: realistic, hollow: oracle; peak {mach['peak_gflops']:.0f} GFLOP/s",
+        fontsize=10,
+    )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -791,9 +881,16 @@ def perf_events(doc: dict[str, Any]) -> list[Any]:
 
     rows = [r for r in doc["models"] if r["accuracy"] is not None]
     realistic = [r for r in rows if r["threat_model"] == "realistic"]
-    return [ModelPerf(model=r["model"], latency_us=float(r["ort_p50_us"]),
-                      accuracy=min(1.0, max(0.0, float(r["accuracy"]))), p99_us=float(r["ort_p99_us"]),
-                      threat_model=r["threat_model"]) for r in (realistic or rows)]
+    return [
+        ModelPerf(
+            model=r["model"],
+            latency_us=float(r["ort_p50_us"]),
+            accuracy=min(1.0, max(0.0, float(r["accuracy"]))),
+            p99_us=float(r["ort_p99_us"]),
+            threat_model=r["threat_model"],
+        )
+        for r in (realistic or rows)
+    ]
 
 
 def publish(doc: dict[str, Any], url: str, token: str | None = None) -> int:
@@ -814,22 +911,54 @@ def _csv(text: str) -> list[str]:
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", type=Path, default=Path("models"), help="exported models directory (default models)")
-    p.add_argument("--run", type=Path, default=None,
-                   help="training run with the native models and held-out windows "
-                        "(default: the run manifest.json names, else runs/latest)")
-    p.add_argument("--store", type=Path, default=Path("data/store"),
-                   help="receiver store for the extractor, path and reader figures (default data/store)")
+    p.add_argument(
+        "--models", type=Path, default=Path("models"), help="exported models directory (default models)"
+    )
+    p.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="training run with the native models and held-out windows "
+        "(default: the run manifest.json names, else runs/latest)",
+    )
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=Path("data/store"),
+        help="receiver store for the extractor, path and reader figures (default data/store)",
+    )
     p.add_argument("--episodes", type=int, default=3, help="archives of the store to use (default 3)")
-    p.add_argument("--repeats", type=int, default=Method.repeats, help=f"timed repeats (default {Method.repeats})")
-    p.add_argument("--calls", type=int, default=Method.calls, help=f"calls per repeat (default {Method.calls})")
-    p.add_argument("--warmup", type=int, default=Method.warmup, help=f"untimed warm-up calls (default {Method.warmup})")
-    p.add_argument("--pin", type=int, nargs="?", const=-1, default=None, metavar="CORE",
-                   help="run on one core (default: the last one allowed) to stand in for a Pi core")
-    p.add_argument("--only", type=_csv, default=None, metavar="KEYS",
-                   help="comma-separated models to bench: gru, gru-realistic or a threat model")
-    p.add_argument("--publish", metavar="URL", default=None,
-                   help="POST the model_perf points to a running edge daemon, e.g. http://127.0.0.1:8080")
+    p.add_argument(
+        "--repeats", type=int, default=Method.repeats, help=f"timed repeats (default {Method.repeats})"
+    )
+    p.add_argument(
+        "--calls", type=int, default=Method.calls, help=f"calls per repeat (default {Method.calls})"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=Method.warmup, help=f"untimed warm-up calls (default {Method.warmup})"
+    )
+    p.add_argument(
+        "--pin",
+        type=int,
+        nargs="?",
+        const=-1,
+        default=None,
+        metavar="CORE",
+        help="run on one core (default: the last one allowed) to stand in for a Pi core",
+    )
+    p.add_argument(
+        "--only",
+        type=_csv,
+        default=None,
+        metavar="KEYS",
+        help="comma-separated models to bench: gru, gru-realistic or a threat model",
+    )
+    p.add_argument(
+        "--publish",
+        metavar="URL",
+        default=None,
+        help="POST the model_perf points to a running edge daemon, e.g. http://127.0.0.1:8080",
+    )
     p.add_argument("--token", default=None, help="bearer token for --publish")
     p.add_argument("--no-plot", action="store_true", help="skip bench.png")
 
@@ -840,9 +969,14 @@ def cli_bench(args: argparse.Namespace) -> int:
 
     try:
         doc = run_bench(
-            args.models, run=args.run, store=args.store, episodes=args.episodes,
+            args.models,
+            run=args.run,
+            store=args.store,
+            episodes=args.episodes,
             method=Method(warmup=args.warmup, repeats=args.repeats, calls=args.calls),
-            pin=args.pin, only=args.only, plot=not args.no_plot,
+            pin=args.pin,
+            only=args.only,
+            plot=not args.no_plot,
         )
     except (BenchError, ModelSetError) as e:
         print(f"phasewatch bench: {e}", file=sys.stderr)

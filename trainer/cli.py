@@ -3,6 +3,7 @@
 Each subcommand lives in its own module with ``add_<name>_arguments`` and ``cli_<name>``;
 they are imported only when used, so ``phasewatch validate`` never pays for torch.
 """
+
 from __future__ import annotations
 
 import argparse

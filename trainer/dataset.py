@@ -1,9 +1,10 @@
 """Windows of the accepted episodes, a feature cache keyed by the schema hash, and splits.
 
-    ws = load_windows(store, index)          # extracts in parallel, or loads the cache at once
-    split = make_split(ws, "host", seed=0)   # held-out host / sample / time
-    X = ws.view("realistic", "tensor")[split.train]
+ws = load_windows(store, index)          # extracts in parallel, or loads the cache at once
+split = make_split(ws, "host", seed=0)   # held-out host / sample / time
+X = ws.view("realistic", "tensor")[split.train]
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,7 +58,7 @@ class WindowSet:
     def view(self, threat_model: str, kind: str) -> np.ndarray:
         return extract.view(self.tensor if kind == "tensor" else self.summary, threat_model, kind)
 
-    def subset(self, idx: np.ndarray) -> "WindowSet":
+    def subset(self, idx: np.ndarray) -> WindowSet:
         arrays = {f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "skipped"}
         return WindowSet(**arrays, skipped=dict(self.skipped))
 
@@ -139,7 +140,9 @@ def load_windows(
     index = Path(index) if index else store / "index.jsonl"
     records = _records(store, index)
     if not records:
-        raise SystemExit(f"{index}: no accepted or degraded episodes to learn from (run `phasewatch validate` first)")
+        raise SystemExit(
+            f"{index}: no accepted or degraded episodes to learn from (run `phasewatch validate` first)"
+        )
     cache = (Path(cache_dir) if cache_dir else index.parent / "cache") / f"windows-{cache_key(records)}"
     if (cached := _load_cache(cache)) is not None:
         if progress:
@@ -156,7 +159,9 @@ def load_windows(
     ws = _concat(parts)
     _save_cache(ws, cache)
     if progress:
-        print(f"features: {len(ws)} windows from {len(parts)} episodes; skipped {ws.skipped}; cached in {cache}")
+        print(
+            f"features: {len(ws)} windows from {len(parts)} episodes; skipped {ws.skipped}; cached in {cache}"
+        )
     return ws
 
 
@@ -167,12 +172,18 @@ def _concat(parts: list[dict]) -> WindowSet:
     for p in parts:
         skipped.update(p["skipped"])
     n_per = [len(p["y"]) for p in parts]
-    arrays = {name: np.concatenate([p[name] for p in parts]) for name in _ARRAYS if name not in ("summary", "t_rank")}
+    arrays = {
+        name: np.concatenate([p[name] for p in parts])
+        for name in _ARRAYS
+        if name not in ("summary", "t_rank")
+    }
     if not len(arrays["y"]):
         arrays["tensor"] = np.zeros((0, N_CHANNELS, WINDOW_STEPS), np.float32)
     arrays["t_rank"] = np.repeat(rank, n_per)
-    arrays["summary"] = extract.summarize(arrays["tensor"]) if len(arrays["y"]) else np.zeros(
-        (0, N_CHANNELS * len(SUMMARY_STATS)), np.float32
+    arrays["summary"] = (
+        extract.summarize(arrays["tensor"])
+        if len(arrays["y"])
+        else np.zeros((0, N_CHANNELS * len(SUMMARY_STATS)), np.float32)
     )
     return WindowSet(**arrays, skipped=dict(skipped))
 
@@ -200,7 +211,9 @@ class Split:
         }
 
 
-def _episodes_split(ws: WindowSet, eps: np.ndarray, share: float, rng: np.random.Generator) -> tuple[set, set]:
+def _episodes_split(
+    ws: WindowSet, eps: np.ndarray, share: float, rng: np.random.Generator
+) -> tuple[set, set]:
     """Split episodes (not windows) into two groups, stratified by profile."""
     ep_profile = {e: p for e, p in zip(ws.episode, ws.profile)}
     a: set = set()
@@ -215,7 +228,13 @@ def _episodes_split(ws: WindowSet, eps: np.ndarray, share: float, rng: np.random
 
 
 def _finish(
-    ws: WindowSet, kind: str, test_eps: set, rest_eps: np.ndarray, rng, desc: str, groups: list[str],
+    ws: WindowSet,
+    kind: str,
+    test_eps: set,
+    rest_eps: np.ndarray,
+    rng,
+    desc: str,
+    groups: list[str],
     val_eps: set | None = None,
 ) -> Split:
     if val_eps is None:

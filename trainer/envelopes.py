@@ -8,6 +8,7 @@ pointwise median of all of them: a plain median of bursty signals whose bursts f
 different times is a flat line, while the medoid keeps a real episode's shape and is
 still the most typical one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,33 +26,51 @@ INFECTED = (PHASE_INDEX["infecting"], PHASE_INDEX["infected_running"], PHASE_IND
 
 @dataclass(frozen=True)
 class Signature:
-    candidates: tuple[tuple[str, ...], ...]   # channel groups (a group is summed: same unit)
-    shape: str                                # the SPEC's one-line description
+    candidates: tuple[tuple[str, ...], ...]  # channel groups (a group is summed: same unit)
+    shape: str  # the SPEC's one-line description
 
 
 # Which channels could carry each profile's signature. The one used is the group that
 # rises most above the same episodes' clean windows in this corpus (ties: the first,
 # host-side groups come first so the realistic view sees the envelope too).
 SIGNATURES: dict[str, Signature] = {
-    "cpu-saturate": Signature((("proc.utime_ticks",), ("qmp.vcpu_time_ns",), ("guest.cpu_user_pct",)),
-                              "sustained one-vCPU peg"),
-    "bursty-c2": Signature((("netflow.bytes_out",), ("netflow.pkts_out",), ("netflow.flows_new",)),
-                           "periodic command-and-control bursts"),
-    "scan-and-dial": Signature((("netflow.syn_out",), ("netflow.uniq_dst_ports",), ("netflow.uniq_dst_ips",),
-                                ("netflow.flows_new",)), "port scans and outbound connection attempts"),
-    "exfil-trickle": Signature((("netflow.bytes_out",), ("qmp.net_tx_bytes",), ("guest.net_tx_bytes",)),
-                               "slow steady upload"),
-    "disk-encrypt": Signature((("qmp.blk_rd_bytes", "qmp.blk_wr_bytes"), ("proc.read_bytes", "proc.write_bytes"),
-                               ("guest.disk_read_bytes", "guest.disk_write_bytes")),
-                              "heavy read-then-write disk I/O"),
-    "mem-inflate": Signature((("proc.rss_kb",), ("guest.mem_used_kb",), ("qmp.balloon_actual_kb",)),
-                             "steady memory growth"),
+    "cpu-saturate": Signature(
+        (("proc.utime_ticks",), ("qmp.vcpu_time_ns",), ("guest.cpu_user_pct",)), "sustained one-vCPU peg"
+    ),
+    "bursty-c2": Signature(
+        (("netflow.bytes_out",), ("netflow.pkts_out",), ("netflow.flows_new",)),
+        "periodic command-and-control bursts",
+    ),
+    "scan-and-dial": Signature(
+        (
+            ("netflow.syn_out",),
+            ("netflow.uniq_dst_ports",),
+            ("netflow.uniq_dst_ips",),
+            ("netflow.flows_new",),
+        ),
+        "port scans and outbound connection attempts",
+    ),
+    "exfil-trickle": Signature(
+        (("netflow.bytes_out",), ("qmp.net_tx_bytes",), ("guest.net_tx_bytes",)), "slow steady upload"
+    ),
+    "disk-encrypt": Signature(
+        (
+            ("qmp.blk_rd_bytes", "qmp.blk_wr_bytes"),
+            ("proc.read_bytes", "proc.write_bytes"),
+            ("guest.disk_read_bytes", "guest.disk_write_bytes"),
+        ),
+        "heavy read-then-write disk I/O",
+    ),
+    "mem-inflate": Signature(
+        (("proc.rss_kb",), ("guest.mem_used_kb",), ("qmp.balloon_actual_kb",)), "steady memory growth"
+    ),
 }
 assert set(SIGNATURES) == set(PROFILES)
 
 
-def _pick_channels(sig: Signature, names: list[str], means: np.ndarray, y: np.ndarray,
-                   in_profile: np.ndarray) -> tuple[tuple[str, ...], float] | None:
+def _pick_channels(
+    sig: Signature, names: list[str], means: np.ndarray, y: np.ndarray, in_profile: np.ndarray
+) -> tuple[tuple[str, ...], float] | None:
     """The candidate group whose level while the payload runs rises most over clean windows.
 
     Means, not medians: a bursty payload is idle in most windows, and it is its bursts
@@ -71,7 +90,7 @@ def _pick_channels(sig: Signature, names: list[str], means: np.ndarray, y: np.nd
         hi = float(v[running].mean()) if running.any() else 0.0
         lo = float(v[clean].mean()) if clean.any() else 0.0
         ratio = (hi + 1e-9) / (lo + 1e-9) if hi > 0 else 0.0
-        if best is None or ratio > best[1] * 1.05:   # a clear win to leave the earlier (host-side) group
+        if best is None or ratio > best[1] * 1.05:  # a clear win to leave the earlier (host-side) group
             best = (group, ratio)
     return best
 
@@ -90,8 +109,9 @@ def _bins(series: np.ndarray, points: int) -> np.ndarray | None:
     return np.interp(x, x[ok], vals[ok])
 
 
-def _episode_curve(tensor: np.ndarray, y: np.ndarray, window: np.ndarray, cols: list[int],
-                   points: int) -> np.ndarray | None:
+def _episode_curve(
+    tensor: np.ndarray, y: np.ndarray, window: np.ndarray, cols: list[int], points: int
+) -> np.ndarray | None:
     """One episode's windows -> its characteristic channel over the infected span, binned."""
     inf = np.isin(y, INFECTED)
     if not inf.any():
@@ -106,7 +126,7 @@ def _episode_curve(tensor: np.ndarray, y: np.ndarray, window: np.ndarray, cols: 
     for w, row in zip(window, sig):
         if first <= w <= last:
             at = (int(w) - first) * STRIDE_STEPS
-            series[at:at + WINDOW_STEPS] = row
+            series[at : at + WINDOW_STEPS] = row
     return _bins(series, points)
 
 
@@ -127,8 +147,10 @@ def compute_envelopes(
     tensor = np.asarray(tensor)
     n = len(tensor)
     if not (len(y) == len(episode) == len(profile) == n):
-        raise ValueError(f"envelopes: arrays disagree in length: tensor {n}, y {len(y)}, "
-                         f"episode {len(episode)}, profile {len(profile)}")
+        raise ValueError(
+            f"envelopes: arrays disagree in length: tensor {n}, y {len(y)}, "
+            f"episode {len(episode)}, profile {len(profile)}"
+        )
     names = list(channel_names)
     if tensor.ndim != 3 or tensor.shape[1] != len(names):
         raise ValueError(f"envelopes: tensor {tensor.shape} does not match {len(names)} channel names")
@@ -142,7 +164,7 @@ def compute_envelopes(
             window[idx] = np.arange(len(idx))
     window = np.asarray(window)
 
-    means = tensor.mean(axis=2, dtype=np.float64)     # (N, C): one level per window and channel
+    means = tensor.mean(axis=2, dtype=np.float64)  # (N, C): one level per window and channel
     out: list[Envelope] = []
     for prof in PROFILES:
         sig = SIGNATURES[prof]
@@ -163,14 +185,16 @@ def compute_envelopes(
         stack = np.stack(curves)
         median = np.median(stack, axis=0)
         medoid = stack[np.abs(stack - median).sum(axis=1).argmin()]
-        out.append(Envelope(
-            name=prof,
-            curve=[float(f"{v:.4g}") for v in medoid],
-            shape=_shape_line(sig, channels, medoid, ratio),
-            channel="+".join(channels),
-            unit=CHANNELS[CHANNEL_NAMES.index(channels[0])].unit,
-            episodes=len(curves),
-        ))
+        out.append(
+            Envelope(
+                name=prof,
+                curve=[float(f"{v:.4g}") for v in medoid],
+                shape=_shape_line(sig, channels, medoid, ratio),
+                channel="+".join(channels),
+                unit=CHANNELS[CHANNEL_NAMES.index(channels[0])].unit,
+                episodes=len(curves),
+            )
+        )
     return out
 
 

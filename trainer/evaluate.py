@@ -5,6 +5,7 @@ not independent draws: every confidence interval here resamples whole episodes. 
 bootstraps work on per-episode confusion matrices, so one resample is one matrix
 product, not a pass over the windows.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -20,7 +21,9 @@ def labels_seen(*arrays: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays]))
 
 
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def confusion(
+    y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, matrix) with rows = true, columns = predicted, over the union of labels seen."""
     y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
     if y_true.shape != y_pred.shape:
@@ -45,7 +48,9 @@ def f1_from_confusion(cm: np.ndarray) -> np.ndarray:
 def macro_f1_from_confusion(cm: np.ndarray) -> np.ndarray:
     f1 = f1_from_confusion(cm)
     present = ~np.isnan(f1)
-    return np.where(present.any(axis=-1), np.nansum(f1, axis=-1) / np.maximum(present.sum(axis=-1), 1), np.nan)
+    return np.where(
+        present.any(axis=-1), np.nansum(f1, axis=-1) / np.maximum(present.sum(axis=-1), 1), np.nan
+    )
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -56,15 +61,18 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(macro_f1_from_confusion(cm))
 
 
-def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = len(PHASES)) -> dict[str, float | None]:
+def per_class_f1(
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = len(PHASES)
+) -> dict[str, float | None]:
     """F1 per phase name; None for a phase that is neither true nor predicted anywhere."""
     _, cm = confusion(y_true, y_pred, labels=np.arange(n_classes))
     names = PHASES if n_classes == len(PHASES) else tuple(str(i) for i in range(n_classes))
     return {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, f1_from_confusion(cm))}
 
 
-def _group_confusions(y_true: np.ndarray, preds: list[np.ndarray], groups: np.ndarray,
-                      labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+def _group_confusions(
+    y_true: np.ndarray, preds: list[np.ndarray], groups: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Per-group confusion matrices (G, K, K) for each prediction array."""
     _, g = np.unique(np.asarray(groups), return_inverse=True)
     n_groups = int(g.max()) + 1 if len(g) else 0
@@ -97,8 +105,14 @@ class CI:
         return asdict(self)
 
 
-def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05) -> CI:
+def bootstrap_ci(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> CI:
     """Macro F1 and its percentile CI, resampling groups (episodes) with replacement."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if not (len(y_true) == len(y_pred) == len(groups)):
@@ -117,18 +131,26 @@ def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, n_b
 @dataclass(frozen=True)
 class PairedGap:
     """F1(a) - F1(b) on the same windows, with its CI over episode resamples."""
+
     diff: float
     lo: float
     hi: float
-    p_value: float      # two-sided share of resamples on the other side of zero
-    significant: bool   # the CI excludes zero
+    p_value: float  # two-sided share of resamples on the other side of zero
+    significant: bool  # the CI excludes zero
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def paired_bootstrap(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, groups: np.ndarray,
-                     n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> PairedGap:
+def paired_bootstrap(
+    y_true: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> PairedGap:
     """Is model a's macro F1 really different from b's? Both are scored on each same resample."""
     y_true = np.asarray(y_true)
     if not (len(y_true) == len(pred_a) == len(pred_b) == len(groups)):
@@ -140,30 +162,43 @@ def paired_bootstrap(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray,
     gids, (cm_a, cm_b) = _group_confusions(y_true, [pred_a, pred_b], groups, labels)
     w = _resample_weights(len(gids), n_boot, seed)
     # Each model's F1 over the labels its own predictions and the truth hold (as macro_f1 does).
-    d = (macro_f1_from_confusion(np.einsum("bg,gij->bij", w, cm_a))
-         - macro_f1_from_confusion(np.einsum("bg,gij->bij", w, cm_b)))
+    d = macro_f1_from_confusion(np.einsum("bg,gij->bij", w, cm_a)) - macro_f1_from_confusion(
+        np.einsum("bg,gij->bij", w, cm_b)
+    )
     d = d[~np.isnan(d)]
     lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
     p = 2 * min(float((d <= 0).mean()), float((d >= 0).mean()))
     return PairedGap(float(diff), float(lo), float(hi), min(1.0, p), bool(lo > 0 or hi < 0))
 
 
-def breakdown(y_true: np.ndarray, y_pred: np.ndarray, keys: np.ndarray, groups: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+def breakdown(
+    y_true: np.ndarray, y_pred: np.ndarray, keys: np.ndarray, groups: np.ndarray | None = None
+) -> dict[str, dict[str, Any]]:
     """Macro F1 and accuracy per key value (a profile, a host)."""
     keys = np.asarray(keys).astype(str)
     out: dict[str, dict[str, Any]] = {}
     for key in np.unique(keys):
         m = keys == key
-        row: dict[str, Any] = {"n_windows": int(m.sum()), "macro_f1": macro_f1(y_true[m], y_pred[m]),
-                               "accuracy": float((y_true[m] == y_pred[m]).mean())}
+        row: dict[str, Any] = {
+            "n_windows": int(m.sum()),
+            "macro_f1": macro_f1(y_true[m], y_pred[m]),
+            "accuracy": float((y_true[m] == y_pred[m]).mean()),
+        }
         if groups is not None:
             row["n_episodes"] = int(len(np.unique(np.asarray(groups)[m])))
         out[str(key)] = row
     return out
 
 
-def evaluate_predictions(y_true: np.ndarray, proba: np.ndarray, episode: np.ndarray, host: np.ndarray,
-                         profile: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def evaluate_predictions(
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    episode: np.ndarray,
+    host: np.ndarray,
+    profile: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Everything the report shows for one model on one held-out set."""
     y_true = np.asarray(y_true, np.int64)
     y_pred = np.asarray(proba).argmax(axis=1)
@@ -176,12 +211,15 @@ def evaluate_predictions(y_true: np.ndarray, proba: np.ndarray, episode: np.ndar
         "per_class_f1": per_class_f1(y_true, y_pred, proba.shape[1]),
         "per_profile": breakdown(y_true, y_pred, profile, episode),
         "per_host": breakdown(y_true, y_pred, host, episode),
-        "confusion": {"labels": [PHASES[i] if i < len(PHASES) else str(i) for i in labels],
-                      "matrix": cm.tolist()},
+        "confusion": {
+            "labels": [PHASES[i] if i < len(PHASES) else str(i) for i in labels],
+            "matrix": cm.tolist(),
+        },
     }
 
 
 # --- baselines: what the models must clearly beat -------------------------------------
+
 
 def majority_baseline(y_train: np.ndarray, n: int, n_classes: int = len(PHASES)) -> np.ndarray:
     """Probabilities that always name the most common training class."""
@@ -190,8 +228,9 @@ def majority_baseline(y_train: np.ndarray, n: int, n_classes: int = len(PHASES))
     return proba
 
 
-def logistic_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                      n_classes: int = len(PHASES), seed: int = 0) -> np.ndarray:
+def logistic_baseline(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int = len(PHASES), seed: int = 0
+) -> np.ndarray:
     """Class-balanced logistic regression on signed-log, standardised summary features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -200,8 +239,11 @@ def logistic_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
     def signed_log(x: np.ndarray) -> np.ndarray:
         return np.sign(x) * np.log1p(np.abs(x))
 
-    clf = make_pipeline(FunctionTransformer(signed_log), StandardScaler(),
-                        LogisticRegression(max_iter=500, class_weight="balanced", random_state=seed))
+    clf = make_pipeline(
+        FunctionTransformer(signed_log),
+        StandardScaler(),
+        LogisticRegression(max_iter=500, class_weight="balanced", random_state=seed),
+    )
     clf.fit(x_train, y_train)
     proba = np.zeros((len(x_test), n_classes), np.float32)
     proba[:, clf.classes_] = clf.predict_proba(x_test)

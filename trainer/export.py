@@ -11,6 +11,7 @@ inference, a ceiling on opset and IR version that the oldest supported onnxrunti
 model on the held-out windows. The directory is built beside its destination and
 swapped in at the end, so an interrupted export leaves the previous one intact.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,10 @@ MAX_OPSET = {"": 20, "ai.onnx": 20, "ai.onnx.ml": 4}
 MAX_IR_VERSION = 9
 PARITY_MAX_ABS_DIFF = 1e-4
 PARITY_MIN_AGREEMENT = 0.999
-TIE = 1e-6   # native probabilities this close are a tie, whichever class argmax picks
+TIE = 1e-6  # native probabilities this close are a tie, whichever class argmax picks
 K_STATS = len(SUMMARY_STATS)
 
-Loader = Callable[..., Any]   # trainer.models.load_model(dir, expected_schema_hash=...)
+Loader = Callable[..., Any]  # trainer.models.load_model(dir, expected_schema_hash=...)
 
 
 class ExportError(RuntimeError):
@@ -82,7 +83,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ExportError(f"{path}: missing (is this a run directory written by `phasewatch train`?)") from None
+        raise ExportError(
+            f"{path}: missing (is this a run directory written by `phasewatch train`?)"
+        ) from None
     except json.JSONDecodeError as e:
         raise ExportError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
     if not isinstance(doc, dict):
@@ -92,22 +95,36 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def find_checkpoints(run: Path, run_doc: dict[str, Any]) -> list[tuple[str, str, Path]]:
     """(model, threat, checkpoint dir) for every trained model, in MODELS x THREAT_MODELS order."""
-    found = [(m, t, run / f"{m}-{t}") for t in THREAT_MODELS for m in MODELS
-             if (run / f"{m}-{t}" / "model.json").is_file()]
+    found = [
+        (m, t, run / f"{m}-{t}")
+        for t in THREAT_MODELS
+        for m in MODELS
+        if (run / f"{m}-{t}" / "model.json").is_file()
+    ]
     listed = run_doc.get("models")
     keys = list(listed) if isinstance(listed, (list, dict)) else []
     have = {f"{m}-{t}" for m, t, _ in found}
     missing = [k for k in keys if isinstance(k, str) and "-" in k and k not in have]
     if missing:
-        raise ExportError(f"{run / 'run.json'}: lists {', '.join(missing)} but {run} has no checkpoint for "
-                          f"{'it' if len(missing) == 1 else 'them'} (<model>-<threat>/model.json)")
+        raise ExportError(
+            f"{run / 'run.json'}: lists {', '.join(missing)} but {run} has no checkpoint for "
+            f"{'it' if len(missing) == 1 else 'them'} (<model>-<threat>/model.json)"
+        )
     if not found:
         raise ExportError(f"{run}: no checkpoints (<model>-<threat>/model.json) to export")
     return found
 
 
 # What the manifest carries per model (report.json keeps the rest: confusion, per host, fit).
-MANIFEST_METRICS = ("macro_f1", "macro_f1_ci", "accuracy", "per_class_f1", "n_windows", "n_episodes", "per_profile")
+MANIFEST_METRICS = (
+    "macro_f1",
+    "macro_f1_ci",
+    "accuracy",
+    "per_class_f1",
+    "n_windows",
+    "n_episodes",
+    "per_profile",
+)
 # What goes into the graph's metadata_props: small enough to read with any ONNX viewer.
 GRAPH_METRICS = ("macro_f1", "macro_f1_ci", "accuracy", "per_class_f1", "n_windows", "n_episodes")
 
@@ -148,7 +165,9 @@ def _find_metrics(report: dict[str, Any], model: str, threat: str) -> dict[str, 
                 yield from walk(v, depth + 1)
 
     models = report.get("models")
-    hits = [models[key]] if isinstance(models, dict) and isinstance(models.get(key), dict) else walk(report, 0)
+    hits = (
+        [models[key]] if isinstance(models, dict) and isinstance(models.get(key), dict) else walk(report, 0)
+    )
     for hit in hits:
         picked = {k: hit[k] for k in MANIFEST_METRICS if k in hit}
         return _finite(picked or hit)
@@ -196,8 +215,10 @@ def _channel_names(kind: str, threat: str, shape: tuple[int, ...], key: str) -> 
     for chans in (view_channels(threat), tuple(range(N_CHANNELS))):
         if n == len(chans):
             return [CHANNEL_NAMES[c] for c in chans]
-    raise ExportError(f"{key}: input shape {shape} matches neither the {threat} view "
-                      f"({len(view_channels(threat))} channels) nor all {N_CHANNELS}")
+    raise ExportError(
+        f"{key}: input shape {shape} matches neither the {threat} view "
+        f"({len(view_channels(threat))} channels) nor all {N_CHANNELS}"
+    )
 
 
 # --- proving a graph ------------------------------------------------------------------------
@@ -210,17 +231,25 @@ def check_graph(proto: Any, where: str) -> dict[str, int]:
     opsets = {o.domain: o.version for o in proto.opset_import}
     for domain, version in opsets.items():
         if domain not in MAX_OPSET:
-            raise ExportError(f"{where}: uses opset domain {domain!r}; only standard ONNX domains "
-                              f"({', '.join(repr(d) for d in MAX_OPSET)}) run everywhere")
+            raise ExportError(
+                f"{where}: uses opset domain {domain!r}; only standard ONNX domains "
+                f"({', '.join(repr(d) for d in MAX_OPSET)}) run everywhere"
+            )
         if version > MAX_OPSET[domain]:
-            raise ExportError(f"{where}: opset {domain or 'ai.onnx'} {version} is above {MAX_OPSET[domain]}, "
-                              f"the highest onnxruntime 1.17 (the Pi's oldest supported) runs")
+            raise ExportError(
+                f"{where}: opset {domain or 'ai.onnx'} {version} is above {MAX_OPSET[domain]}, "
+                f"the highest onnxruntime 1.17 (the Pi's oldest supported) runs"
+            )
     for node in proto.graph.node:
         if node.domain not in MAX_OPSET:
-            raise ExportError(f"{where}: node {node.name or node.op_type} uses non-standard domain {node.domain!r}")
+            raise ExportError(
+                f"{where}: node {node.name or node.op_type} uses non-standard domain {node.domain!r}"
+            )
     needed = helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
     if needed > MAX_IR_VERSION:
-        raise ExportError(f"{where}: its opsets need IR version {needed}, onnxruntime 1.17 reads up to {MAX_IR_VERSION}")
+        raise ExportError(
+            f"{where}: its opsets need IR version {needed}, onnxruntime 1.17 reads up to {MAX_IR_VERSION}"
+        )
     # Newer onnx stamps its own IR version; the graph itself needs only `needed`.
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     return {d or "ai.onnx": v for d, v in opsets.items()}
@@ -235,8 +264,9 @@ def _session(path: Path) -> Any:
 
 
 def _run_batched(session: Any, x: np.ndarray, output: str, batch: int = 512) -> np.ndarray:
-    return np.concatenate([session.run([output], {MODEL_INPUT_NAME: x[i:i + batch]})[0]
-                           for i in range(0, len(x), batch)])
+    return np.concatenate(
+        [session.run([output], {MODEL_INPUT_NAME: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
 
 
 def measure_parity(native: np.ndarray, onnx_probs: np.ndarray) -> Parity:
@@ -268,8 +298,17 @@ def measure_parity(native: np.ndarray, onnx_probs: np.ndarray) -> Parity:
 
 def _versions() -> dict[str, str]:
     out = {}
-    for dist in ("phasewatch", "onnx", "onnxruntime", "torch", "xgboost-cpu", "xgboost", "onnxmltools",
-                 "scikit-learn", "numpy"):
+    for dist in (
+        "phasewatch",
+        "onnx",
+        "onnxruntime",
+        "torch",
+        "xgboost-cpu",
+        "xgboost",
+        "onnxmltools",
+        "scikit-learn",
+        "numpy",
+    ):
         try:
             out[dist] = importlib_metadata.version(dist)
         except importlib_metadata.PackageNotFoundError:
@@ -307,30 +346,34 @@ def _exchange(a: Path, b: Path) -> bool:
     if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):   # old kernel or a filesystem without it
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or a filesystem without it
         return False
     raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
 
 
 def _replaceable(out: Path) -> bool:
-    return out.is_dir() and (not any(out.iterdir()) or (out / SUMS_FILE).exists() or (out / MANIFEST_FILE).exists())
+    return out.is_dir() and (
+        not any(out.iterdir()) or (out / SUMS_FILE).exists() or (out / MANIFEST_FILE).exists()
+    )
 
 
 def swap_into_place(new: Path, out: Path) -> None:
     """Make `new` appear at `out`; the old `out` survives until the new one is in place."""
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not _replaceable(out):
-            raise ExportError(f"{out}: exists and is not a models directory (no {SUMS_FILE} or {MANIFEST_FILE}); "
-                              f"refusing to replace it")
+            raise ExportError(
+                f"{out}: exists and is not a models directory (no {SUMS_FILE} or {MANIFEST_FILE}); "
+                f"refusing to replace it"
+            )
         if _exchange(new, out):
-            shutil.rmtree(new)                   # `new` now holds the previous export
+            shutil.rmtree(new)  # `new` now holds the previous export
         else:
             old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
             os.rename(out, old)
             try:
                 os.rename(new, out)
             except BaseException:
-                os.rename(old, out)          # put the previous export back before giving up
+                os.rename(old, out)  # put the previous export back before giving up
                 raise
             shutil.rmtree(old)
     else:
@@ -352,16 +395,20 @@ def _corpus(run_doc: dict[str, Any], progress: bool) -> Any | None:
     store, index = run_doc.get("store"), run_doc.get("index")
     if not store or not Path(store).is_dir():
         if progress:
-            print(f"export: store {store!r} of the run is not here; envelopes and projectors use held-out windows",
-                  file=sys.stderr)
+            print(
+                f"export: store {store!r} of the run is not here; envelopes and projectors use held-out windows",
+                file=sys.stderr,
+            )
         return None
     try:
         from trainer.dataset import load_windows
 
         return load_windows(Path(store), Path(index) if index else None, progress=progress)
     except (SystemExit, OSError, ValueError, KeyError) as e:
-        print(f"export: corpus at {store} unavailable ({e}); envelopes and projectors use held-out windows",
-              file=sys.stderr)
+        print(
+            f"export: corpus at {store} unavailable ({e}); envelopes and projectors use held-out windows",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -385,8 +432,10 @@ def export_run(
     run_doc = _read_json(run / "run.json")
     expected = current_schema_hash()
     if run_doc.get("schema_hash") != expected:
-        raise ExportError(f"{run / 'run.json'}: schema hash mismatch: the run was trained under "
-                          f"{run_doc.get('schema_hash')}, this code extracts features under {expected}; retrain")
+        raise ExportError(
+            f"{run / 'run.json'}: schema hash mismatch: the run was trained under "
+            f"{run_doc.get('schema_hash')}, this code extracts features under {expected}; retrain"
+        )
     if loader is None:
         from trainer.models import load_model as loader
     report = _read_json(run / "report.json") if (run / "report.json").exists() else {}
@@ -411,7 +460,7 @@ def export_run(
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's 0700 would follow the directory to the Pi
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would follow the directory to the Pi
     try:
         files: list[FileEntry] = []
         entries: list[ModelEntry] = []
@@ -419,22 +468,48 @@ def export_run(
             for name, threat, ckpt in checkpoints:
                 key = f"{name}-{threat}"
                 bar.set_postfix_str(key)
-                entries.append(_export_model(name, threat, ckpt, tmp / f"{key}.onnx", loader, heldout[threat],
-                                             report, common, opset, expected))
+                entries.append(
+                    _export_model(
+                        name,
+                        threat,
+                        ckpt,
+                        tmp / f"{key}.onnx",
+                        loader,
+                        heldout[threat],
+                        report,
+                        common,
+                        opset,
+                        expected,
+                    )
+                )
                 bar.update(1)
 
         corpus = windows if windows is not None else _corpus(run_doc, progress)
-        projectors = [_export_projector(t, tmp, corpus, heldout[t], common, opset, seed) for t in sorted(heldout)]
+        projectors = [
+            _export_projector(t, tmp, corpus, heldout[t], common, opset, seed) for t in sorted(heldout)
+        ]
         envelopes = _envelopes(corpus, heldout)
 
         for e in entries:
             files.append(FileEntry(e.file, sha256_file(tmp / e.file), (tmp / e.file).stat().st_size, "model"))
         for p in projectors:
-            files.append(FileEntry(p.file, sha256_file(tmp / p.file), (tmp / p.file).stat().st_size, "projector"))
+            files.append(
+                FileEntry(p.file, sha256_file(tmp / p.file), (tmp / p.file).stat().st_size, "projector")
+            )
         manifest = Manifest(
-            schema_hash=expected, created=created, classes=list(PHASES), window_s=WINDOW_S, stride_s=STRIDE_S,
-            rate_hz=RATE_HZ, opset=opset, onnxruntime=ONNXRUNTIME_RANGE, files=files, models=entries,
-            projectors=projectors, envelopes=envelopes, split=_finite(split),
+            schema_hash=expected,
+            created=created,
+            classes=list(PHASES),
+            window_s=WINDOW_S,
+            stride_s=STRIDE_S,
+            rate_hz=RATE_HZ,
+            opset=opset,
+            onnxruntime=ONNXRUNTIME_RANGE,
+            files=files,
+            models=entries,
+            projectors=projectors,
+            envelopes=envelopes,
+            split=_finite(split),
             run={k: run_doc[k] for k in ("profile", "seed", "created", "index_sha256") if k in run_doc}
             | {"path": str(run)},
             exporter=_versions(),
@@ -453,8 +528,18 @@ def export_run(
     return manifest
 
 
-def _export_model(name: str, threat: str, ckpt: Path, path: Path, loader: Loader, held: Heldout,
-                  report: dict[str, Any], common: dict[str, str], opset: int, expected: str) -> ModelEntry:
+def _export_model(
+    name: str,
+    threat: str,
+    ckpt: Path,
+    path: Path,
+    loader: Loader,
+    held: Heldout,
+    report: dict[str, Any],
+    common: dict[str, str],
+    opset: int,
+    expected: str,
+) -> ModelEntry:
     import onnx
 
     key = f"{name}-{threat}"
@@ -473,17 +558,23 @@ def _export_model(name: str, threat: str, ckpt: Path, path: Path, loader: Loader
     proto = onnx.load(str(path))
     opsets = check_graph(proto, str(path))
     metrics = _find_metrics(report, name, threat)
-    props = {p.key: p.value for p in proto.metadata_props} | common | {
-        "model": name,
-        "threat_model": threat,
-        "input_kind": kind,
-        "channels": json.dumps(names),
-        "metrics": json.dumps({k: v for k, v in metrics.items() if k in GRAPH_METRICS or k not in MANIFEST_METRICS},
-                              allow_nan=False),
-        "opsets": json.dumps(opsets),
-    }
+    props = (
+        {p.key: p.value for p in proto.metadata_props}
+        | common
+        | {
+            "model": name,
+            "threat_model": threat,
+            "input_kind": kind,
+            "channels": json.dumps(names),
+            "metrics": json.dumps(
+                {k: v for k, v in metrics.items() if k in GRAPH_METRICS or k not in MANIFEST_METRICS},
+                allow_nan=False,
+            ),
+            "opsets": json.dumps(opsets),
+        }
+    )
     if kind == "summary":
-        props["summary_stats"] = json.dumps(list(SUMMARY_STATS))   # feature c*k + s
+        props["summary_stats"] = json.dumps(list(SUMMARY_STATS))  # feature c*k + s
     onnx.helper.set_model_props(proto, props)
     _write_file(path, proto.SerializeToString())
     try:
@@ -494,8 +585,10 @@ def _export_model(name: str, threat: str, ckpt: Path, path: Path, loader: Loader
     session = _session(path)
     got = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if got[0] != [MODEL_INPUT_NAME] or MODEL_OUTPUT_NAME not in got[1]:
-        raise ExportError(f"{path}: inputs {got[0]} outputs {got[1]}; expected {MODEL_INPUT_NAME!r} -> "
-                          f"{MODEL_OUTPUT_NAME!r}")
+        raise ExportError(
+            f"{path}: inputs {got[0]} outputs {got[1]}; expected {MODEL_INPUT_NAME!r} -> "
+            f"{MODEL_OUTPUT_NAME!r}"
+        )
     parity = measure_parity(model.predict_proba(x), _run_batched(session, x, MODEL_OUTPUT_NAME))
     if parity.max_abs_diff > PARITY_MAX_ABS_DIFF or parity.argmax_agreement < PARITY_MIN_AGREEMENT:
         raise ExportError(
@@ -504,26 +597,40 @@ def _export_model(name: str, threat: str, ckpt: Path, path: Path, loader: Loader
             f"argmax agreement {parity.argmax_agreement:.4%} (limit {PARITY_MIN_AGREEMENT:.1%}; "
             f"{parity.argmax_agreement_raw:.4%} before counting {parity.ties} exact ties)"
         )
-    return ModelEntry(file=path.name, model=name, threat_model=threat, input_kind=kind, channels=names,
-                      input_shape=list(shape), metrics=metrics, parity=parity)
+    return ModelEntry(
+        file=path.name,
+        model=name,
+        threat_model=threat,
+        input_kind=kind,
+        channels=names,
+        input_shape=list(shape),
+        metrics=metrics,
+        parity=parity,
+    )
 
 
 def _projector_features(threat: str, corpus: Any | None, held: Heldout) -> tuple[np.ndarray, str]:
     if corpus is not None:
         held_eps = set(np.asarray(held.arrays.get("episode", [])).astype(str).tolist())
         x = corpus.view(threat, "summary")
-        keep = ~np.isin(np.asarray(corpus.episode).astype(str), list(held_eps)) & np.asarray(corpus.mask(threat))
+        keep = ~np.isin(np.asarray(corpus.episode).astype(str), list(held_eps)) & np.asarray(
+            corpus.mask(threat)
+        )
         keep &= np.isfinite(x).all(axis=1)
         if keep.sum() >= 50:
             return x[keep], "train+val (corpus minus held-out episodes)"
     if held.summary is None:
-        raise ExportError(f"projector-{threat}: no summary features (no corpus and no held-out summary array)")
-    return held.inputs("summary", threat, (len(view_channels(threat)) * K_STATS,), Path(f"heldout-{threat}.npz")), \
-        "held-out windows (corpus unavailable)"
+        raise ExportError(
+            f"projector-{threat}: no summary features (no corpus and no held-out summary array)"
+        )
+    return held.inputs(
+        "summary", threat, (len(view_channels(threat)) * K_STATS,), Path(f"heldout-{threat}.npz")
+    ), "held-out windows (corpus unavailable)"
 
 
-def _export_projector(threat: str, tmp: Path, corpus: Any | None, held: Heldout, common: dict[str, str],
-                      opset: int, seed: int) -> ProjectorEntry:
+def _export_projector(
+    threat: str, tmp: Path, corpus: Any | None, held: Heldout, common: dict[str, str], opset: int, seed: int
+) -> ProjectorEntry:
     from trainer.projector import fit_projector
 
     x, fitted_on = _projector_features(threat, corpus, held)
@@ -550,12 +657,20 @@ def _export_projector(threat: str, tmp: Path, corpus: Any | None, held: Heldout,
     diff = float(np.abs(xyz - ref_xyz).max())
     agree = float((cluster == ref_cluster).mean())
     if diff > PARITY_MAX_ABS_DIFF or agree < PARITY_MIN_AGREEMENT:
-        raise ExportError(f"projector-{threat}: ONNX Runtime vs numpy: max abs xyz difference {diff:.3g}, "
-                          f"cluster agreement {agree:.4%}")
-    return ProjectorEntry(file=path.name, threat_model=threat, channels=proj.channel_names,
-                          input_shape=[proj.n_features], n_clusters=len(proj.centroids), fitted_on=fitted_on,
-                          n_fit=proj.n_fit,
-                          explained_variance_ratio=[round(float(v), 4) for v in proj.explained_variance_ratio])
+        raise ExportError(
+            f"projector-{threat}: ONNX Runtime vs numpy: max abs xyz difference {diff:.3g}, "
+            f"cluster agreement {agree:.4%}"
+        )
+    return ProjectorEntry(
+        file=path.name,
+        threat_model=threat,
+        channels=proj.channel_names,
+        input_shape=[proj.n_features],
+        n_clusters=len(proj.centroids),
+        fitted_on=fitted_on,
+        n_fit=proj.n_fit,
+        explained_variance_ratio=[round(float(v), 4) for v in proj.explained_variance_ratio],
+    )
 
 
 def _envelopes(corpus: Any | None, heldout: dict[str, Heldout]) -> list[Envelope]:
@@ -572,8 +687,9 @@ def _envelopes(corpus: Any | None, heldout: dict[str, Heldout]) -> list[Envelope
         names = CHANNEL_NAMES if width == N_CHANNELS else [CHANNEL_NAMES[c] for c in view_channels(threat)]
         if len(names) != width:
             continue
-        return compute_envelopes(h.tensor, h.y, h.arrays["episode"], h.arrays["profile"],
-                                 h.arrays.get("window"), names)
+        return compute_envelopes(
+            h.tensor, h.y, h.arrays["episode"], h.arrays["profile"], h.arrays.get("window"), names
+        )
     return []
 
 
@@ -581,10 +697,18 @@ def _envelopes(corpus: Any | None, heldout: dict[str, Heldout]) -> list[Envelope
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", type=Path, default=Path("runs/latest"), help="training run directory (default runs/latest)")
-    p.add_argument("--out", type=Path, default=Path("models"), help="models directory to write (default models)")
-    p.add_argument("--opset", type=int, default=EXPORT_OPSET,
-                   help=f"ONNX opset (default {EXPORT_OPSET}; at most {MAX_OPSET['']} for onnxruntime 1.17)")
+    p.add_argument(
+        "--run", type=Path, default=Path("runs/latest"), help="training run directory (default runs/latest)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("models"), help="models directory to write (default models)"
+    )
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=EXPORT_OPSET,
+        help=f"ONNX opset (default {EXPORT_OPSET}; at most {MAX_OPSET['']} for onnxruntime 1.17)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the projector's PCA / k-means")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -599,8 +723,12 @@ def cli_export(args: argparse.Namespace) -> int:
     total = sum(f.bytes for f in m.files)
     for e in m.models:
         if e.parity is not None:
-            print(f"  {e.model + '-' + e.threat_model:<22} parity max|diff| {e.parity.max_abs_diff:.2e}  "
-                  f"argmax {e.parity.argmax_agreement:.2%} ({e.parity.ties} ties)  ({e.parity.windows} windows)")
-    print(f"exported {len(m.models)} models, {len(m.projectors)} projectors, {len(m.envelopes)} envelopes "
-          f"to {args.out} ({total / 1e6:.2f} MB) in {time.perf_counter() - started:.1f} s; schema {m.schema_hash[:12]}")
+            print(
+                f"  {e.model + '-' + e.threat_model:<22} parity max|diff| {e.parity.max_abs_diff:.2e}  "
+                f"argmax {e.parity.argmax_agreement:.2%} ({e.parity.ties} ties)  ({e.parity.windows} windows)"
+            )
+    print(
+        f"exported {len(m.models)} models, {len(m.projectors)} projectors, {len(m.envelopes)} envelopes "
+        f"to {args.out} ({total / 1e6:.2f} MB) in {time.perf_counter() - started:.1f} s; schema {m.schema_hash[:12]}"
+    )
     return 0

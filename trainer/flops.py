@@ -10,6 +10,7 @@
 - peak: the best single-thread float32 GEMM rate over a few sizes (numpy's BLAS, limited
   to one thread with threadpoolctl), i.e. what one core does when nothing but FLOPs count.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,9 @@ def torch_flops(net: Any, example: Any) -> int:
     def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
         rnns.append((module, args[0]))
 
-    hooks = [m.register_forward_pre_hook(grab) for m in net.modules() if isinstance(m, (nn.GRU, nn.LSTM, nn.RNN))]
+    hooks = [
+        m.register_forward_pre_hook(grab) for m in net.modules() if isinstance(m, (nn.GRU, nn.LSTM, nn.RNN))
+    ]
     with torch.inference_mode():
         try:
             with FlopCounterMode(display=False) as counter:
@@ -71,8 +74,8 @@ def torch_flops(net: Any, example: Any) -> int:
 @dataclass(frozen=True)
 class TreeWork:
     trees: int
-    comparisons: float          # expected comparisons per window, all trees
-    mean_depth: float           # expected path length per tree
+    comparisons: float  # expected comparisons per window, all trees
+    mean_depth: float  # expected path length per tree
     max_depth: int
 
 
@@ -103,9 +106,9 @@ def xgb_comparisons(booster: Any) -> TreeWork:
 
 @dataclass(frozen=True)
 class PeakProbe:
-    gflops: float                       # best over sizes
-    by_size: dict[int, float]           # n -> GFLOP/s of an n x n x n float32 matmul
-    library: str                        # which BLAS did the work
+    gflops: float  # best over sizes
+    by_size: dict[int, float]  # n -> GFLOP/s of an n x n x n float32 matmul
+    library: str  # which BLAS did the work
 
 
 def peak_gflops(sizes: Sequence[int] = PEAK_SIZES, min_seconds: float = 0.05, rounds: int = 3) -> PeakProbe:

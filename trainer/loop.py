@@ -5,6 +5,7 @@ clipping, mixed precision when CUDA is present, early stopping on validation mac
 and the best-on-validation weights kept. Seeded and deterministic on CPU: the same seed,
 data and thread count give the same weights bit for bit.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,8 @@ class LoopConfig:
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-2
-    warmup_frac: float = 0.05       # share of all optimiser steps spent warming up
-    patience: int = 6               # epochs without a better val macro F1 before stopping
+    warmup_frac: float = 0.05  # share of all optimiser steps spent warming up
+    patience: int = 6  # epochs without a better val macro F1 before stopping
     clip_norm: float = 1.0
     label_smoothing: float = 0.0
     max_seconds: float | None = None  # safety net for `make train`'s wall-clock target
@@ -36,12 +37,12 @@ class LoopConfig:
     # rate. Training multiplies each channel of each window by exp(N(0, gain_jitter)) so
     # the models learn shapes and ratios more than one host's absolute levels.
     gain_jitter: float = 0.0
-    gain_group: int = 1             # summary input: consecutive features of one channel share a gain
+    gain_group: int = 1  # summary input: consecutive features of one channel share a gain
     seed: int = 0
-    threads: int | None = None      # None: torch's default (all cores)
+    threads: int | None = None  # None: torch's default (all cores)
 
     @classmethod
-    def from_config(cls, config: dict, seed: int) -> "LoopConfig":
+    def from_config(cls, config: dict, seed: int) -> LoopConfig:
         keys = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in config.items() if k in keys and k != "seed"}, seed=seed)
 
@@ -76,14 +77,24 @@ def pick_device() -> torch.device:
 
 
 @torch.no_grad()
-def predict_logits(net: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+def predict_logits(
+    net: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024
+) -> np.ndarray:
     net.eval()
-    out = [net(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    out = [net(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def train_loop(net: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-               cfg: LoopConfig, n_classes: int, progress: ProgressFn | None = None) -> FitResult:
+def train_loop(
+    net: nn.Module,
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    cfg: LoopConfig,
+    n_classes: int,
+    progress: ProgressFn | None = None,
+) -> FitResult:
     """Train ``net`` (which maps raw float32 inputs to logits) in place; keep the best weights."""
     started = time.perf_counter()
     if cfg.threads:
@@ -91,20 +102,23 @@ def train_loop(net: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.nda
     device = pick_device()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(cfg.seed)   # dropout draws
+    torch.manual_seed(cfg.seed)  # dropout draws
     rng = np.random.default_rng(cfg.seed)  # batch order
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation draws
 
     net.to(device)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr)
     xv = torch.from_numpy(np.ascontiguousarray(x_val))
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y_tr, n_classes).to(device),
-                                  label_smoothing=cfg.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=class_weights(y_tr, n_classes).to(device), label_smoothing=cfg.label_smoothing
+    )
     # No weight decay on norms, biases and the frozen normalisation buffers.
     decay = [p for p in net.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
     steps_per_epoch = max(1, math.ceil(len(xt) / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_frac * total))
@@ -123,7 +137,7 @@ def train_loop(net: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.nda
             order = torch.from_numpy(rng.permutation(len(xt)))
             loss_sum, seen = 0.0, 0
             for b in range(steps_per_epoch):
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                 if len(idx) < 2:  # a batch of one breaks BatchNorm; its sample comes back next epoch
                     continue
                 xb, yb = xt[idx], yt[idx].to(device, non_blocking=True)
@@ -149,8 +163,14 @@ def train_loop(net: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.nda
             if val_f1 > best_f1 + 1e-4:
                 best_f1, best_epoch = val_f1, epoch
                 best_state = copy.deepcopy(net.state_dict())
-            row = {"epoch": epoch, "epochs": cfg.epochs, "train_loss": loss_sum / max(1, seen),
-                   "val_f1": val_f1, "best_val_f1": best_f1, "lr": opt.param_groups[0]["lr"]}
+            row = {
+                "epoch": epoch,
+                "epochs": cfg.epochs,
+                "train_loss": loss_sum / max(1, seen),
+                "val_f1": val_f1,
+                "best_val_f1": best_f1,
+                "lr": opt.param_groups[0]["lr"],
+            }
             history.append(row)
             if progress:
                 progress(row)
@@ -164,5 +184,11 @@ def train_loop(net: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.nda
         torch.use_deterministic_algorithms(was_deterministic)
     net.load_state_dict(best_state)
     net.to("cpu").eval()
-    return FitResult(best_epoch=best_epoch, epochs_run=epoch, best_val_f1=float(best_f1),
-                     seconds=time.perf_counter() - started, stopped=stopped, history=history)
+    return FitResult(
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        best_val_f1=float(best_f1),
+        seconds=time.perf_counter() - started,
+        stopped=stopped,
+        history=history,
+    )

@@ -8,6 +8,7 @@ the Pi places every live window in the same space the deck shows:
 The affine steps are folded into one MatMul + Add in float64 before the cast to float32,
 so the graph is six standard ops and agrees with the numpy reference to ~1e-6.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,14 +35,14 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
 @dataclass
 class Projector:
     threat_model: str
-    channels: tuple[int, ...]          # indices on the 46-channel axis, in input order
-    mean: np.ndarray                   # (F,) of signed_log1p(features)
-    scale: np.ndarray                  # (F,)
-    components: np.ndarray             # (3, F) PCA axes in standardised space
-    pca_mean: np.ndarray               # (F,)
-    lo: np.ndarray                     # (3,) box corner in PCA space
-    hi: np.ndarray                     # (3,)
-    centroids: np.ndarray              # (k, 3) k-means centres in the 0-1 box
+    channels: tuple[int, ...]  # indices on the 46-channel axis, in input order
+    mean: np.ndarray  # (F,) of signed_log1p(features)
+    scale: np.ndarray  # (F,)
+    components: np.ndarray  # (3, F) PCA axes in standardised space
+    pca_mean: np.ndarray  # (F,)
+    lo: np.ndarray  # (3,) box corner in PCA space
+    hi: np.ndarray  # (3,)
+    centroids: np.ndarray  # (k, 3) k-means centres in the 0-1 box
     explained_variance_ratio: np.ndarray
     n_fit: int
     fitted_on: str = "train"
@@ -70,10 +71,12 @@ class Projector:
         span = self.hi - self.lo
         # xyz = slog(x) @ W + b, all of standardise, PCA and box scaling folded together
         w = (self.components / self.scale[None, :]).T / span[None, :]
-        b = (-(self.mean / self.scale) @ self.components.T - self.pca_mean @ self.components.T - self.lo) / span
+        b = (
+            -(self.mean / self.scale) @ self.components.T - self.pca_mean @ self.components.T - self.lo
+        ) / span
         # argmin |u - c|^2 = argmin (|c|^2 - 2 u.c): the |u|^2 term is the same for every c
         c_t = -2.0 * self.centroids.T
-        c_sq = (self.centroids ** 2).sum(axis=1)
+        c_sq = (self.centroids**2).sum(axis=1)
         inits = [
             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
@@ -96,15 +99,22 @@ class Projector:
             helper.make_node("ArgMin", ["dist"], ["cluster"], axis=1, keepdims=0),
         ]
         graph = helper.make_graph(
-            nodes, f"projector_{self.threat_model}",
+            nodes,
+            f"projector_{self.threat_model}",
             [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", self.n_features])],
-            [helper.make_tensor_value_info("xyz", TensorProto.FLOAT, ["batch", 3]),
-             helper.make_tensor_value_info("cluster", TensorProto.INT64, ["batch"])],
+            [
+                helper.make_tensor_value_info("xyz", TensorProto.FLOAT, ["batch", 3]),
+                helper.make_tensor_value_info("cluster", TensorProto.INT64, ["batch"]),
+            ],
             initializer=inits,
         )
         opsets = [helper.make_opsetid("", opset)]
-        model = helper.make_model(graph, opset_imports=opsets, producer_name="phasewatch",
-                                  ir_version=helper.find_min_ir_version_for(opsets))
+        model = helper.make_model(
+            graph,
+            opset_imports=opsets,
+            producer_name="phasewatch",
+            ir_version=helper.find_min_ir_version_for(opsets),
+        )
         if metadata:
             helper.set_model_props(model, metadata)
         onnx.checker.check_model(model, full_check=True)
@@ -128,8 +138,10 @@ def fit_projector(
 
     x = np.asarray(summary, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != len(channels) * K_STATS:
-        raise ValueError(f"projector {threat_model}: expected (N, {len(channels) * K_STATS}) summary features, "
-                         f"got {x.shape}")
+        raise ValueError(
+            f"projector {threat_model}: expected (N, {len(channels) * K_STATS}) summary features, "
+            f"got {x.shape}"
+        )
     if len(x) < max(n_clusters, 4):
         raise ValueError(f"projector {threat_model}: {len(x)} windows are too few to fit a 3-D projection")
     if not np.isfinite(x).all():
@@ -140,7 +152,7 @@ def fit_projector(
         x = x[np.sort(rng.choice(len(x), max_fit, replace=False))]
     s = signed_log1p(x)
     mean, std = s.mean(axis=0), s.std(axis=0)
-    scale = np.where(std > 1e-6, std, 1.0)   # a constant feature is centred, not blown up
+    scale = np.where(std > 1e-6, std, 1.0)  # a constant feature is centred, not blown up
     z = (s - mean) / scale
     pca = PCA(n_components=3, random_state=seed).fit(z)
     p = pca.transform(z)
@@ -149,9 +161,16 @@ def fit_projector(
     u = np.clip((p - lo) / (hi - lo), 0.0, 1.0)
     km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(u)
     return Projector(
-        threat_model=threat_model, channels=tuple(int(c) for c in channels), mean=mean, scale=scale,
-        components=pca.components_.astype(np.float64), pca_mean=pca.mean_.astype(np.float64),
-        lo=lo, hi=hi, centroids=km.cluster_centers_.astype(np.float64),
+        threat_model=threat_model,
+        channels=tuple(int(c) for c in channels),
+        mean=mean,
+        scale=scale,
+        components=pca.components_.astype(np.float64),
+        pca_mean=pca.mean_.astype(np.float64),
+        lo=lo,
+        hi=hi,
+        centroids=km.cluster_centers_.astype(np.float64),
         explained_variance_ratio=pca.explained_variance_ratio_.astype(np.float64),
-        n_fit=len(x), fitted_on=fitted_on,
+        n_fit=len(x),
+        fitted_on=fitted_on,
     )

@@ -13,6 +13,7 @@ The report dict is built by :mod:`trainer.train`; this module only renders it. L
 ModelMetrics: macro_f1 (float), macro_f1_ci [lo, hi], accuracy, n_windows, n_episodes,
 per_class_f1, per_profile, per_host, confusion {labels, matrix}, fit {...} for trained models.
 """
+
 from __future__ import annotations
 
 import html
@@ -45,9 +46,12 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 def summary_table(report: dict[str, Any]) -> str:
     """What the terminal shows at the end of a run."""
     split = report.get("split", {})
-    lines = [f"held-out split: {split.get('kind', '?')} — {split.get('description', '')}",
-             f"macro F1 on {split.get('windows', {}).get('test', '?')} held-out windows; 95% CI resamples episodes "
-             f"({report.get('n_boot', '?')} resamples)", ""]
+    lines = [
+        f"held-out split: {split.get('kind', '?')} — {split.get('description', '')}",
+        f"macro F1 on {split.get('windows', {}).get('test', '?')} held-out windows; 95% CI resamples episodes "
+        f"({report.get('n_boot', '?')} resamples)",
+        "",
+    ]
     head = f"{'model':<12} {'threat':<10} {'macro F1':>8}  {'95% CI':<15} {'acc':>6} {'windows':>8} {'fit s':>7}  stopped"
     lines += [head, "-" * len(head)]
     best = set(report.get("best", {}).values())
@@ -55,22 +59,30 @@ def summary_table(report: dict[str, Any]) -> str:
         lo, hi = m.get("macro_f1_ci", [None, None])
         fit = m.get("fit") or {}
         star = " *" if f"{name}-{threat}" in best else ""
-        lines.append(f"{name:<12} {threat:<10} {_fmt(m.get('macro_f1')):>8}  [{_fmt(lo)}, {_fmt(hi)}]  "
-                     f"{_fmt(m.get('accuracy')):>6} {m.get('n_windows', 0):>8} "
-                     f"{_fmt(fit.get('seconds'), 1) if fit else '':>7}  {fit.get('stopped', 'baseline')}{star}")
+        lines.append(
+            f"{name:<12} {threat:<10} {_fmt(m.get('macro_f1')):>8}  [{_fmt(lo)}, {_fmt(hi)}]  "
+            f"{_fmt(m.get('accuracy')):>6} {m.get('n_windows', 0):>8} "
+            f"{_fmt(fit.get('seconds'), 1) if fit else '':>7}  {fit.get('stopped', 'baseline')}{star}"
+        )
     gap = report.get("threat_gap", {})
     if gap:
         lines += ["", "realistic vs oracle (same windows; diff = realistic - oracle):"]
         for name, g in gap.items():
-            lines.append(f"  {name:<12} realistic {_fmt(g['realistic'])}  oracle {_fmt(g['oracle'])}  "
-                         f"diff {g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]  "
-                         f"{'significant' if g['significant'] else 'not significant'}")
+            lines.append(
+                f"  {name:<12} realistic {_fmt(g['realistic'])}  oracle {_fmt(g['oracle'])}  "
+                f"diff {g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]  "
+                f"{'significant' if g['significant'] else 'not significant'}"
+            )
     for key, v in report.get("verdict", {}).items():
-        lines.append(f"{key.replace('_', ' ')}: {v['a']} - {v['b']} = {v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] "
-                     f"p={v['p_value']:.3f} {'(significant)' if v['significant'] else '(NOT significant)'}")
+        lines.append(
+            f"{key.replace('_', ' ')}: {v['a']} - {v['b']} = {v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] "
+            f"p={v['p_value']:.3f} {'(significant)' if v['significant'] else '(NOT significant)'}"
+        )
     sig = [c for c in report.get("comparisons", []) if c["significant"]]
-    lines.append(f"model-vs-model gaps: {len(sig)} of {len(report.get('comparisons', []))} significant "
-                 "(paired episode bootstrap; all in report.json)")
+    lines.append(
+        f"model-vs-model gaps: {len(sig)} of {len(report.get('comparisons', []))} significant "
+        "(paired episode bootstrap; all in report.json)"
+    )
     untested = report.get("untested_profiles") or []
     if untested:
         lines.append(f"UNTESTED profiles (in train, absent from the held-out side): {', '.join(untested)}")
@@ -78,6 +90,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 
 # --- figures ---------------------------------------------------------------------------
+
 
 def _plt():
     import matplotlib
@@ -96,7 +109,7 @@ def plot_confusions(report: dict[str, Any], threat: str, path: Path) -> Path | N
     cols = min(3, len(items))
     rows = math.ceil(len(items) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.9 * rows), squeeze=False)
-    for ax in axes.ravel()[len(items):]:
+    for ax in axes.ravel()[len(items) :]:
         ax.axis("off")
     for ax, (name, m) in zip(axes.ravel(), items):
         labels, cm = m["confusion"]["labels"], np.asarray(m["confusion"]["matrix"], float)
@@ -105,8 +118,15 @@ def plot_confusions(report: dict[str, Any], threat: str, path: Path) -> Path | N
         ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
         for i in range(len(labels)):
             for j in range(len(labels)):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{int(cm[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.6 else "black",
+                )
         short = [l.replace("infected_running", "running") for l in labels]
         ax.set_xticks(range(len(labels)), short, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(labels)), short, fontsize=7)
@@ -129,8 +149,14 @@ def plot_per_profile(report: dict[str, Any], path: Path) -> Path | None:
     width = 0.8 / len(items)
     for i, (key, m) in enumerate(items):
         vals = [m["per_profile"].get(p, {}).get("macro_f1", np.nan) for p in profiles]
-        ax.bar(np.arange(len(profiles)) + i * width - 0.4 + width / 2, vals, width, label=key,
-               hatch="//" if key.endswith("oracle") else None, alpha=0.9)
+        ax.bar(
+            np.arange(len(profiles)) + i * width - 0.4 + width / 2,
+            vals,
+            width,
+            label=key,
+            hatch="//" if key.endswith("oracle") else None,
+            alpha=0.9,
+        )
     ax.set_xticks(range(len(profiles)), profiles, rotation=20)
     ax.set_ylabel("macro F1 (held-out)")
     ax.set_ylim(0, 1)
@@ -152,7 +178,14 @@ def plot_comparison(report: dict[str, Any], path: Path) -> Path | None:
         lo, hi = m["macro_f1_ci"]
         colour = "tab:blue" if threat == "realistic" else "tab:orange"
         marker = "o" if name in MODELS else "s"
-        ax.errorbar(m["macro_f1"], i, xerr=[[m["macro_f1"] - lo], [hi - m["macro_f1"]]], fmt=marker, color=colour, capsize=3)
+        ax.errorbar(
+            m["macro_f1"],
+            i,
+            xerr=[[m["macro_f1"] - lo], [hi - m["macro_f1"]]],
+            fmt=marker,
+            color=colour,
+            capsize=3,
+        )
     ax.set_yticks(range(len(rows)), [f"{n}-{t}" for n, t, _ in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("held-out macro F1 with 95% episode-bootstrap CI (squares: baselines)")
@@ -175,8 +208,13 @@ def plot_threat_gap(report: dict[str, Any], path: Path) -> Path | None:
     ax.bar(x - 0.2, [gap[n]["realistic"] for n in names], 0.4, label="realistic (host-side, 30 ch)")
     ax.bar(x + 0.2, [gap[n]["oracle"] for n in names], 0.4, label="oracle (all 46 ch)")
     for i, n in enumerate(names):
-        ax.text(i, max(gap[n]["realistic"], gap[n]["oracle"]) + 0.02, f"{gap[n]['diff']:+.2f}"
-                + ("*" if gap[n]["significant"] else ""), ha="center", fontsize=8)
+        ax.text(
+            i,
+            max(gap[n]["realistic"], gap[n]["oracle"]) + 0.02,
+            f"{gap[n]['diff']:+.2f}" + ("*" if gap[n]["significant"] else ""),
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("macro F1 on the same windows")
@@ -189,6 +227,7 @@ def plot_threat_gap(report: dict[str, Any], path: Path) -> Path | None:
 
 
 # --- files ------------------------------------------------------------------------------
+
 
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
@@ -218,7 +257,9 @@ def write_report(run: Path, report: dict[str, Any]) -> dict[str, Path]:
     """report.json, the PNG figures and report.html in ``run``."""
     run = Path(run)
     files: dict[str, Path] = {"json": write_json(report, run / "report.json")}
-    figures = {f"confusion-{t}": plot_confusions(report, t, run / f"confusion-{t}.png") for t in THREAT_MODELS}
+    figures = {
+        f"confusion-{t}": plot_confusions(report, t, run / f"confusion-{t}.png") for t in THREAT_MODELS
+    }
     figures["per-profile-f1"] = plot_per_profile(report, run / "per-profile-f1.png")
     figures["model-comparison"] = plot_comparison(report, run / "model-comparison.png")
     figures["threat-gap"] = plot_threat_gap(report, run / "threat-gap.png")
@@ -233,13 +274,17 @@ def write_html(path: Path, report: dict[str, Any], images: list[Path]) -> Path:
         f"<tr><td>{esc(n)}</td><td>{esc(t)}</td><td>{_fmt(m['macro_f1'])}</td>"
         f"<td>[{_fmt(m['macro_f1_ci'][0])}, {_fmt(m['macro_f1_ci'][1])}]</td><td>{_fmt(m.get('accuracy'))}</td>"
         f"<td>{m.get('n_windows', '')}</td><td>{esc(str((m.get('fit') or {}).get('stopped', 'baseline')))}</td></tr>"
-        for n, t, m in _rows(report))
+        for n, t, m in _rows(report)
+    )
     comps = "".join(
         f"<tr><td>{esc(c['a'])}</td><td>{esc(c['b'])}</td><td>{c['diff']:+.3f}</td>"
         f"<td>[{c['lo']:+.3f}, {c['hi']:+.3f}]</td><td>{c['p_value']:.3f}</td><td>{'yes' if c['significant'] else 'no'}</td></tr>"
-        for c in report.get("comparisons", []))
-    imgs = "".join(f'<figure><img src="{esc(p.name)}" alt="{esc(p.stem)}"><figcaption>{esc(p.stem)}</figcaption></figure>'
-                   for p in images)
+        for c in report.get("comparisons", [])
+    )
+    imgs = "".join(
+        f'<figure><img src="{esc(p.name)}" alt="{esc(p.stem)}"><figcaption>{esc(p.stem)}</figcaption></figure>'
+        for p in images
+    )
     untested = report.get("untested_profiles") or []
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>phasewatch training report</title>
@@ -247,9 +292,9 @@ def write_html(path: Path, report: dict[str, Any], images: list[Path]) -> Path:
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}
 img{{max-width:100%}}figure{{margin:1em 0}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}.warn{{color:#b00}}</style></head>
 <body><h1>phasewatch training report</h1>
-<p>split: <b>{esc(str(report.get('split', {}).get('kind', '')))}</b> — {esc(str(report.get('split', {}).get('description', '')))};
-profile {esc(str(report.get('profile', '')))}, seed {esc(str(report.get('seed', '')))}, schema hash <code>{esc(str(report.get('schema_hash', ''))[:16])}…</code></p>
-{f'<p class="warn">untested profiles (no held-out windows): {esc(", ".join(untested))}</p>' if untested else ''}
+<p>split: <b>{esc(str(report.get("split", {}).get("kind", "")))}</b> — {esc(str(report.get("split", {}).get("description", "")))};
+profile {esc(str(report.get("profile", "")))}, seed {esc(str(report.get("seed", "")))}, schema hash <code>{esc(str(report.get("schema_hash", ""))[:16])}…</code></p>
+{f'<p class="warn">untested profiles (no held-out windows): {esc(", ".join(untested))}</p>' if untested else ""}
 <pre>{esc(summary_table(report))}</pre>
 <h2>held-out macro F1</h2><table><tr><th>model</th><th>threat</th><th>macro F1</th><th>95% CI (episodes)</th><th>accuracy</th><th>windows</th><th>stopped</th></tr>{rows}</table>
 {imgs}

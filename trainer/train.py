@@ -6,6 +6,7 @@ Writes the run directory of docs/ARCHITECTURE.md: run.json, one checkpoint per
 ``<model>-<threat>/``, ``heldout-<threat>.npz`` (the test windows in the threat model's
 view, for export parity and the benchmark) and report.json / report.html / *.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ SPLITS = ("host", "sample", "time")
 
 class Windows(Protocol):
     """The corner of trainer.dataset.WindowSet that training reads."""
+
     y: np.ndarray
     episode: np.ndarray
     host: np.ndarray
@@ -42,19 +44,41 @@ class Windows(Protocol):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", type=Path, default=Path("data/store"), help="receiver store (default: data/store)")
+    p.add_argument(
+        "--store", type=Path, default=Path("data/store"), help="receiver store (default: data/store)"
+    )
     p.add_argument("--index", type=Path, default=None, help="acceptance index (default: <store>/index.jsonl)")
-    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory to write (default: runs/latest)")
-    p.add_argument("--split", choices=SPLITS, default="host", help="what is held out: a host, a sample or the latest time")
-    p.add_argument("--profile", choices=("demo", "quick", "full"), default="quick",
-                   help="model sizes and epochs: demo (~3 min), quick (default, <= ~12 min), full")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/latest"), help="run directory to write (default: runs/latest)"
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="host",
+        help="what is held out: a host, a sample or the latest time",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("demo", "quick", "full"),
+        default="quick",
+        help="model sizes and epochs: demo (~3 min), quick (default, <= ~12 min), full",
+    )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    p.add_argument("--threat", default=",".join(THREAT_MODELS), help="comma-separated subset of realistic,oracle")
+    p.add_argument(
+        "--threat", default=",".join(THREAT_MODELS), help="comma-separated subset of realistic,oracle"
+    )
     p.add_argument("--seed", type=int, default=0)
     # One thread by default: these models train on small batches, where a second OpenMP
     # thread on a busy 2-core box costs far more in spinning than it gains (5-20x slower seen).
-    p.add_argument("--threads", type=int, default=1, help="torch/xgboost threads (default 1; raise on an idle workstation)")
-    p.add_argument("--cache", type=Path, default=None, help="feature cache directory (default: next to the index)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch/xgboost threads (default 1; raise on an idle workstation)",
+    )
+    p.add_argument(
+        "--cache", type=Path, default=None, help="feature cache directory (default: next to the index)"
+    )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs and paired gaps")
 
 
@@ -69,15 +93,36 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 def cli_train(args: argparse.Namespace) -> int:
     models = _choices(args.models, MODELS, "models")
     threats = _choices(args.threat, THREAT_MODELS, "threat")
-    train_run(args.store, args.index, args.out, split=args.split, profile=args.profile, models=models,
-              threats=threats, seed=args.seed, threads=args.threads, cache_dir=args.cache, n_boot=args.n_boot)
+    train_run(
+        args.store,
+        args.index,
+        args.out,
+        split=args.split,
+        profile=args.profile,
+        models=models,
+        threats=threats,
+        seed=args.seed,
+        threads=args.threads,
+        cache_dir=args.cache,
+        n_boot=args.n_boot,
+    )
     return 0
 
 
-def train_run(store: Path, index: Path | None, out: Path, split: str = "host", profile: str = "quick",
-              models: list[str] | tuple[str, ...] = MODELS, threats: list[str] | tuple[str, ...] = THREAT_MODELS,
-              seed: int = 0, threads: int | None = None, cache_dir: Path | None = None, n_boot: int = 1000,
-              progress: bool = True) -> dict[str, Any]:
+def train_run(
+    store: Path,
+    index: Path | None,
+    out: Path,
+    split: str = "host",
+    profile: str = "quick",
+    models: list[str] | tuple[str, ...] = MODELS,
+    threats: list[str] | tuple[str, ...] = THREAT_MODELS,
+    seed: int = 0,
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Load the store's windows, split them, train and report. Returns the report dict."""
     from trainer.dataset import load_windows, make_split
 
@@ -86,8 +131,19 @@ def train_run(store: Path, index: Path | None, out: Path, split: str = "host", p
     ws = load_windows(store, index, cache_dir=cache_dir, progress=progress)
     sp = make_split(ws, kind=split, seed=seed)
     run_info = {"store": str(store), "index": str(index), "index_sha256": _sha256(index)}
-    return train_windowset(ws, sp, out, profile=profile, models=models, threats=threats, seed=seed,
-                           threads=threads, n_boot=n_boot, progress=progress, run_info=run_info)
+    return train_windowset(
+        ws,
+        sp,
+        out,
+        profile=profile,
+        models=models,
+        threats=threats,
+        seed=seed,
+        threads=threads,
+        n_boot=n_boot,
+        progress=progress,
+        run_info=run_info,
+    )
 
 
 def _sha256(path: Path) -> str | None:
@@ -106,19 +162,29 @@ def _progress_bar(key: str, enabled: bool):
     def update(row: dict[str, Any]) -> None:
         bar.total = row.get("epochs", bar.total)
         bar.n = row["epoch"]
-        post = {k: f"{row[k]:.3f}" for k in ("val_f1", "best_val_f1", "val_mlogloss", "train_loss") if k in row}
+        post = {
+            k: f"{row[k]:.3f}" for k in ("val_f1", "best_val_f1", "val_mlogloss", "train_loss") if k in row
+        }
         bar.set_postfix(post, refresh=False)
         bar.refresh()
 
     return bar, update
 
 
-def train_windowset(ws: Windows, split: Any, out: Path, profile: str = "quick",
-                    models: list[str] | tuple[str, ...] = MODELS,
-                    threats: list[str] | tuple[str, ...] = THREAT_MODELS, seed: int = 0,
-                    threads: int | None = None, n_boot: int = 1000, progress: bool = True,
-                    run_info: dict[str, Any] | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                    ) -> dict[str, Any]:
+def train_windowset(
+    ws: Windows,
+    split: Any,
+    out: Path,
+    profile: str = "quick",
+    models: list[str] | tuple[str, ...] = MODELS,
+    threats: list[str] | tuple[str, ...] = THREAT_MODELS,
+    seed: int = 0,
+    threads: int | None = None,
+    n_boot: int = 1000,
+    progress: bool = True,
+    run_info: dict[str, Any] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Train ``models`` x ``threats`` on ``split`` of ``ws`` and write the run directory.
 
     ``split`` has train/val/test window indices, kind, description, untested_profiles and
@@ -137,36 +203,57 @@ def train_windowset(ws: Windows, split: Any, out: Path, profile: str = "quick",
     sh = schema_hash()
     y = np.asarray(ws.y, np.int64)
     report: dict[str, Any] = {
-        "schema_hash": sh, "split": split.to_json(), "untested_profiles": list(split.untested_profiles),
-        "profile": profile, "seed": seed, "n_boot": n_boot,
-        "models": {}, "baselines": {}, "comparisons": [], "threat_gap": {}, "best": {}, "verdict": {},
+        "schema_hash": sh,
+        "split": split.to_json(),
+        "untested_profiles": list(split.untested_profiles),
+        "profile": profile,
+        "seed": seed,
+        "n_boot": n_boot,
+        "models": {},
+        "baselines": {},
+        "comparisons": [],
+        "threat_gap": {},
+        "best": {},
+        "verdict": {},
     }
-    test_pred: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # key -> (global test idx, predicted class)
+    test_pred: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (global test idx, predicted class)
     dropped: dict[str, dict[str, int]] = {}
 
     for threat in threats:
         usable = np.asarray(ws.mask(threat), bool)
-        views = {kind: ws.view(threat, kind) for kind in ("summary", "tensor")
-                 if any(MODEL_INPUT[m] == kind for m in models) or kind == "summary"}
+        views = {
+            kind: ws.view(threat, kind)
+            for kind in ("summary", "tensor")
+            if any(MODEL_INPUT[m] == kind for m in models) or kind == "summary"
+        }
         # The extractor never emits NaN for a source the threat model uses; guard anyway, loudly.
-        for kind, x in views.items():
+        for _kind, x in views.items():
             usable &= np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-        idx = {part: np.asarray(getattr(split, part))[usable[np.asarray(getattr(split, part))]]
-               for part in ("train", "val", "test")}
+        idx = {
+            part: np.asarray(getattr(split, part))[usable[np.asarray(getattr(split, part))]]
+            for part in ("train", "val", "test")
+        }
         dropped[threat] = {part: int(len(getattr(split, part)) - len(idx[part])) for part in idx}
         te = idx["test"]
         if min(len(v) for v in idx.values()) == 0:
-            raise SystemExit(f"{threat}: split leaves an empty side after dropping unusable windows "
-                             f"({ {k: len(v) for k, v in idx.items()} }); need more episodes")
+            raise SystemExit(
+                f"{threat}: split leaves an empty side after dropping unusable windows "
+                f"({ {k: len(v) for k, v in idx.items()} }); need more episodes"
+            )
         _save_heldout(out / f"heldout-{threat}.npz", ws, views, te)
         meta = {"episode": ws.episode[te], "host": ws.host[te], "profile": ws.profile[te]}
 
         # Baselines on the same windows: what "the model learnt something" is measured against.
         xs = views["summary"]
-        for name, proba in (("majority", ev.majority_baseline(y[idx["train"]], len(te))),
-                            ("logreg", ev.logistic_baseline(xs[idx["train"]], y[idx["train"]], xs[te], seed=seed))):
+        for name, proba in (
+            ("majority", ev.majority_baseline(y[idx["train"]], len(te))),
+            ("logreg", ev.logistic_baseline(xs[idx["train"]], y[idx["train"]], xs[te], seed=seed)),
+        ):
             key = f"{name}-{threat}"
-            report["baselines"][key] = _metrics(y[te], proba, meta, n_boot, seed) | {"model": name, "threat_model": threat}
+            report["baselines"][key] = _metrics(y[te], proba, meta, n_boot, seed) | {
+                "model": name,
+                "threat_model": threat,
+            }
             test_pred[key] = (te, proba.argmax(axis=1))
 
         for name in models:
@@ -178,29 +265,44 @@ def train_windowset(ws: Windows, split: Any, out: Path, profile: str = "quick",
             model = build_model(name, x.shape[1:], n_classes=5, profile=profile, seed=seed, **extra)
             bar, update = _progress_bar(key, progress)
             try:
-                fit = model.fit(x[idx["train"]], y[idx["train"]], x[idx["val"]], y[idx["val"]], progress=update)
+                fit = model.fit(
+                    x[idx["train"]], y[idx["train"]], x[idx["val"]], y[idx["val"]], progress=update
+                )
                 bar.set_postfix({"best_val_f1": f"{fit.best_val_f1:.3f}", "s": f"{fit.seconds:.0f}"})
             finally:
                 bar.close()
             model.save(out / key, schema_hash=sh)
             proba = model.predict_proba(x[te])
             report["models"][key] = _metrics(y[te], proba, meta, n_boot, seed) | {
-                "model": name, "threat_model": threat, "input_kind": MODEL_INPUT[name],
-                "fit": {"seconds": round(fit.seconds, 2), "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
-                        "best_val_f1": fit.best_val_f1, "stopped": fit.stopped}}
+                "model": name,
+                "threat_model": threat,
+                "input_kind": MODEL_INPUT[name],
+                "fit": {
+                    "seconds": round(fit.seconds, 2),
+                    "best_epoch": fit.best_epoch,
+                    "epochs_run": fit.epochs_run,
+                    "best_val_f1": fit.best_val_f1,
+                    "stopped": fit.stopped,
+                },
+            }
             test_pred[key] = (te, proba.argmax(axis=1))
         trained = [m for m in models if f"{m}-{threat}" in report["models"]]
         if trained:
-            report["best"][threat] = max((f"{m}-{threat}" for m in trained), key=lambda k: report["models"][k]["macro_f1"])
+            report["best"][threat] = max(
+                (f"{m}-{threat}" for m in trained), key=lambda k: report["models"][k]["macro_f1"]
+            )
         # Every model-vs-model gap within this threat model (same windows, paired).
         for a, b in itertools.combinations(trained, 2):
-            report["comparisons"].append(_paired(f"{a}-{threat}", f"{b}-{threat}", threat, y, test_pred, ws, n_boot, seed))
+            report["comparisons"].append(
+                _paired(f"{a}-{threat}", f"{b}-{threat}", threat, y, test_pred, ws, n_boot, seed)
+            )
 
     if "realistic" in report["best"]:
         best = report["best"]["realistic"]
         for base in ("majority", "logreg"):
-            report["verdict"][f"best_realistic_vs_{base}"] = _paired(best, f"{base}-realistic", "realistic", y,
-                                                                   test_pred, ws, n_boot, seed)
+            report["verdict"][f"best_realistic_vs_{base}"] = _paired(
+                best, f"{base}-realistic", "realistic", y, test_pred, ws, n_boot, seed
+            )
     if set(threats) >= {"realistic", "oracle"}:
         for name in models:
             g = _paired(f"{name}-realistic", f"{name}-oracle", "both", y, test_pred, ws, n_boot, seed)
@@ -209,9 +311,16 @@ def train_windowset(ws: Windows, split: Any, out: Path, profile: str = "quick",
     report["dropped_unusable_windows"] = dropped
     report["seconds"] = round(time.perf_counter() - started, 1)
     run_doc = {
-        "schema_hash": sh, "split": split.to_json(), "profile": profile, "seed": seed, "threads": threads,
-        **(run_info or {}), "models": list(report["models"]), "threat_models": list(threats),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": report["seconds"],
+        "schema_hash": sh,
+        "split": split.to_json(),
+        "profile": profile,
+        "seed": seed,
+        "threads": threads,
+        **(run_info or {}),
+        "models": list(report["models"]),
+        "threat_models": list(threats),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": report["seconds"],
         "cpu_count": os.cpu_count(),
     }
     (out / "run.json").write_text(json.dumps(run_doc, indent=2) + "\n")
@@ -222,29 +331,54 @@ def train_windowset(ws: Windows, split: Any, out: Path, profile: str = "quick",
     return report
 
 
-def _metrics(y_true: np.ndarray, proba: np.ndarray, meta: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, Any]:
-    m = ev.evaluate_predictions(y_true, proba, meta["episode"], meta["host"], meta["profile"], n_boot=n_boot, seed=seed)
+def _metrics(
+    y_true: np.ndarray, proba: np.ndarray, meta: dict[str, np.ndarray], n_boot: int, seed: int
+) -> dict[str, Any]:
+    m = ev.evaluate_predictions(
+        y_true, proba, meta["episode"], meta["host"], meta["profile"], n_boot=n_boot, seed=seed
+    )
     ci = m.pop("macro_f1")
     # Flat macro_f1 + macro_f1_ci: the shape export and the deck read.
     return {"macro_f1": ci["point"], "macro_f1_ci": [ci["lo"], ci["hi"]], **m}
 
 
-def _paired(a: str, b: str, threat: str, y: np.ndarray, test_pred: dict[str, tuple[np.ndarray, np.ndarray]],
-            ws: Windows, n_boot: int, seed: int) -> dict[str, Any]:
+def _paired(
+    a: str,
+    b: str,
+    threat: str,
+    y: np.ndarray,
+    test_pred: dict[str, tuple[np.ndarray, np.ndarray]],
+    ws: Windows,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
     """Paired episode bootstrap of F1(a) - F1(b) on the windows both were tested on."""
     (ia, pa), (ib, pb) = test_pred[a], test_pred[b]
     common, ja, jb = np.intersect1d(ia, ib, return_indices=True)
     gap = ev.paired_bootstrap(y[common], pa[ja], pb[jb], ws.episode[common], n_boot=n_boot, seed=seed)
-    return {"a": a, "b": b, "threat_model": threat, "n_windows": int(len(common)),
-            "f1_a": ev.macro_f1(y[common], pa[ja]), "f1_b": ev.macro_f1(y[common], pb[jb]), **gap.as_dict()}
+    return {
+        "a": a,
+        "b": b,
+        "threat_model": threat,
+        "n_windows": int(len(common)),
+        "f1_a": ev.macro_f1(y[common], pa[ja]),
+        "f1_b": ev.macro_f1(y[common], pb[jb]),
+        **gap.as_dict(),
+    }
 
 
 def _save_heldout(path: Path, ws: Windows, views: dict[str, np.ndarray], te: np.ndarray) -> None:
     """The test windows in this threat model's view (what its ONNX models read) plus who they are."""
     arrays = {kind: np.ascontiguousarray(x[te], np.float32) for kind, x in views.items()}
-    arrays.update(y=np.asarray(ws.y)[te], episode=np.asarray(ws.episode)[te].astype(str),
-                  host=np.asarray(ws.host)[te].astype(str), profile=np.asarray(ws.profile)[te].astype(str),
-                  sample=np.asarray(ws.sample)[te].astype(str), window=np.asarray(ws.window)[te], index=te)
+    arrays.update(
+        y=np.asarray(ws.y)[te],
+        episode=np.asarray(ws.episode)[te].astype(str),
+        host=np.asarray(ws.host)[te].astype(str),
+        profile=np.asarray(ws.profile)[te].astype(str),
+        sample=np.asarray(ws.sample)[te].astype(str),
+        window=np.asarray(ws.window)[te],
+        index=te,
+    )
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)

@@ -6,6 +6,7 @@ summary goes to stdout (a table, or with --json one JSON object and nothing else
 progress bar is on stderr). Archives are read in a process pool over all cores; an
 archive whose size, mtime and sidecar match its record in the old index is not re-read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,7 +86,7 @@ def validate_one(path: Path, rel: str) -> IndexRecord:
         size, mtime, side = _stat(path)
         ep = read_episode(path)
         return index_record(ep, rel, mtime_ns=mtime, sidecar_mtime_ns=side)
-    except Exception as exc:  # noqa: BLE001 - one bad archive must never kill the sweep
+    except Exception as exc:
         return crash_record(path, rel, exc, mtime_ns=mtime, nbytes=size, sidecar_mtime_ns=side)
 
 
@@ -147,8 +148,16 @@ def validate_store(
     reused = len(records)
 
     jobs = jobs or os.cpu_count() or 1
-    bar = tqdm(total=len(archives), initial=reused, unit="ep", desc="validate", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(
+        total=len(archives),
+        initial=reused,
+        unit="ep",
+        desc="validate",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
     retry: list[tuple[Path, str]] = []
     rows_read = 0
     if todo:
@@ -184,8 +193,9 @@ def validate_store(
                     records[item[1]] = rec
                     rows_read += sum(rec.rows.values())
                     bar.update(1)
-                    bar.set_postfix_str(f"{rows_read / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s",
-                                        refresh=False)
+                    bar.set_postfix_str(
+                        f"{rows_read / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s", refresh=False
+                    )
                 submit_more()
             if broken:
                 retry.extend(it)
@@ -201,9 +211,14 @@ def validate_store(
     counts = Counter(r.status for r in ordered)
     reasons = Counter(c for r in ordered for c in r.reasons)
     return SweepResult(
-        records=ordered, index_path=index, elapsed_s=time.perf_counter() - t0,
-        read=len(ordered) - reused, reused=reused, rows_read=rows_read,
-        counts=dict(counts), reasons=reasons,
+        records=ordered,
+        index_path=index,
+        elapsed_s=time.perf_counter() - t0,
+        read=len(ordered) - reused,
+        reused=reused,
+        rows_read=rows_read,
+        counts=dict(counts),
+        reasons=reasons,
     )
 
 
@@ -228,7 +243,9 @@ def format_summary(res: SweepResult, top: int = 10) -> str:
 
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", type=Path, help="receiver store: <store>/<host>/<episode>.tar.zst")
-    p.add_argument("--index", type=Path, default=None, help=f"acceptance index (default <store>/{INDEX_NAME})")
+    p.add_argument(
+        "--index", type=Path, default=None, help=f"acceptance index (default <store>/{INDEX_NAME})"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

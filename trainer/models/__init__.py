@@ -1,12 +1,13 @@
 """The six phase classifiers behind one interface (see :class:`trainer.models.base.Model`).
 
-    model = build_model("cnn", (30, 100), n_classes=5, profile="quick", seed=0)
-    model.fit(x_tr, y_tr, x_val, y_val, progress=print)
-    proba = model.predict_proba(x_test)            # float32 (N, n_classes)
-    model.save(run / "cnn-realistic", schema_hash=schema_hash())
-    model = load_model(run / "cnn-realistic", expected_schema_hash=schema_hash())
-    model.to_onnx(out / "cnn-realistic.onnx")      # input "features", output "probabilities"
+model = build_model("cnn", (30, 100), n_classes=5, profile="quick", seed=0)
+model.fit(x_tr, y_tr, x_val, y_val, progress=print)
+proba = model.predict_proba(x_test)            # float32 (N, n_classes)
+model.save(run / "cnn-realistic", schema_hash=schema_hash())
+model = load_model(run / "cnn-realistic", expected_schema_hash=schema_hash())
+model.to_onnx(out / "cnn-realistic.onnx")      # input "features", output "probabilities"
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,14 @@ def _registry() -> dict[str, type[Model]]:
     return reg
 
 
-def build_model(name: str, input_shape: tuple[int, ...], n_classes: int = 5, profile: str = "quick",
-                seed: int = 0, **overrides: Any) -> Model:
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    n_classes: int = 5,
+    profile: str = "quick",
+    seed: int = 0,
+    **overrides: Any,
+) -> Model:
     """A fresh, unfitted model. ``overrides`` replace entries of the profile's config."""
     reg = _registry()
     if name not in reg:
@@ -45,8 +52,14 @@ def load_model(directory: Path | str, expected_schema_hash: str) -> Model:
     found = doc.get("schema_hash")
     if found != expected_schema_hash:
         raise SchemaMismatch(directory, str(found), expected_schema_hash)
-    model = build_model(doc["model"], tuple(doc["input_shape"]), n_classes=doc["n_classes"],
-                        profile=doc["profile"], seed=doc["seed"], **doc["config"])
+    model = build_model(
+        doc["model"],
+        tuple(doc["input_shape"]),
+        n_classes=doc["n_classes"],
+        profile=doc["profile"],
+        seed=doc["seed"],
+        **doc["config"],
+    )
     model._load_weights(directory)
     if doc.get("fit"):
         model.fit_result = FitResult(**doc["fit"])

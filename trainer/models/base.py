@@ -5,14 +5,16 @@ Models know nothing of episodes. They take any float32 ``(N, F)`` summary set or
 values: each torch model starts with :class:`SignedLogStandardize`, fitted on the train
 set, so the exported graph takes exactly what the extractor produces.
 """
+
 from __future__ import annotations
 
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -37,11 +39,11 @@ class SchemaMismatch(RuntimeError):
 
 @dataclass
 class FitResult:
-    best_epoch: int                 # 1-based epoch (gbt: boosting round) whose weights were kept
+    best_epoch: int  # 1-based epoch (gbt: boosting round) whose weights were kept
     epochs_run: int
-    best_val_f1: float              # validation macro F1 of the kept weights
+    best_val_f1: float  # validation macro F1 of the kept weights
     seconds: float
-    stopped: str                    # "early_stopping" | "max_epochs" | "time_budget"
+    stopped: str  # "early_stopping" | "max_epochs" | "time_budget"
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -71,17 +73,25 @@ class Model(ABC):
     """Common state and the save/load envelope; subclasses add the learner."""
 
     name: ClassVar[str]
-    input_kind: ClassVar[str]       # "summary" (N, F) or "tensor" (N, C, T)
+    input_kind: ClassVar[str]  # "summary" (N, F) or "tensor" (N, C, T)
     profiles: ClassVar[dict[str, dict[str, Any]]]  # profile -> config: sizes, epochs, budgets
 
-    def __init__(self, input_shape: tuple[int, ...], n_classes: int = 5, profile: str = "quick",
-                 seed: int = 0, **overrides: Any) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        n_classes: int = 5,
+        profile: str = "quick",
+        seed: int = 0,
+        **overrides: Any,
+    ) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
         want = 1 if self.input_kind == "summary" else 2
         if len(input_shape) != want:
-            raise ValueError(f"{self.name} reads {self.input_kind} input of {want} dims per row, "
-                             f"got input_shape {tuple(input_shape)}")
+            raise ValueError(
+                f"{self.name} reads {self.input_kind} input of {want} dims per row, "
+                f"got input_shape {tuple(input_shape)}"
+            )
         self.input_shape = tuple(int(d) for d in input_shape)
         self.n_classes = int(n_classes)
         self.profile = profile
@@ -94,8 +104,14 @@ class Model(ABC):
         return dict(cls.profiles[profile])
 
     @abstractmethod
-    def fit(self, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-            progress: ProgressFn | None = None) -> FitResult: ...
+    def fit(
+        self,
+        x_tr: np.ndarray,
+        y_tr: np.ndarray,
+        x_val: np.ndarray,
+        y_val: np.ndarray,
+        progress: ProgressFn | None = None,
+    ) -> FitResult: ...
 
     @abstractmethod
     def predict_proba(self, x: np.ndarray) -> np.ndarray: ...

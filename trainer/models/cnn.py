@@ -1,4 +1,5 @@
 """cnn: a 1-D convolutional net over time on the (N, C, T) tensor, channels as input planes."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -9,9 +10,42 @@ from torch import nn
 from trainer.models.torch_base import TorchModel
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
-    "demo":  {"gain_jitter": 0.3, "width": 32, "blocks": 2, "kernel": 5, "dropout": 0.1, "epochs": 6,  "batch_size": 128, "lr": 3e-3, "patience": 3, "max_seconds": 25},
-    "quick": {"gain_jitter": 0.3, "width": 64, "blocks": 3, "kernel": 5, "dropout": 0.2, "epochs": 25, "batch_size": 128, "lr": 2e-3, "patience": 6, "max_seconds": 150},
-    "full":  {"gain_jitter": 0.3, "width": 96, "blocks": 4, "kernel": 7, "dropout": 0.3, "epochs": 80, "batch_size": 128, "lr": 1e-3, "patience": 12, "max_seconds": None},
+    "demo": {
+        "gain_jitter": 0.3,
+        "width": 32,
+        "blocks": 2,
+        "kernel": 5,
+        "dropout": 0.1,
+        "epochs": 6,
+        "batch_size": 128,
+        "lr": 3e-3,
+        "patience": 3,
+        "max_seconds": 25,
+    },
+    "quick": {
+        "gain_jitter": 0.3,
+        "width": 64,
+        "blocks": 3,
+        "kernel": 5,
+        "dropout": 0.2,
+        "epochs": 25,
+        "batch_size": 128,
+        "lr": 2e-3,
+        "patience": 6,
+        "max_seconds": 150,
+    },
+    "full": {
+        "gain_jitter": 0.3,
+        "width": 96,
+        "blocks": 4,
+        "kernel": 7,
+        "dropout": 0.3,
+        "epochs": 80,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "patience": 12,
+        "max_seconds": None,
+    },
 }
 
 
@@ -27,9 +61,11 @@ class ConvBlock(nn.Module):
 
 
 class CNNBody(nn.Module):
-    def __init__(self, channels: int, n_classes: int, width: int, blocks: int, kernel: int, dropout: float) -> None:
+    def __init__(
+        self, channels: int, n_classes: int, width: int, blocks: int, kernel: int, dropout: float
+    ) -> None:
         super().__init__()
-        widths = [channels] + [width * min(2 ** i, 2) for i in range(blocks)]
+        widths = [channels] + [width * min(2**i, 2) for i in range(blocks)]
         self.blocks = nn.Sequential(*(ConvBlock(a, b, kernel) for a, b in zip(widths, widths[1:])))
         self.drop = nn.Dropout(dropout)
         # Mean and max over time: "how much on average" and "did a burst happen".
@@ -45,7 +81,8 @@ class CNN(TorchModel):
     input_kind = "tensor"
     profiles = PROFILE_CONFIG
 
-
     def build_body(self) -> nn.Module:
         c = self.config
-        return CNNBody(self.input_shape[0], self.n_classes, c["width"], c["blocks"], c["kernel"], c["dropout"])
+        return CNNBody(
+            self.input_shape[0], self.n_classes, c["width"], c["blocks"], c["kernel"], c["dropout"]
+        )

@@ -5,6 +5,7 @@ normalisation. Trained through ``xgb.train`` with ``multi:softprob`` and a fixed
 ``num_class`` so the output always has ``n_classes`` columns, even when a class is
 absent from the training split (XGBClassifier would refuse non-contiguous labels).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,33 @@ from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, chec
 WEIGHTS_FILE = "booster.ubj"
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
-    "demo":  {"rounds": 60,   "max_depth": 4, "eta": 0.3,  "early_stopping": 10, "subsample": 0.9, "colsample_bytree": 0.8, "max_bin": 64},
-    "quick": {"rounds": 300,  "max_depth": 6, "eta": 0.15, "early_stopping": 25, "subsample": 0.9, "colsample_bytree": 0.6, "max_bin": 128},
-    "full":  {"rounds": 1500, "max_depth": 8, "eta": 0.05, "early_stopping": 60, "subsample": 0.8, "colsample_bytree": 0.5, "max_bin": 256},
+    "demo": {
+        "rounds": 60,
+        "max_depth": 4,
+        "eta": 0.3,
+        "early_stopping": 10,
+        "subsample": 0.9,
+        "colsample_bytree": 0.8,
+        "max_bin": 64,
+    },
+    "quick": {
+        "rounds": 300,
+        "max_depth": 6,
+        "eta": 0.15,
+        "early_stopping": 25,
+        "subsample": 0.9,
+        "colsample_bytree": 0.6,
+        "max_bin": 128,
+    },
+    "full": {
+        "rounds": 1500,
+        "max_depth": 8,
+        "eta": 0.05,
+        "early_stopping": 60,
+        "subsample": 0.8,
+        "colsample_bytree": 0.5,
+        "max_bin": 256,
+    },
 }
 REPORT_EVERY = 10  # boosting rounds between progress reports
 
@@ -44,8 +69,14 @@ class GBT(Model):
     name = "gbt"
     input_kind = "summary"
 
-    def __init__(self, input_shape: tuple[int, ...], n_classes: int = 5, profile: str = "quick",
-                 seed: int = 0, **overrides: Any) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        n_classes: int = 5,
+        profile: str = "quick",
+        seed: int = 0,
+        **overrides: Any,
+    ) -> None:
         super().__init__(input_shape, n_classes, profile, seed, **overrides)
         self.booster: xgb.Booster | None = None
 
@@ -58,14 +89,28 @@ class GBT(Model):
     def _params(self) -> dict[str, Any]:
         c = self.config
         return {
-            "objective": "multi:softprob", "num_class": self.n_classes, "eval_metric": "mlogloss",
-            "tree_method": "hist", "max_depth": c["max_depth"], "eta": c["eta"], "subsample": c["subsample"],
-            "colsample_bytree": c["colsample_bytree"], "max_bin": c["max_bin"], "seed": self.seed,
-            "nthread": c["threads"] or os.cpu_count() or 1, "verbosity": 0,
+            "objective": "multi:softprob",
+            "num_class": self.n_classes,
+            "eval_metric": "mlogloss",
+            "tree_method": "hist",
+            "max_depth": c["max_depth"],
+            "eta": c["eta"],
+            "subsample": c["subsample"],
+            "colsample_bytree": c["colsample_bytree"],
+            "max_bin": c["max_bin"],
+            "seed": self.seed,
+            "nthread": c["threads"] or os.cpu_count() or 1,
+            "verbosity": 0,
         }
 
-    def fit(self, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-            progress: ProgressFn | None = None) -> FitResult:
+    def fit(
+        self,
+        x_tr: np.ndarray,
+        y_tr: np.ndarray,
+        x_val: np.ndarray,
+        y_val: np.ndarray,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
         started = time.perf_counter()
         x_tr = check_inputs(x_tr, self.input_shape, "train inputs")
         x_val = check_inputs(x_val, self.input_shape, "validation inputs")
@@ -80,8 +125,13 @@ class GBT(Model):
         rounds = int(self.config["rounds"])
         log: dict[str, dict[str, list[float]]] = {}
         booster = xgb.train(
-            self._params(), dtr, num_boost_round=rounds, evals=[(dval, "val")], evals_result=log,
-            early_stopping_rounds=int(self.config["early_stopping"]), verbose_eval=False,
+            self._params(),
+            dtr,
+            num_boost_round=rounds,
+            evals=[(dval, "val")],
+            evals_result=log,
+            early_stopping_rounds=int(self.config["early_stopping"]),
+            verbose_eval=False,
             callbacks=[_Progress(rounds, progress)],
         )
         best = int(getattr(booster, "best_iteration", booster.num_boosted_rounds() - 1))
@@ -93,9 +143,13 @@ class GBT(Model):
         if progress:
             progress({"epoch": best + 1, "epochs": rounds, "val_f1": val_f1, "best_val_f1": val_f1})
         self.fit_result = FitResult(
-            best_epoch=best + 1, epochs_run=len(losses), best_val_f1=float(val_f1),
+            best_epoch=best + 1,
+            epochs_run=len(losses),
+            best_val_f1=float(val_f1),
             seconds=time.perf_counter() - started,
-            stopped="early_stopping" if len(losses) < rounds else "max_epochs", history=history)
+            stopped="early_stopping" if len(losses) < rounds else "max_epochs",
+            history=history,
+        )
         return self.fit_result
 
     def _need_booster(self) -> xgb.Booster:
@@ -130,7 +184,9 @@ class GBT(Model):
         # onnxmltools 1.16 refuses target_opset > 15 with onnx 1.23 (its version table ends
         # there); the graph it emits lives in ai.onnx.ml, so convert at its maximum and
         # declare the default domain (for our Identity rename) at the requested opset.
-        model = convert_xgboost(self._need_booster(), initial_types=[("features", FloatTensorType([None, self.input_shape[0]]))])
+        model = convert_xgboost(
+            self._need_booster(), initial_types=[("features", FloatTensorType([None, self.input_shape[0]]))]
+        )
         default = [imp for imp in model.opset_import if imp.domain in ("", "ai.onnx")]
         if default:
             default[0].version = max(default[0].version, opset)
@@ -139,11 +195,14 @@ class GBT(Model):
         graph = model.graph
         prob_out = next(o for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT)
         if prob_out.name != "probabilities":
-            graph.node.append(helper.make_node("Identity", [prob_out.name], ["probabilities"], name="probabilities"))
+            graph.node.append(
+                helper.make_node("Identity", [prob_out.name], ["probabilities"], name="probabilities")
+            )
         # One output, as for the torch models: the class label is argmax(probabilities).
         del graph.output[:]
-        graph.output.append(helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT,
-                                                          [None, self.n_classes]))
+        graph.output.append(
+            helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [None, self.n_classes])
+        )
         onnx.checker.check_model(model)
         path.write_bytes(model.SerializeToString())
         return path

@@ -1,4 +1,5 @@
 """The torch half of the model interface: input normalisation, fit via the one loop, ONNX."""
+
 from __future__ import annotations
 
 import io
@@ -67,8 +68,14 @@ class WithSoftmax(nn.Module):
 class TorchModel(Model):
     """A torch network ``norm -> body -> logits`` trained by :func:`trainer.loop.train_loop`."""
 
-    def __init__(self, input_shape: tuple[int, ...], n_classes: int = 5, profile: str = "quick",
-                 seed: int = 0, **overrides: Any) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        n_classes: int = 5,
+        profile: str = "quick",
+        seed: int = 0,
+        **overrides: Any,
+    ) -> None:
         super().__init__(input_shape, n_classes, profile, seed, **overrides)
         if self.input_kind == "summary" and "gain_group" not in self.config:
             # The extractor's summary layout is channel-major (feature c*k + s), and every
@@ -83,15 +90,22 @@ class TorchModel(Model):
     def build_body(self) -> nn.Module:
         """Standardised input (N, *input_shape) -> logits (N, n_classes)."""
 
-    def fit(self, x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-            progress: ProgressFn | None = None) -> FitResult:
+    def fit(
+        self,
+        x_tr: np.ndarray,
+        y_tr: np.ndarray,
+        x_val: np.ndarray,
+        y_val: np.ndarray,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
         x_tr = check_inputs(x_tr, self.input_shape, "train inputs")
         x_val = check_inputs(x_val, self.input_shape, "validation inputs")
         y_tr = check_labels(y_tr, len(x_tr), self.n_classes, "train labels")
         y_val = check_labels(y_val, len(x_val), self.n_classes, "validation labels")
         if len(x_tr) < 2 or len(x_val) < 1:
-            raise ValueError(f"{self.name}: need at least 2 train and 1 validation rows, "
-                             f"got {len(x_tr)} and {len(x_val)}")
+            raise ValueError(
+                f"{self.name}: need at least 2 train and 1 validation rows, got {len(x_tr)} and {len(x_val)}"
+            )
         self.norm.fit(x_tr)
         cfg = LoopConfig.from_config(self.config, seed=self.seed)
         self.fit_result = train_loop(self.net, x_tr, y_tr, x_val, y_val, cfg, self.n_classes, progress)
@@ -124,9 +138,15 @@ class TorchModel(Model):
             # (our initial states are built from the input's shape, so any batch works).
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapped, (example,), buf, input_names=["features"], output_names=["probabilities"],
+                wrapped,
+                (example,),
+                buf,
+                input_names=["features"],
+                output_names=["probabilities"],
                 dynamic_axes={"features": {0: "batch"}, "probabilities": {0: "batch"}},
-                opset_version=opset, dynamo=False, do_constant_folding=True,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
             )
         path.write_bytes(buf.getvalue())
         return path

@@ -3,6 +3,7 @@
 Attention is written out (Linear, MatMul, Softmax) rather than through
 ``nn.MultiheadAttention``'s fused fast path, so the ONNX graph is plain standard ops.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,9 +15,45 @@ from torch import nn
 from trainer.models.torch_base import TorchModel
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
-    "demo":  {"gain_jitter": 0.3, "d_model": 32, "heads": 2, "layers": 1, "patch": 10, "dropout": 0.1, "epochs": 6,  "batch_size": 128, "lr": 2e-3, "patience": 3, "max_seconds": 25},
-    "quick": {"gain_jitter": 0.3, "d_model": 64, "heads": 4, "layers": 2, "patch": 5,  "dropout": 0.1, "epochs": 25, "batch_size": 128, "lr": 1e-3, "patience": 6, "max_seconds": 120},
-    "full":  {"gain_jitter": 0.3, "d_model": 128, "heads": 4, "layers": 4, "patch": 5, "dropout": 0.1, "epochs": 80, "batch_size": 128, "lr": 5e-4, "patience": 12, "max_seconds": None},
+    "demo": {
+        "gain_jitter": 0.3,
+        "d_model": 32,
+        "heads": 2,
+        "layers": 1,
+        "patch": 10,
+        "dropout": 0.1,
+        "epochs": 6,
+        "batch_size": 128,
+        "lr": 2e-3,
+        "patience": 3,
+        "max_seconds": 25,
+    },
+    "quick": {
+        "gain_jitter": 0.3,
+        "d_model": 64,
+        "heads": 4,
+        "layers": 2,
+        "patch": 5,
+        "dropout": 0.1,
+        "epochs": 25,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "patience": 6,
+        "max_seconds": 120,
+    },
+    "full": {
+        "gain_jitter": 0.3,
+        "d_model": 128,
+        "heads": 4,
+        "layers": 4,
+        "patch": 5,
+        "dropout": 0.1,
+        "epochs": 80,
+        "batch_size": 128,
+        "lr": 5e-4,
+        "patience": 12,
+        "max_seconds": None,
+    },
 }
 
 
@@ -48,8 +85,17 @@ class Block(nn.Module):
 
 
 class TransformerBody(nn.Module):
-    def __init__(self, channels: int, steps: int, n_classes: int, d_model: int, heads: int, layers: int,
-                 patch: int, dropout: float) -> None:
+    def __init__(
+        self,
+        channels: int,
+        steps: int,
+        n_classes: int,
+        d_model: int,
+        heads: int,
+        layers: int,
+        patch: int,
+        dropout: float,
+    ) -> None:
         super().__init__()
         if steps % patch:
             raise ValueError(f"transformer: {steps} time steps do not split into patches of {patch}")
@@ -73,8 +119,15 @@ class Transformer(TorchModel):
     input_kind = "tensor"
     profiles = PROFILE_CONFIG
 
-
     def build_body(self) -> nn.Module:
         c = self.config
-        return TransformerBody(self.input_shape[0], self.input_shape[1], self.n_classes, c["d_model"], c["heads"],
-                               c["layers"], c["patch"], c["dropout"])
+        return TransformerBody(
+            self.input_shape[0],
+            self.input_shape[1],
+            self.n_classes,
+            c["d_model"],
+            c["heads"],
+            c["layers"],
+            c["patch"],
+            c["dropout"],
+        )

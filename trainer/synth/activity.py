@@ -5,6 +5,7 @@ phases); the stream writers (streams.py) then observe these rates the way /proc,
 guest agent, QMP and the capture box would. Benign and malicious activity are kept in
 separate tallies because an infected guest's agent may hide the malicious one.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,18 +14,35 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.signal import lfilter
 
-from .catalog import WORKLOADS, MiB, Host, Sample
+from .catalog import WORKLOADS, Host, MiB, Sample
 
 DT = 0.1  # seconds per latent step
 
 # Latent keys. Rates are per second; mem/cache/procs/tcp_* are gauges (additive offsets).
 KEYS = (
-    "cpu_user", "cpu_sys", "iowait",  # vCPUs busy (1.0 = one vCPU), iowait in vCPUs waiting
-    "rd", "wr", "rd_ops", "wr_ops",  # guest block I/O, B/s and ops/s
-    "rx", "tx", "pkt_in", "pkt_out",  # guest NIC, B/s and packets/s (in = towards the VM)
-    "flows", "syn", "rst", "dns", "ips", "ports",  # new flows, SYNs out, RSTs in, DNS queries, distinct peers/ports per s
-    "forks", "majflt",  # forks/s in the guest, host major faults/s
-    "mem", "procs", "tcp_est", "tcp_syn",  # gauges: MB used, processes, connections
+    "cpu_user",
+    "cpu_sys",
+    "iowait",  # vCPUs busy (1.0 = one vCPU), iowait in vCPUs waiting
+    "rd",
+    "wr",
+    "rd_ops",
+    "wr_ops",  # guest block I/O, B/s and ops/s
+    "rx",
+    "tx",
+    "pkt_in",
+    "pkt_out",  # guest NIC, B/s and packets/s (in = towards the VM)
+    "flows",
+    "syn",
+    "rst",
+    "dns",
+    "ips",
+    "ports",  # new flows, SYNs out, RSTs in, DNS queries, distinct peers/ports per s
+    "forks",
+    "majflt",  # forks/s in the guest, host major faults/s
+    "mem",
+    "procs",
+    "tcp_est",
+    "tcp_syn",  # gauges: MB used, processes, connections
 )
 MTU_PAYLOAD = 1350.0  # mean bytes of a bulk packet
 
@@ -121,8 +139,16 @@ class Sim:
         if k > 0:
             T[key][s] += amount / (k * DT)
 
-    def transfer(self, T: Tally, t_s: float, rx: float = 0.0, tx: float = 0.0, dur_s: float = 0.3,
-                 new_flow: bool = True, dns: bool = False) -> None:
+    def transfer(
+        self,
+        T: Tally,
+        t_s: float,
+        rx: float = 0.0,
+        tx: float = 0.0,
+        dur_s: float = 0.3,
+        new_flow: bool = True,
+        dns: bool = False,
+    ) -> None:
         """One network exchange: bytes both ways, their packets and ACKs, maybe a DNS lookup first."""
         d = max(dur_s, DT)
         rxp, txp = rx / MTU_PAYLOAD + 2, tx / MTU_PAYLOAD + 2
@@ -195,7 +221,9 @@ class Sim:
         ramp = np.clip(self.t / max(self.s.boot_s, 1.0), 0.08, 1.0)
         B["mem"] += used0 * ramp * (1 + 0.02 * self.ar(30))
         procs0 = h.baseline_procs + int(rng.integers(-8, 9))
-        B["procs"] += np.round(procs0 * ramp + np.cumsum(rng.choice([-1, 0, 0, 0, 1], n) * (rng.random(n) < 0.01)))
+        B["procs"] += np.round(
+            procs0 * ramp + np.cumsum(rng.choice([-1, 0, 0, 0, 1], n) * (rng.random(n) < 0.01))
+        )
         B["tcp_est"] += np.where(self.t > self.s.boot_s, 1 + int(rng.integers(0, 3)), 0)
 
     def boot(self) -> None:
@@ -213,7 +241,7 @@ class Sim:
         B["iowait"][s] += 0.3 * decay
         B["forks"][s] += 60 * decay * self.wobble(1.0, 0.5, k)
         B["majflt"][s] += 40 * decay
-        for j in range(int(rng.integers(2, 6))):  # DHCP, NTP and the first lookups
+        for _j in range(int(rng.integers(2, 6))):  # DHCP, NTP and the first lookups
             self.transfer(B, self.s.boot_s * float(rng.uniform(0.6, 1.0)), rx=600, tx=300, dns=True)
 
     # --- benign workloads --------------------------------------------------------------
@@ -224,7 +252,13 @@ class Sim:
         p = p / p.sum()
         t = self.s.boot_s + float(rng.uniform(0, 20))
         out = []
-        lengths = {"idle": (15, 100), "build": (30, 150), "backup": (40, 200), "update": (30, 120), "discovery": (5, 20)}
+        lengths = {
+            "idle": (15, 100),
+            "build": (30, 150),
+            "backup": (40, 200),
+            "update": (30, 120),
+            "discovery": (5, 20),
+        }
         while t < self.s.duration_s:
             w = str(rng.choice(names, p=p))
             lo, hi = lengths[w]
@@ -236,8 +270,13 @@ class Sim:
             t = b + float(rng.exponential(140))  # lab VMs idle most of the time between jobs
         if h.heartbeat_s:
             for t in self.periodic(h.heartbeat_s, 0.03, self.s.boot_s, self.s.duration_s):
-                self.transfer(self.benign, t, rx=float(rng.uniform(400, 1200)), tx=float(rng.uniform(1000, 3000)),
-                              dns=rng.random() < 0.25)
+                self.transfer(
+                    self.benign,
+                    t,
+                    rx=float(rng.uniform(400, 1200)),
+                    tx=float(rng.uniform(1000, 3000)),
+                    dns=rng.random() < 0.25,
+                )
                 self.pulse(self.benign, "cpu_user", t, 0.03, 0.3)
                 self.pulse(self.benign, "forks", t, 1.0)
         return out
@@ -252,7 +291,7 @@ class Sim:
             on = (self.ar(1.5, k) > -1.0).astype(float)
             busy += on * np.clip(0.8 + 0.15 * self.ar(0.5, k), 0.2, 1.0)
         link = slice(s.start + int(0.88 * k), s.stop)
-        busy[int(0.88 * k):] = np.clip(busy[int(0.88 * k):], 0, 1.0)  # the link step runs alone
+        busy[int(0.88 * k) :] = np.clip(busy[int(0.88 * k) :], 0, 1.0)  # the link step runs alone
         B["cpu_user"][s] += busy
         B["cpu_sys"][s] += 0.15 * busy
         B["forks"][s] += busy * float(rng.uniform(6, 25)) * self.wobble(1, 0.5, k)
@@ -353,7 +392,9 @@ class Sim:
         end = s.duration_s
         # armed: the file arrives and lands on disk; a stub process waits
         size = float(np.clip(rng.lognormal(math.log(400e3), 1.0), 20e3, 8e6))
-        self.transfer(M, drop, rx=size, tx=size / 40, dur_s=float(rng.uniform(0.3, 1.5)), dns=rng.random() < 0.5)
+        self.transfer(
+            M, drop, rx=size, tx=size / 40, dur_s=float(rng.uniform(0.3, 1.5)), dns=rng.random() < 0.5
+        )
         self.pulse(M, "wr", drop + float(rng.uniform(1, 5)), size)
         self.pulse(M, "wr_ops", drop + 1, max(1, size / 64e3))
         M["procs"][self.sl(drop, end)] += 1
@@ -367,8 +408,15 @@ class Sim:
             self.pulse(M, "forks", t, float(rng.integers(2, 5)), 0.3)
             self.pulse(M, "cpu_sys", t, 0.02, 0.2)
         for t in self.periodic(float(rng.uniform(4.0, 8.0)), 0.15, drop + 2.0, exe):
-            self.transfer(M, t, rx=float(rng.uniform(90, 250)), tx=float(rng.uniform(60, 140)), dur_s=0.1,
-                          new_flow=rng.random() < 0.5, dns=True)
+            self.transfer(
+                M,
+                t,
+                rx=float(rng.uniform(90, 250)),
+                tx=float(rng.uniform(60, 140)),
+                dur_s=0.1,
+                new_flow=rng.random() < 0.5,
+                dns=True,
+            )
         # infecting: unpack, persist, fetch the second stage
         si = self.sl(exe, run0)
         k = si.stop - si.start
@@ -390,7 +438,9 @@ class Sim:
         stage2 = float(rng.uniform(0.3e6, 20e6))
         for _ in range(int(rng.integers(1, 5))):
             self.transfer(M, t2 + float(rng.uniform(-1, 1)), rx=500, tx=200, new_flow=False, dns=True)
-        self.transfer(M, t2, rx=stage2, tx=stage2 / 50, dur_s=stage2 / min(h.nic_Bps, float(rng.uniform(1e6, 10e6))))
+        self.transfer(
+            M, t2, rx=stage2, tx=stage2 / 50, dur_s=stage2 / min(h.nic_Bps, float(rng.uniform(1e6, 10e6)))
+        )
         grow = np.clip(tt / max(run0 - exe, 1), 0, 1)
         M["procs"][si] += np.round(grow * int(rng.integers(1, 5)))
         M["procs"][self.sl(run0, end)] += int(rng.integers(1, 4))
@@ -418,10 +468,17 @@ class Sim:
                     self.pulse(M, "cpu_user", float(t), 0.004 * intensity)
                     self.pulse(M, "cpu_sys", float(t), 0.002)
                     # a tiny keepalive exchange per poll: the bridge sees a metronome of small packets
-                    self.transfer(M, float(t), rx=0.0, tx=float(rng.uniform(40, 90)), dur_s=DT, new_flow=False)
+                    self.transfer(
+                        M, float(t), rx=0.0, tx=float(rng.uniform(40, 90)), dur_s=DT, new_flow=False
+                    )
                 for t in self.periodic(beacon, 0.25, a, b):
-                    self.transfer(M, t, rx=float(rng.uniform(200, 2000)), tx=float(rng.uniform(200, 800)),
-                                  dns=rng.random() < 0.7)
+                    self.transfer(
+                        M,
+                        t,
+                        rx=float(rng.uniform(200, 2000)),
+                        tx=float(rng.uniform(200, 800)),
+                        dns=rng.random() < 0.7,
+                    )
         return on
 
     def p_cpu_saturate(self, q: dict, on: np.ndarray, pre: np.ndarray, g: float) -> None:
@@ -454,7 +511,10 @@ class Sim:
             i = min(int(t / DT), self.n - 1)
             if not act[i]:
                 continue
-            tx, rx = q["tx_kb"] * 1024 * g * float(rng.uniform(0.6, 1.4)), q["rx_kb"] * 1024 * g * float(rng.uniform(0.5, 1.5))
+            tx, rx = (
+                q["tx_kb"] * 1024 * g * float(rng.uniform(0.6, 1.4)),
+                q["rx_kb"] * 1024 * g * float(rng.uniform(0.5, 1.5)),
+            )
             self.transfer(M, t, rx=rx, tx=tx, dur_s=float(rng.uniform(0.2, 1.5)), dns=bool(q["dns_each"]))
             M["tcp_est"][self.sl(t, t + float(rng.uniform(0.5, 2)))] += 1
             self.pulse(M, "cpu_user", t, 0.05, 0.5)
@@ -465,7 +525,14 @@ class Sim:
                 grab = float(rng.lognormal(math.log(2e6), 1))
                 self.pulse(M, "rd", t + 0.5, grab, d)
                 self.pulse(M, "rd_ops", t + 0.5, grab / 32e3, d)
-                self.transfer(M, t + 0.5 + d, tx=0.3 * grab, rx=grab / 100, dur_s=float(rng.uniform(0.5, 3)), new_flow=False)
+                self.transfer(
+                    M,
+                    t + 0.5 + d,
+                    tx=0.3 * grab,
+                    rx=grab / 100,
+                    dur_s=float(rng.uniform(0.5, 3)),
+                    new_flow=False,
+                )
 
     def p_scan_and_dial(self, q: dict, on: np.ndarray, pre: np.ndarray, g: float) -> None:
         M, rng = self.mal, self.rng
@@ -486,7 +553,13 @@ class Sim:
         M["cpu_user"] += (0.02 + syn / 4000) * act
         for t in self.periodic(q["dial_s"], 0.3, 0, self.s.duration_s):
             if on[min(int(t / DT), self.n - 1)]:
-                self.transfer(M, t, rx=float(rng.uniform(200, 2000)), tx=float(rng.uniform(100, 600)), dns=rng.random() < 0.8)
+                self.transfer(
+                    M,
+                    t,
+                    rx=float(rng.uniform(200, 2000)),
+                    tx=float(rng.uniform(100, 600)),
+                    dns=rng.random() < 0.8,
+                )
                 M["tcp_est"][self.sl(t, t + float(rng.uniform(1, 6)))] += 1
 
     def p_exfil_trickle(self, q: dict, on: np.ndarray, pre: np.ndarray, g: float) -> None:
@@ -531,10 +604,10 @@ class Sim:
             M["rd_ops"][r] += size / 256e3 / (k_read * DT)
             M["wr"][w] += size / (k_write * DT)
             M["wr_ops"][w] += (size / 256e3 + 3) / (k_write * DT)  # data, then rename and unlink
-            M["cpu_user"][r.start:w.stop] += 0.85
-            M["cpu_sys"][r.start:w.stop] += 0.15
-            M["iowait"][r.start:w.stop] += 0.3
-            M["mem"][r.start:w.stop] += min(size / MiB, 64)
+            M["cpu_user"][r.start : w.stop] += 0.85
+            M["cpu_sys"][r.start : w.stop] += 0.15
+            M["iowait"][r.start : w.stop] += 0.3
+            M["mem"][r.start : w.stop] += min(size / MiB, 64)
             i = w.stop + int(q["pause_s"] * float(rng.uniform(0.5, 1.5)) / DT)
 
     def p_mem_inflate(self, q: dict, on: np.ndarray, pre: np.ndarray, g: float) -> None:
@@ -560,7 +633,9 @@ class Sim:
         growing = step > 0
         M["cpu_user"] += growing * float(rng.uniform(0.05, 0.25))
         M["cpu_sys"] += growing * 0.05
-        pressure = np.clip((level + self.benign["mem"]) / h.mem_mb - 0.8, 0, None) * 5  # swapping near the top
+        pressure = (
+            np.clip((level + self.benign["mem"]) / h.mem_mb - 0.8, 0, None) * 5
+        )  # swapping near the top
         M["majflt"] += 80 * pressure
         M["iowait"] += 0.4 * pressure
         M["rd"] += 5e6 * pressure
@@ -569,7 +644,9 @@ class Sim:
         M["wr_ops"] += 200 * pressure
 
 
-def simulate(rng: np.random.Generator, host: Host, sched: Schedule, sample: Sample | None) -> tuple[Sim, list]:
+def simulate(
+    rng: np.random.Generator, host: Host, sched: Schedule, sample: Sample | None
+) -> tuple[Sim, list]:
     sim = Sim(rng, host, sched)
     sim.base()
     sim.boot()

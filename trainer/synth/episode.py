@@ -1,6 +1,7 @@
 """One episode: schedule, activity, the four streams, labels and events, then the defect
 its plan asks for, made the way it happens in life. Returns member bytes plus a truth record.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,12 @@ from .activity import Schedule, make_schedule, simulate
 from .plan import EpisodeSpec
 from .streams import GUEST_COUNTERS, U32, Observer, Stream
 
-PHASE_EVENT = {"armed": "sample_drop", "infecting": "sample_exec", "infected_running": "payload_start",
-               "dormant": "payload_sleep"}
+PHASE_EVENT = {
+    "armed": "sample_drop",
+    "infecting": "sample_exec",
+    "infected_running": "payload_start",
+    "dormant": "payload_sleep",
+}
 # Old orchestrator builds wrote these names; the vocabulary has never had them.
 LEGACY_PHASE = {"infected_running": "infected", "dormant": "sleeping"}
 PCAP_HEADER = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)  # libpcap, Ethernet
@@ -26,7 +31,9 @@ def _jsonl(objs: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objs).encode()
 
 
-def _labels_events(spec: EpisodeSpec, sched: Schedule, rng: np.random.Generator, shutdown: bool) -> tuple[list, list]:
+def _labels_events(
+    spec: EpisodeSpec, sched: Schedule, rng: np.random.Generator, shutdown: bool
+) -> tuple[list, list]:
     ns = spec.started_ns
     labels, events = [], []
     events.append({"t_wall_ns": ns, "kind": "vm_boot", "vcpus": spec.host.vcpus, "mem_mb": spec.host.mem_mb})
@@ -36,12 +43,22 @@ def _labels_events(spec: EpisodeSpec, sched: Schedule, rng: np.random.Generator,
         labels.append({"t_wall_ns": t, "phase": phase})
         kind = PHASE_EVENT.get(phase)
         if kind:
-            ev: dict[str, Any] = {"t_wall_ns": t + int(rng.integers(0, 3_000_000)), "kind": kind, "sample_id": sid}
+            ev: dict[str, Any] = {
+                "t_wall_ns": t + int(rng.integers(0, 3_000_000)),
+                "kind": kind,
+                "sample_id": sid,
+            }
             if kind == "sample_drop":
                 ev["path"] = f"/var/tmp/.cache/{sid}"
             events.append(ev)
     if shutdown:
-        events.append({"t_wall_ns": ns + int(round(sched.shutdown_s * 1e9)), "kind": "vm_shutdown", "reason": "schedule"})
+        events.append(
+            {
+                "t_wall_ns": ns + int(round(sched.shutdown_s * 1e9)),
+                "kind": "vm_shutdown",
+                "reason": "schedule",
+            }
+        )
     return labels, events
 
 
@@ -67,7 +84,7 @@ def _corrupt_lines(rng: np.random.Generator, data: bytes, source: str, how: str)
             lines[i] = lines[i][: j + len(field)] + b"NaN" + lines[i][k:]
     else:  # non-UTF-8 bytes from a corrupted buffer
         j = int(rng.integers(1, len(lines[i]) - 1))
-        lines[i] = lines[i][:j] + b"\xff\xfe\x00\x9c" + lines[i][j + 4:]
+        lines[i] = lines[i][:j] + b"\xff\xfe\x00\x9c" + lines[i][j + 4 :]
     return b"\n".join(lines)
 
 
@@ -80,14 +97,20 @@ def build_episode(spec: EpisodeSpec) -> tuple[dict[str, bytes], dict[str, Any]]:
     obs = Observer(rng, sim, spec.started_ns)
     T = sched.duration_s
     truth: dict[str, Any] = {
-        "episode_id": spec.episode_id, "host": h.host_id, "index": spec.index,
-        "profile": spec.profile, "sample": spec.sample.name if spec.sample else None,
+        "episode_id": spec.episode_id,
+        "host": h.host_id,
+        "index": spec.index,
+        "profile": spec.profile,
+        "sample": spec.sample.name if spec.sample else None,
         "sample_id": spec.sample.sample_id if spec.sample else None,
-        "outcome": spec.outcome, "defect": d, "clean_only": not infected and d != "too_short",
+        "outcome": spec.outcome,
+        "defect": d,
+        "clean_only": not infected and d != "too_short",
         "duration_s": round(T, 3),
         "phases": [[p, round(a, 3), round(b, 3)] for p, a, b in sched.phases],
         "workloads": [[w, round(a, 3), round(b, 3)] for w, a, b in loads],
-        "guest_lies": False, "counter_resets": [],
+        "guest_lies": False,
+        "counter_resets": [],
     }
 
     # the guest agent: maybe a rootkit blinds it, maybe it restarts, maybe it is 32-bit
@@ -98,7 +121,9 @@ def build_episode(spec: EpisodeSpec) -> tuple[dict[str, bytes], dict[str, Any]]:
     restarts = []
     if T > 60 and rng.random() < 0.05:
         restarts = [float(rng.uniform(0.3, 0.8) * T)]
-        truth["counter_resets"] += [f"guest.{f}" for f in GUEST_COUNTERS if not (h.net32 and f.startswith("net_"))]
+        truth["counter_resets"] += [
+            f"guest.{f}" for f in GUEST_COUNTERS if not (h.net32 and f.startswith("net_"))
+        ]
     net_offset = int(rng.integers(0, U32)) if h.net32 else None
     guest_end = sched.shutdown_s
     if d == "guest_agent_died":
@@ -142,7 +167,9 @@ def build_episode(spec: EpisodeSpec) -> tuple[dict[str, bytes], dict[str, Any]]:
         step = int(rng.integers(10, 21))
         streams["proc"].keep(np.arange(streams["proc"].t.size) % step == 0)
     gone = {"guest_missing": "guest", "netflow_missing": "netflow", "missing_proc": "proc"}.get(d)
-    streams = {k: s for k, s in streams.items() if k != gone and s.t.size}  # a writer with no row never creates its file
+    streams = {
+        k: s for k, s in streams.items() if k != gone and s.t.size
+    }  # a writer with no row never creates its file
 
     labels, events = _labels_events(spec, sched, rng, shutdown)
     if crash_t is not None:
@@ -150,7 +177,7 @@ def build_episode(spec: EpisodeSpec) -> tuple[dict[str, bytes], dict[str, Any]]:
         labels = [x for x in labels if x["t_wall_ns"] < cut]
         events = [x for x in events if x["t_wall_ns"] < cut]
     if d == "clock_step":  # NTP steps the host clock back past the previous label
-        (p, a, b) = next(ph for ph in sched.phases if ph[0] == "infected_running")
+        (_p, a, b) = next(ph for ph in sched.phases if ph[0] == "infected_running")
         ts = float(rng.uniform(a + 3, b - 3))
         back = int((b - a + float(rng.uniform(5, 120))) * 1e9)  # past the label before
         step_at = spec.started_ns + int(ts * 1e9)
@@ -168,13 +195,21 @@ def build_episode(spec: EpisodeSpec) -> tuple[dict[str, bytes], dict[str, Any]]:
             x["phase"] = LEGACY_PHASE.get(x["phase"], x["phase"])
 
     meta = {
-        "episode_id": spec.episode_id, "host_id": h.host_id, "schema_version": 1,
-        "sample_id": spec.sample.sample_id if spec.sample else None, "profile": spec.profile,
-        "started_ns": spec.started_ns, "ended_ns": ended_ns,
-        "vm": {"vcpus": h.vcpus, "mem_mb": h.mem_mb, "os": h.os}, "collector": h.collector,
+        "episode_id": spec.episode_id,
+        "host_id": h.host_id,
+        "schema_version": 1,
+        "sample_id": spec.sample.sample_id if spec.sample else None,
+        "profile": spec.profile,
+        "started_ns": spec.started_ns,
+        "ended_ns": ended_ns,
+        "vm": {"vcpus": h.vcpus, "mem_mb": h.mem_mb, "os": h.os},
+        "collector": h.collector,
     }
-    members: dict[str, bytes] = {META_MEMBER: json.dumps(meta, indent=2).encode() + b"\n",
-                                 LABELS_MEMBER: _jsonl(labels), EVENTS_MEMBER: _jsonl(events)}
+    members: dict[str, bytes] = {
+        META_MEMBER: json.dumps(meta, indent=2).encode() + b"\n",
+        LABELS_MEMBER: _jsonl(labels),
+        EVENTS_MEMBER: _jsonl(events),
+    }
     for src in ("proc", "guest", "qmp", "netflow"):
         if src in streams:
             members[SOURCE_MEMBER[src]] = streams[src].encode()

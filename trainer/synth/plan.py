@@ -4,6 +4,7 @@ Planning is cheap and sequential; everything random inside an episode is drawn l
 ``np.random.default_rng([seed, index])`` so episodes can be generated in any order, in
 parallel, and still be byte-identical.
 """
+
 from __future__ import annotations
 
 import time
@@ -123,8 +124,16 @@ def plan_store(episodes: int, hosts: int, seed: int) -> list[EpisodeSpec]:
         started = h.epoch_ns + slot[int(host_of[i])] * SLOT_NS + int(rng.integers(0, 60_000)) * 1_000_000
         slot[int(host_of[i])] += 1
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started // 10**9))
-        specs.append(EpisodeSpec(
-            index=i, seed=seed, episode_id=f"{stamp}-{h.host_id}-{i:06d}", host=h,
-            sample=sample_of.get(i), outcome=outcome_of[i], defect=defects[i], started_ns=started,
-        ))
+        specs.append(
+            EpisodeSpec(
+                index=i,
+                seed=seed,
+                episode_id=f"{stamp}-{h.host_id}-{i:06d}",
+                host=h,
+                sample=sample_of.get(i),
+                outcome=outcome_of[i],
+                defect=defects[i],
+                started_ns=started,
+            )
+        )
     return specs

@@ -1,4 +1,5 @@
 """Packing, the store layout (SPEC section 3), archive-level defects, and the parallel driver."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ TAR_UID, TAR_USER = 1000, "collector"
 def pack_archive(episode_id: str, members: dict[str, bytes], mtime: int = 0) -> bytes:
     """A zstd-compressed tar with every member under ``<episode_id>/``. Byte-identical for the same
     input: fixed owner, mode and mtime, GNU headers (no pax timestamps), one-shot zstd at a fixed level."""
+
     def info(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)
         ti.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
@@ -71,7 +73,7 @@ def ship_episode(spec: EpisodeSpec) -> Shipped:
         archive = archive[: int(len(archive) * float(rng.uniform(0.3, 0.9)))]
     elif spec.defect == "bit_flip":  # bad RAM or bit rot after the hash was taken
         pos = int(rng.integers(64, len(archive)))
-        archive = archive[:pos] + bytes([archive[pos] ^ (1 << int(rng.integers(0, 8)))]) + archive[pos + 1:]
+        archive = archive[:pos] + bytes([archive[pos] ^ (1 << int(rng.integers(0, 8)))]) + archive[pos + 1 :]
         truth["bit_flip_offset"] = pos
     elif spec.defect == "missing_sidecar":
         sidecar = None
@@ -110,8 +112,10 @@ class SynthSummary:
         rows.append(f"{'all':<8}" + "".join(f"{tot[k]:>10}" for k in STATUSES) + f"{sum(tot.values()):>8}")
         rows.append("(intended outcomes; `phasewatch validate` decides the real ones)")
         rows.append("profiles: " + ", ".join(f"{k} {v}" for k, v in sorted(self.profiles.items())))
-        rows.append(f"{self.episodes} episodes, {len(self.samples)} samples, {self.bytes / 1e6:.1f} MB "
-                    f"in {self.seconds:.1f} s -> {self.out}")
+        rows.append(
+            f"{self.episodes} episodes, {len(self.samples)} samples, {self.bytes / 1e6:.1f} MB "
+            f"in {self.seconds:.1f} s -> {self.out}"
+        )
         return "\n".join(rows)
 
 
@@ -129,8 +133,14 @@ def _write(out: Path, s: Shipped) -> None:
         side.write_text(s.sidecar)
 
 
-def generate_store(out: Path, episodes: int = 240, hosts: int = 6, seed: int = 7, jobs: int | None = None,
-                   progress: bool = True) -> SynthSummary:
+def generate_store(
+    out: Path,
+    episodes: int = 240,
+    hosts: int = 6,
+    seed: int = 7,
+    jobs: int | None = None,
+    progress: bool = True,
+) -> SynthSummary:
     """Write a whole store plus ``synth-truth.jsonl`` (one line per episode, in index order)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +181,9 @@ def read_truth(out: Path) -> list[dict[str, Any]]:
 def add_synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="store directory to write")
     p.add_argument("--episodes", type=int, default=240, help="number of episodes (default 240)")
-    p.add_argument("--hosts", type=int, default=6, help="number of lab hosts (default 6; the first six are hand-made)")
+    p.add_argument(
+        "--hosts", type=int, default=6, help="number of lab hosts (default 6; the first six are hand-made)"
+    )
     p.add_argument("--seed", type=int, default=7, help="seed: the same seed gives byte-identical archives")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
 

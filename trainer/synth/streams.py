@@ -4,6 +4,7 @@ guest agent, QMP and the capture box, each with its own clock, rate, jitter and 
 Cumulative fields are integrals of latent rates sampled at the row times (so they are
 consistent across streams and monotone); gauges are the latent state at the row time.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,13 @@ U32 = 1 << 32
 # Member field order: clocks, then the id/extra fields, then the channel fields in SPEC order.
 LEAD_FIELDS = {"proc": ("pid",), "guest": (), "qmp": (), "netflow": ("interval_ms",)}
 TAIL_FIELDS = {"proc": (), "guest": (), "qmp": ("status",), "netflow": ()}
-FORMATS = {"cpu_user_pct": "%.1f", "cpu_system_pct": "%.1f", "cpu_iowait_pct": "%.1f", "load1": "%.2f", "status": '"%s"'}
+FORMATS = {
+    "cpu_user_pct": "%.1f",
+    "cpu_system_pct": "%.1f",
+    "cpu_iowait_pct": "%.1f",
+    "load1": "%.2f",
+    "status": '"%s"',
+}
 # Guest counters are relative to the agent's start, so an agent restart resets them.
 GUEST_COUNTERS = ("forks_total", "disk_read_bytes", "disk_write_bytes", "net_rx_bytes", "net_tx_bytes")
 
@@ -53,12 +60,17 @@ class Stream:
         return "".join([tpl % row for row in zip(*cols)]).encode()
 
 
-def row_times(rng: np.random.Generator, a: float, b: float, period: float, jitter_sd: np.ndarray | float,
-              drop_p: float) -> np.ndarray:
+def row_times(
+    rng: np.random.Generator, a: float, b: float, period: float, jitter_sd: np.ndarray | float, drop_p: float
+) -> np.ndarray:
     """Nominal ticks from a to b with scheduling jitter (clipped to +-3 sd) and isolated dropped rows."""
     k = np.arange(max(int((b - a) / period), 0))
     t = a + float(rng.uniform(0, period)) + k * period
-    sd = np.broadcast_to(np.asarray(jitter_sd, float), t.shape) if np.ndim(jitter_sd) else np.full(t.shape, float(jitter_sd))
+    sd = (
+        np.broadcast_to(np.asarray(jitter_sd, float), t.shape)
+        if np.ndim(jitter_sd)
+        else np.full(t.shape, float(jitter_sd))
+    )
     t = t + np.clip(rng.standard_normal(t.size), -3, 3) * sd
     keep = rng.random(t.size) >= drop_p
     keep[1:] |= ~keep[:-1] & (rng.random(max(t.size - 1, 0)) < 0.9)  # rarely two in a row
@@ -130,12 +142,19 @@ class Observer:
         ops = T["rd_ops"] + T["wr_ops"]
         pkts = T["pkt_in"] + T["pkt_out"]
         utime = 100 * (busy * 1.01 + 0.004 * h.vcpus)
-        stime = 100 * (0.006 * h.vcpus + ops * 25e-6 / h.cpu_speed + pkts * 6e-6 / h.cpu_speed
-                       + 0.08 * T["cpu_sys"] + T["majflt"] * 2e-4)
+        stime = 100 * (
+            0.006 * h.vcpus
+            + ops * 25e-6 / h.cpu_speed
+            + pkts * 6e-6 / h.cpu_speed
+            + 0.08 * T["cpu_sys"]
+            + T["majflt"] * 2e-4
+        )
         used, cache = self.mem_cache
         overhead_mb = float(rng.uniform(120, 260))
         touched = np.maximum.accumulate(used + cache)
-        if h.os.startswith("windows"):  # Windows zeroes free pages in the background: qemu touches them slowly
+        if h.os.startswith(
+            "windows"
+        ):  # Windows zeroes free pages in the background: qemu touches them slowly
             touched = np.maximum(touched, np.minimum(used + cache + self.sim.t * 2.0, 0.9 * h.mem_mb))
             touched = np.maximum.accumulate(touched)
         pool = np.round(np.clip(lfilter([0.01], [1, -0.99], ops) / 150, 0, 32))
@@ -144,15 +163,20 @@ class Observer:
             "pid": np.full(t.size, int(rng.integers(1500, 400000)), np.int64),
             "utime_ticks": np.floor(self.integral(utime, t)).astype(np.int64) + int(rng.integers(40, 200)),
             "stime_ticks": np.floor(self.integral(stime, t)).astype(np.int64) + int(rng.integers(20, 90)),
-            "rss_kb": np.round((overhead_mb + touched[st]) * 1024 + rng.normal(0, 64, t.size)).astype(np.int64),
+            "rss_kb": np.round((overhead_mb + touched[st]) * 1024 + rng.normal(0, 64, t.size)).astype(
+                np.int64
+            ),
             "vsize_kb": ((h.mem_mb + 900 + 64 * h.vcpus) * 1024 + threads[st] * 8192).astype(np.int64),
             "num_threads": threads[st].astype(np.int64),
-            "read_bytes": (np.floor(self.integral(T["rd"] * h.cache_read_factor, t) / 4096) * 4096).astype(np.int64),
+            "read_bytes": (np.floor(self.integral(T["rd"] * h.cache_read_factor, t) / 4096) * 4096).astype(
+                np.int64
+            ),
             "write_bytes": (np.floor(self.integral(T["wr"] + 300, t) / 4096) * 4096).astype(np.int64),
             "syscr": self.counts(50 * h.vcpus + 1.2 * T["rd_ops"] + 0.6 * T["pkt_in"] + 20, t),
             "syscw": self.counts(30 * h.vcpus + 1.2 * T["wr_ops"] + 0.6 * T["pkt_out"] + 10, t),
             "voluntary_ctxt_switches": self.counts(
-                250 * np.clip(h.vcpus - busy, 0, None) + 0.8 * ops + 0.3 * pkts + 40, t),
+                250 * np.clip(h.vcpus - busy, 0, None) + 0.8 * ops + 0.3 * pkts + 40, t
+            ),
             "nonvoluntary_ctxt_switches": self.counts(busy * (10 + 300 * h.noise) + 2, t),
             "majflt": self.counts(T["majflt"] + 0.002, t),
         }
@@ -193,7 +217,9 @@ class Observer:
         ends = ends + rng.normal(0, 0.0008, ends.size)
         ends = ends[ends < end_s]
         starts = np.concatenate([[ends[0] - 0.1] if ends.size else [], ends[:-1]])
-        keep = rng.random(ends.size) >= 0.001  # the box drops a rare interval; its neighbours still cover time
+        keep = (
+            rng.random(ends.size) >= 0.001
+        )  # the box drops a rare interval; its neighbours still cover time
         ends, starts = ends[keep], starts[keep]
 
         def over(key: str) -> np.ndarray:
@@ -208,8 +234,12 @@ class Observer:
             "interval_ms": np.round((ends - starts) * 1000).astype(np.int64),
             "pkts_in": pin,
             "pkts_out": pout,
-            "bytes_in": np.where(pin > 0, np.maximum(np.round(over("rx") * rng.normal(1, 0.01, ends.size)), 60 * pin), 0).astype(np.int64),
-            "bytes_out": np.where(pout > 0, np.maximum(np.round(over("tx") * rng.normal(1, 0.01, ends.size)), 60 * pout), 0).astype(np.int64),
+            "bytes_in": np.where(
+                pin > 0, np.maximum(np.round(over("rx") * rng.normal(1, 0.01, ends.size)), 60 * pin), 0
+            ).astype(np.int64),
+            "bytes_out": np.where(
+                pout > 0, np.maximum(np.round(over("tx") * rng.normal(1, 0.01, ends.size)), 60 * pout), 0
+            ).astype(np.int64),
             "flows_new": flows,
             "uniq_dst_ips": ips,
             "uniq_dst_ports": ports,
@@ -219,8 +249,14 @@ class Observer:
         }
         return self._finish("netflow", ends, {k: np.asarray(v, np.int64) for k, v in cols.items()})
 
-    def guest(self, start_s: float, end_s: float, hide_from_s: float | None,
-              restarts: list[float], net_offset: int | None) -> Stream:
+    def guest(
+        self,
+        start_s: float,
+        end_s: float,
+        hide_from_s: float | None,
+        restarts: list[float],
+        net_offset: int | None,
+    ) -> Stream:
         """The in-guest agent. ``hide_from_s``: a rootkit hides the sample from then on.
         ``restarts``: agent restarts (counters go back to zero). ``net_offset``: a 32-bit
         guest whose raw net counters start at that value and wrap at 2**32."""
@@ -263,13 +299,17 @@ class Observer:
             "load1": load[st],
             "procs_running": 1 + rng.poisson(busy[st]),
             "procs_blocked": rng.poisson(np.clip(G["iowait"][st], 0, None)),
-            "procs_total": np.maximum(np.round(G["procs"][st]) + rng.integers(-1, 2, t.size), 1).astype(np.int64),
+            "procs_total": np.maximum(np.round(G["procs"][st]) + rng.integers(-1, 2, t.size), 1).astype(
+                np.int64
+            ),
             "forks_total": self.counts(G["forks"], t),
             "disk_read_bytes": np.floor(self.integral(G["rd"], t)).astype(np.int64),
             "disk_write_bytes": np.floor(self.integral(G["wr"], t)).astype(np.int64),
             "net_rx_bytes": np.floor(self.integral(G["rx"], t)).astype(np.int64),
             "net_tx_bytes": np.floor(self.integral(G["tx"], t)).astype(np.int64),
-            "tcp_established": np.maximum(np.round(G["tcp_est"][st]) + rng.poisson(0.2, t.size), 0).astype(np.int64),
+            "tcp_established": np.maximum(np.round(G["tcp_est"][st]) + rng.poisson(0.2, t.size), 0).astype(
+                np.int64
+            ),
             "tcp_syn_sent": np.maximum(np.round(G["tcp_syn"][st]), 0).astype(np.int64),
         }
         # counters count from the agent's (re)start
