@@ -37,7 +37,6 @@ import hmac
 import ipaddress
 import logging
 import mimetypes
-import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from schema.events import decode_events
+from schema.rows import error_path
 
 from .broadcast import Broadcaster, Client, ClientClosed
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -104,8 +104,6 @@ CONTENT_TYPES: Final[Mapping[str, str]] = {
 
 _JSON: Final = "application/json"
 _RECV: Final = 16 << 10
-_FIELD_AT = re.compile(r" - at `(\$[^`]*)`$")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
 _json = msgspec.json.Encoder()
 
 
@@ -132,12 +130,7 @@ def is_loopback(host: str) -> bool:
 
 def validation_field(error: msgspec.DecodeError) -> str | None:
     """The JSON path msgspec blames (``$.accuracy``, ``$[2].phase``), if any."""
-    text = str(error)
-    at = _FIELD_AT.search(text)
-    missing = _MISSING.search(text)
-    if missing:
-        return f"{at.group(1) if at else '$'}.{missing.group(1)}"
-    return at.group(1) if at else None
+    return error_path(str(error))
 
 
 def _classify(exc: BaseException) -> str:
