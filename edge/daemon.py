@@ -193,7 +193,7 @@ class Daemon:
         while True:
             batch = self.tailer.poll(trio.current_time())
             self._handle(batch)
-            await trio.sleep(self.poll_s)
+            await self.tailer.wait(self.poll_s)  # inotify: until something changes; polling: a tick
 
     def _handle(self, batch: TailBatch) -> None:
         for ep, p in batch.problems:
