@@ -27,15 +27,12 @@ import trio
 
 from edge.broadcast import Broadcaster
 from edge.infer import Engine, startup_events
-from edge.metrics import Metrics, _Family, format_value
+from edge.metrics import LATENCY_BUCKETS, Metrics, _Family, format_value
 from edge.modelset import ModelSet, ModelSetError, load_models
 from edge.tail import LiveTailer, TailBatch, TailConfig, TailCounters, WindowJob
 from schema.hashing import schema_hash
 
 log = logging.getLogger("edge.daemon")
-
-# The live latency of one window: from the tick that saw it complete to its events published.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class _TailFamily(_Family):
@@ -76,7 +73,7 @@ class Daemon:
         publish_token: str | None = None,
         demo: bool = False,
         poll_s: float = 0.02,
-        tail: TailConfig = TailConfig(),
+        tail: TailConfig | None = None,
         all_predictions: bool = False,
         state_dir: Path | None = None,
         max_batch: int = 64,
@@ -97,11 +94,11 @@ class Daemon:
         self.metrics = Metrics()
         self.broadcaster = Broadcaster(metrics=self.metrics)
         self.counters = TailCounters()
-        self.tailer = LiveTailer(list(live), tail, self.counters)
+        self.tailer = LiveTailer(list(live), tail or TailConfig(), self.counters)
         self.metrics.registry.register(_TailFamily(self.counters))
         self.latency = self.metrics.registry.histogram(
             "phasewatch_window_latency_seconds",
-            "From a window's last row read to its events published.",
+            "From the tick that saw a window complete to its events published.",
             buckets=LATENCY_BUCKETS,
         )
         self.windows_dropped = self.metrics.registry.counter(
