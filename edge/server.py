@@ -56,6 +56,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from schema.events import decode_events
+from schema.publisher import MAX_BODY
 
 from .access import HostPolicy, host_name, is_loopback, publish_allowed
 from .broadcast import Broadcaster, Client, ClientClosed
@@ -192,7 +193,7 @@ class Server:
         health: Callable[[], Mapping[str, Any]] = dict,
         metrics: Metrics | None = None,
         publish_token: str | None = None,
-        max_body: int = 1 << 20,
+        max_body: int = MAX_BODY,
         limits: Limits = Limits(),
         trust_loopback: bool = True,
         hosts: HostPolicy | None = None,
@@ -486,7 +487,7 @@ async def serve(
     health: Callable[[], Mapping[str, Any]] = dict,
     metrics: Metrics | None = None,
     publish_token: str | None = None,
-    max_body: int = 1 << 20,
+    max_body: int = MAX_BODY,
     limits: Limits = Limits(),
     trust_loopback: bool = True,
     allowed_hosts: Sequence[str] = (),
