@@ -71,6 +71,8 @@ class Daemon:
         bind: str = "0.0.0.0",
         port: int = 8080,
         publish_token: str | None = None,
+        allowed_hosts: Sequence[str] = (),
+        trust_loopback: bool = True,
         demo: bool = False,
         poll_s: float = 0.02,
         tail: TailConfig | None = None,
@@ -86,6 +88,8 @@ class Daemon:
         self.replay_concurrency = replay_concurrency
         self.bind, self.port = bind, port
         self.publish_token = publish_token
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.trust_loopback = trust_loopback
         self.demo = demo
         self.poll_s = poll_s
         self.all_predictions = all_predictions
@@ -302,6 +306,8 @@ class Daemon:
                         health=self.health,
                         metrics=self.metrics,
                         publish_token=self.publish_token,
+                        allowed_hosts=self.allowed_hosts,
+                        trust_loopback=self.trust_loopback,
                         task_status=task_status,
                     )
                 )
@@ -347,6 +353,21 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("PHASEWATCH_PUBLISH_TOKEN"),
         help="bearer token for POST /publish from other hosts (env PHASEWATCH_PUBLISH_TOKEN)",
     )
+    ap.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name /publish and /ws answer to besides localhost, this machine's names and "
+        "addresses and --bind (repeatable; e.g. the name a reverse proxy forwards)",
+    )
+    ap.add_argument(
+        "--no-trust-loopback",
+        dest="trust_loopback",
+        action="store_false",
+        help="loopback peers need the token too (behind a reverse proxy on this host, where every "
+        "request comes from loopback); needs --publish-token",
+    )
     ap.add_argument("--demo", action="store_true", help="publish demo events (no models needed)")
     ap.add_argument(
         "--all-predictions",
@@ -369,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.models is None and not args.demo:
         ap.error("--models DIR is required (or --demo for demo events)")
+    if not args.trust_loopback and not args.publish_token:
+        ap.error("--no-trust-loopback leaves nobody able to publish: give --publish-token too")
     if args.speed <= 0:
         ap.error("--speed must be > 0")
     for d in args.live:
@@ -385,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bind=args.bind,
         port=args.port,
         publish_token=args.publish_token,
+        allowed_hosts=args.allowed_host,
+        trust_loopback=args.trust_loopback,
         demo=args.demo,
         poll_s=args.poll_ms / 1000.0,
         tail=TailConfig(idle_s=args.idle_timeout),

@@ -34,6 +34,7 @@ import trio
 import trio.testing
 from trio_websocket import WebSocketConnection, open_websocket_url, wrap_client_stream
 
+from edge.access import HostPolicy, host_name
 from edge.broadcast import Broadcaster, QueuePolicy
 from edge.metrics import LATENCY_BUCKETS, Metrics, format_value
 from edge.server import Limits, Server, is_loopback, publish_allowed, serve
@@ -116,7 +117,7 @@ async def exchange(
     chunked: bool = False,
     host: str | None = None,
 ) -> Resp:
-    hdrs = [("host", host or host_of(port)), *headers]
+    hdrs = [("host", host if host is not None else host_of(port)), *headers]
     if chunked:
         hdrs.append(("transfer-encoding", "chunked"))
     elif body or method == "POST":
@@ -420,6 +421,55 @@ async def test_publish_from_a_cross_origin_page_is_refused() -> None:
         r = await http(port, "POST", "/publish", body, headers=[("origin", f"http://{host_of(port)}")])
         assert r.status == 200
         assert (await http(port, "GET", "/publish")).headers["allow"] == "POST"
+
+
+@mock_clock
+async def test_dns_rebinding_is_refused_on_publish_and_ws() -> None:
+    """A rebinding page controls Host and Origin alike: from 127.0.0.1, Host and Origin
+    evil.example passed the Origin == Host check. Host must be a name the daemon answers to."""
+    b = Broadcaster()
+    body = b'{"type":"phase","phase":"clean"}'
+    hosts = HostPolicy.for_daemon("pi-bench.lan", ["deck.example.org"])
+    async with in_memory(b, hosts=hosts) as srv:
+        evil = [("origin", "http://evil.example")]
+        for host in ("evil.example", "evil.example:8080", "localhost.evil.example", "", "[::1"):
+            r = await http(srv, "POST", "/publish", body, host=host, headers=evil)
+            assert r.status == 403, host
+            assert "--allowed-host" in r.json()["error"], host
+        hs = HANDSHAKE.replace(b"Host: 127.0.0.1", b"Host: evil.example")
+        with trio.fail_after(5):
+            stream = srv()
+            await stream.send_all(hs)
+            reply = b""
+            while chunk := await stream.receive_some(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 403") and b"evil.example" in reply
+        assert b.client_count == 0 and b.sticky_events() == []
+        for host in (
+            "localhost:8080",
+            "LOCALHOST",
+            "localhost.",
+            socket.gethostname(),
+            "pi-bench.lan",
+            "deck.example.org:443",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "192.168.1.20",
+        ):
+            r = await http(srv, "POST", "/publish", body, host=host, headers=[("origin", f"http://{host}")])
+            assert r.status == 200, host
+        async with websocket(srv) as ws:  # Host: 127.0.0.1
+            assert (await get_json(ws))["type"] == "phase"
+        assert (await http(srv, "GET", "/healthz", host="evil.example")).status == 200  # read-only routes
+
+
+def test_host_names() -> None:
+    assert host_name("Example.ORG:8080") == "example.org"
+    assert host_name("[::1]:80") == "::1"
+    assert host_name("localhost.") == "localhost"
+    assert host_name("[::1") is None and host_name("") is None
+    policy = HostPolicy.for_daemon("0.0.0.0")
+    assert policy.allows(None) and policy.allows("localhost") and not policy.allows("evil.example")
 
 
 # --- WebSocket ---------------------------------------------------------------------------------
