@@ -108,6 +108,11 @@ class Daemon:
         self.windows_dropped = self.metrics.registry.counter(
             "phasewatch_windows_dropped_total", "Ready windows dropped because inference fell behind."
         )
+        self.reload_failures = self.metrics.registry.counter(
+            "phasewatch_reload_failures_total",
+            "Model reloads refused; the old set kept serving.",
+            ("reason",),
+        )
         self.modelset = modelset
         self.engine: Engine | None = Engine(modelset, self.metrics) if modelset is not None else None
         self.reload_error: str | None = None
@@ -151,18 +156,26 @@ class Daemon:
             self.broadcaster.publish_many(startup_events(self.modelset))
 
     async def reload(self, why: str) -> bool:
+        """Load the directory again; whatever goes wrong (a refused set, an OSError such as
+        SHA256SUMS being a directory or a file the service user may not read, a bug), the
+        old set keeps serving and ``/healthz`` says why under ``reload_error``."""
         assert self.models_dir is not None
         log.info("reloading %s (%s)", self.models_dir, why)
         try:
             ms = await trio.to_thread.run_sync(load_models, self.models_dir, schema_hash())
-        except ModelSetError as e:
-            self.reload_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {e}"
-            log.error("reload failed, still serving the previous models: %s", e)
+            events = startup_events(ms)
+        except Exception as e:
+            detail = str(e) if isinstance(e, ModelSetError) else f"{type(e).__name__}: {e}"
+            self.reload_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {detail}"
+            self.reload_failures.inc(reason=type(e).__name__)
+            log.error("reload failed, still serving the previous models: %s", detail)
+            if not isinstance(e, (ModelSetError, OSError)):
+                log.debug("reload failure", exc_info=True)
             return False
         self._install(ms)
         self.reload_error = None
         self.reloads += 1
-        self.publish_startup()
+        self.broadcaster.publish_many(events)
         return True
 
     async def _watch_models(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
