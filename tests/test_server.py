@@ -32,7 +32,7 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, open_websocket_url, wrap_client_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url, wrap_client_stream
 
 from edge.access import HostPolicy, host_name
 from edge.broadcast import Broadcaster, QueuePolicy
@@ -574,6 +574,55 @@ async def test_websocket_needs_a_real_handshake() -> None:
         assert (await http(port, "GET", "/ws")).status == 426
         r = await http(port, "GET", "/ws", headers=[("upgrade", "websocket"), ("connection", "upgrade")])
         assert r.status == 400
+
+
+@mock_clock
+async def test_hostile_websocket_clients_are_closed_alone() -> None:
+    """Binary frames (1003), a message over ws_max_incoming (1009) and a flood of text frames
+    (1008) each end that client only; a client that talks a little is kept, and a good one
+    goes on receiving."""
+    metrics = Metrics()
+    b = Broadcaster(metrics=metrics)
+    limits = Limits(ws_ping_interval=60, ws_incoming_burst=32, ws_incoming_window=1.0)
+    async with in_memory(b, limits=limits) as srv:
+        async with websocket(srv) as good, websocket(srv) as chatty:
+            await wait_for(lambda: b.client_count == 2)
+
+            async def hostile(send: Callable[[WebSocketConnection], Awaitable[None]]) -> int:
+                async with websocket(srv) as ws:
+                    await wait_for(lambda: b.client_count == 3)
+                    with trio.fail_after(5):
+                        try:
+                            await send(ws)
+                            while True:
+                                await ws.get_message()
+                        except ConnectionClosed as closed:
+                            assert closed.reason is not None
+                            return closed.reason.code
+                    raise AssertionError("never closed")
+
+            async def flood(ws: WebSocketConnection) -> None:
+                for i in range(10_000):
+                    await ws.send_message(f"hello {i}")
+
+            async def binary(ws: WebSocketConnection) -> None:
+                await ws.send_message(b"\x00\x01")
+
+            async def oversized(ws: WebSocketConnection) -> None:
+                await ws.send_message("x" * (limits.ws_max_incoming + 1))
+
+            for send, code in ((binary, 1003), (oversized, 1009), (flood, 1008)):
+                assert await hostile(send) == code, send.__name__
+                await wait_for(lambda: b.client_count == 2)
+                for _ in range(3):  # a deck that says something now and then stays
+                    await chatty.send_message("still here")
+                    await trio.sleep(0.2)
+                b.publish(PhaseEvent(phase="armed"))
+                assert (await get_json(good))["phase"] == "armed"
+                assert (await get_json(chatty))["phase"] == "armed"
+            assert b.client_count == 2
+    ended = {r: metrics.connection_errors.value(reason=r) for r in ("ws_binary", "ws_too_big", "ws_flood")}
+    assert ended == {"ws_binary": 1, "ws_too_big": 1, "ws_flood": 1}
 
 
 # --- robustness ----------------------------------------------------------------------------------
