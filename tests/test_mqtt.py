@@ -16,7 +16,7 @@ import trio
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mosquitto_kit import Mosquitto, free_port, have_mosquitto
+from mosquitto_kit import Mosquitto, have_mosquitto
 
 from edge.broadcast import Broadcaster
 from edge.fleet import FleetReader, parse_message
