@@ -428,13 +428,26 @@ async def run_live(d: DaemonProcess, live: Path, n: int, seconds: float, seed: i
     cpu0 = cpu_seconds(d.proc.pid)
     t0 = time.perf_counter()
 
+    reconnects = 0
+
     async def client(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{d.port}/ws") as ws:
-            task_status.started()
-            while True:
-                ev = json.loads(await ws.get_message())
-                if ev.get("type") == "prediction" and "window_no" in ev:
-                    received.setdefault((ev["episode_id"], ev["window_no"]), time.time())
+        nonlocal reconnects
+        started = False
+        while True:  # a client the server closed for falling behind comes back, and is counted
+            try:
+                async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{d.port}/ws") as ws:
+                    if not started:
+                        task_status.started()
+                        started = True
+                    while True:
+                        ev = json.loads(await ws.get_message())
+                        if ev.get("type") == "prediction" and "window_no" in ev:
+                            received.setdefault((ev["episode_id"], ev["window_no"]), time.time())
+            except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError):
+                reconnects += 1
+                if d.proc.poll() is not None:
+                    raise RuntimeError(f"edge-daemon exited with {d.proc.returncode}") from None
+                await trio.sleep(0.1)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(client)
@@ -475,6 +488,8 @@ async def run_live(d: DaemonProcess, live: Path, n: int, seconds: float, seed: i
         "inference_queue": h["inference_queue"],
         "rss_mb": round(proc_status(d.proc.pid)["VmRSS"] / 1024, 1),
         "parse_errors": h["tail"]["parse_errors"],
+        "fd_exhausted": h["tail"].get("fd_exhausted", 0),
+        "client_reconnects": reconnects,
     }
 
 
