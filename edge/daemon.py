@@ -2,6 +2,8 @@
 
     edge-daemon --models DIR [--live DIR] [--store DIR] [--replay STORE [--speed X]]
                 [--bind ADDR] [--port N] [--publish-token TOKEN] [--demo]
+                [--mqtt mqtt://[user:pass@]host[:port] [--node-id ID] [--mqtt-ca FILE]]
+    edge-daemon --fleet mqtt://... [--port N]      # one deck for every node on the broker
 
 One trio loop: the tailer ticks every ``--poll-ms``; ready windows go through a bounded
 channel to one worker thread (``CapacityLimiter(1)``) that extracts and runs every model;
@@ -126,6 +128,8 @@ class Daemon:
         self._limiter = trio.CapacityLimiter(1)
         self._loaded_sig = self._dir_sig()
         self._jobs_tx, self._jobs_rx = trio.open_memory_channel[WindowJob](1024)
+        self.mqtt: Any = None  # edge.mqtt.MqttPublisher (--mqtt): started with the server
+        self.fleet: Any = None  # edge.fleet.FleetReader (--fleet)
 
     # --- models ---
 
@@ -282,7 +286,7 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         ms = self.modelset
         return {
-            "ok": ms is not None or self.demo,
+            "ok": ms is not None or self.demo or self.fleet is not None,
             "uptime_s": round(time.time() - self.started_at, 1),
             "schema_hash": schema_hash(),
             "models": ms.describe() if ms is not None else None,
@@ -299,7 +303,21 @@ class Daemon:
             "store_error": self.store_error,
             "replay_dir": str(self.replay_dir) if self.replay_dir else None,
             "clients": self.broadcaster.client_count,
+            **({"mqtt": self.mqtt.health()} if self.mqtt is not None else {}),
+            **({"fleet": self.fleet.health()} if self.fleet is not None else {}),
         }
+
+    def node_status(self) -> Any:
+        """What this node's MQTT status says about it (edge.mqtt heartbeats)."""
+        from schema.events import NodeStatus
+
+        ms = self.modelset
+        return NodeStatus(
+            state="online",
+            models=[m.key for m in ms.models] if ms is not None else None,
+            primary_model=self.engine.primary.key if self.engine is not None else None,
+            live_episodes=len(self.tailer.episodes),
+        )
 
     # --- run ---
 
@@ -336,6 +354,10 @@ class Daemon:
                     n.start_soon(self._store_loop)
                 if self.models_dir is not None:
                     await n.start(self._watch_models)
+                if self.mqtt is not None:
+                    await n.start(self.mqtt.run)
+                if self.fleet is not None:
+                    await n.start(self.fleet.run)
                 if self.demo:
                     from edge.demo import run_demo
 
@@ -399,6 +421,26 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--idle-timeout", type=float, default=60.0, help="finalise a silent episode after this many s"
     )
+    ap.add_argument(
+        "--mqtt",
+        default=os.environ.get("PHASEWATCH_MQTT"),
+        metavar="URL",
+        help="also publish every event to mqtt[s]://[user:pass@]host[:port] (env PHASEWATCH_MQTT)",
+    )
+    ap.add_argument(
+        "--node-id",
+        default=os.environ.get("PHASEWATCH_NODE_ID"),
+        help="this daemon's name under phasewatch/v1/ (default: the hostname; env PHASEWATCH_NODE_ID)",
+    )
+    ap.add_argument(
+        "--mqtt-ca",
+        type=Path,
+        default=os.environ.get("PHASEWATCH_MQTT_CA"),
+        help="CA certificate for mqtts:// (env PHASEWATCH_MQTT_CA)",
+    )
+    ap.add_argument(
+        "--fleet", metavar="URL", help="serve the deck for every node on this broker (no models needed)"
+    )
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a fatal error")
     return ap
@@ -442,10 +484,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.models is None and not args.demo:
-        ap.error("--models DIR is required (or --demo for demo events)")
+    if args.models is None and not args.demo and not args.fleet:
+        ap.error("--models DIR is required (or --demo for demo events, --fleet URL for a fleet deck)")
     if not args.trust_loopback and not args.publish_token:
         ap.error("--no-trust-loopback leaves nobody able to publish: give --publish-token too")
+    from edge.mqtt import cli_settings
+
+    try:
+        mqtt_settings = cli_settings(args.mqtt, args.node_id, args.mqtt_ca, args.fleet)
+    except ValueError as e:
+        ap.error(str(e))
     if args.speed <= 0:
         ap.error("--speed must be > 0")
     dirs = [("--models", args.models), ("--store", args.store), ("--replay", args.replay)]
@@ -472,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         all_predictions=args.all_predictions,
         state_dir=Path(state.split(":")[0]) if state else None,
     )
+    mqtt_settings.install(daemon)
     if args.models is not None:
         t = time.perf_counter()
         try:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import collections
 import logging
 import mimetypes
-import re
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -58,6 +57,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 
 from schema.events import decode_events
 from schema.publisher import MAX_BODY
+from schema.rows import error_path
 
 from .access import HostPolicy, host_name, is_loopback, publish_allowed
 from .broadcast import Broadcaster, Client, ClientClosed
@@ -133,18 +133,10 @@ CONTENT_TYPES: Final[Mapping[str, str]] = {
 
 __all__ = ["PEER_ERRORS", "HostPolicy", "Limits", "Server", "is_loopback", "publish_allowed", "serve"]
 
-_FIELD_AT = re.compile(r" - at `(\$[^`]*)`$")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
-
 
 def validation_field(error: msgspec.DecodeError) -> str | None:
     """The JSON path msgspec blames (``$.accuracy``, ``$[2].phase``), if any."""
-    text = str(error)
-    at = _FIELD_AT.search(text)
-    missing = _MISSING.search(text)
-    if missing:
-        return f"{at.group(1) if at else '$'}.{missing.group(1)}"
-    return at.group(1) if at else None
+    return error_path(str(error))
 
 
 def _classify(exc: BaseException) -> str:
