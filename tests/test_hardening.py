@@ -205,7 +205,11 @@ def test_edge_daemon_refusals_are_one_line(
             "argument --port: invalid int value: 'eighty' (see edge-daemon --help)",
         ),
         (["--demo", "--bogus"], "unrecognized arguments: --bogus (see edge-daemon --help)"),
-        ([], "--models DIR is required (or --demo for demo events) (see edge-daemon --help)"),
+        (
+            [],
+            "--models DIR is required (or --demo for demo events, --fleet URL for a fleet deck)"
+            " (see edge-daemon --help)",
+        ),
     ],
 )
 def test_bad_flags_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], expect: str) -> None:
