@@ -343,7 +343,9 @@ class MqttPublisher:
     def offer(self, event: Event) -> None:
         """Called for every event the daemon publishes; never blocks on the broker."""
         kind = event_type(event)
-        if kind == "prediction" and getattr(event, "model", None) in (None, self._primary):
+        if kind == "prediction" and (
+            self._primary is None or getattr(event, "model", None) in (None, self._primary)
+        ):
             self.stats.predictions += 1
         dropped = self.outbox.put(Item(kind, DELIVERY[kind].qos, event))
         if dropped is not None:
