@@ -2,8 +2,15 @@
 
 Class-weighted cross-entropy, AdamW with linear warm-up then cosine decay, gradient
 clipping, mixed precision when CUDA is present, early stopping on validation macro F1
-and the best-on-validation weights kept. Seeded and deterministic on CPU: the same seed,
-data and thread count give the same weights bit for bit.
+and the best-on-validation weights kept.
+
+The budget fits the data (:func:`plan_budget`): the batch shrinks so an epoch is at least
+``min_batches`` optimiser steps, and the epochs (and patience with them) stretch so a small
+set still gets ``min_steps`` updates. The wall-clock budget ``max_seconds`` never stops a
+run before that floor: 40 steps on 200 windows is not a trained model.
+
+Seeded and deterministic on CPU: the same seed, data and thread count give the same
+weights bit for bit.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ class LoopConfig:
     clip_norm: float = 1.0
     label_smoothing: float = 0.0
     max_seconds: float | None = None  # safety net for `make train`'s wall-clock target
+    # Budgets in optimiser steps, so 200 windows train as well as 200,000 (see plan_budget).
+    min_steps: int = 0  # floor: epochs stretch until the run has this many updates
+    min_batches: int = 8  # the batch shrinks until an epoch holds this many steps...
+    min_batch_size: int = 16  # ...but never below this many rows
     # Hosts differ in CPU speed, disk and NIC: the same activity reads as a different
     # rate. Training multiplies each channel of each window by exp(N(0, gain_jitter)) so
     # the models learn shapes and ratios more than one host's absolute levels.
@@ -63,6 +74,34 @@ def jitter_gain(xb: torch.Tensor, sigma: float, group: int, gen: torch.Generator
     if xb.ndim == 3:
         return xb * gain[:, :, None]
     return xb * gain.repeat_interleave(group, dim=1)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one run will do, fixed before the first step."""
+
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    patience: int  # epochs without improvement before stopping (stretched with the epochs)
+    total_steps: int
+
+
+def plan_budget(n_rows: int, cfg: LoopConfig) -> Budget:
+    """Batch size, epochs and patience for ``n_rows`` training rows under ``cfg``.
+
+    Large sets keep the configured batch and epochs. A small set gets a smaller batch
+    (at least ``min_batches`` steps per epoch, at least ``min_batch_size`` rows a batch)
+    and more epochs, until it reaches ``min_steps`` optimiser steps; patience stretches by
+    the same factor, so early stopping waits the same share of the run.
+    """
+    n = max(1, int(n_rows))
+    batch = min(cfg.batch_size, max(cfg.min_batch_size, n // max(1, cfg.min_batches)))
+    batch = max(2, min(batch, n))  # a batch of one breaks BatchNorm
+    steps_per_epoch = max(1, math.ceil(n / batch))
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    patience = max(cfg.patience, math.ceil(cfg.patience * epochs / max(1, cfg.epochs)))
+    return Budget(batch, steps_per_epoch, epochs, patience, steps_per_epoch * epochs)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -119,8 +158,8 @@ def train_loop(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
     )
-    steps_per_epoch = max(1, math.ceil(len(xt) / cfg.batch_size))
-    total = steps_per_epoch * cfg.epochs
+    budget = plan_budget(len(xt), cfg)
+    steps_per_epoch, batch_size, total = budget.steps_per_epoch, budget.batch_size, budget.total_steps
     warmup = max(1, int(cfg.warmup_frac * total))
 
     amp_dtype = None
@@ -132,12 +171,12 @@ def train_loop(
     history: list[dict[str, float]] = []
     stopped, step, epoch = "max_epochs", 0, 0
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, budget.epochs + 1):
             net.train()
             order = torch.from_numpy(rng.permutation(len(xt)))
             loss_sum, seen = 0.0, 0
             for b in range(steps_per_epoch):
-                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                idx = order[b * batch_size : (b + 1) * batch_size]
                 if len(idx) < 2:  # a batch of one breaks BatchNorm; its sample comes back next epoch
                     continue
                 xb, yb = xt[idx], yt[idx].to(device, non_blocking=True)
@@ -165,7 +204,7 @@ def train_loop(
                 best_state = copy.deepcopy(net.state_dict())
             row = {
                 "epoch": epoch,
-                "epochs": cfg.epochs,
+                "epochs": budget.epochs,
                 "train_loss": loss_sum / max(1, seen),
                 "val_f1": val_f1,
                 "best_val_f1": best_f1,
@@ -174,10 +213,11 @@ def train_loop(
             history.append(row)
             if progress:
                 progress(row)
-            if epoch - best_epoch >= cfg.patience:
+            if epoch - best_epoch >= budget.patience:
                 stopped = "early_stopping"
                 break
-            if cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds:
+            over_time = cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds
+            if over_time and step >= cfg.min_steps:
                 stopped = "time_budget"
                 break
     finally:
