@@ -488,12 +488,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("models ready in %.2f s", time.perf_counter() - t)
     try:
         trio.run(daemon.run)
-    except KeyboardInterrupt:
-        return 0
     except OSError as e:
         print(f"edge-daemon: {e}", file=sys.stderr)
         return 1
+    except BaseException as e:
+        if _interrupted(e):  # Ctrl-C: a clean stop (the MQTT bridge has said offline), no traceback
+            return 0
+        raise
     return 0
+
+
+def _interrupted(e: BaseException) -> bool:
+    """KeyboardInterrupt, alone or inside the nursery's exception group."""
+    inner: Sequence[BaseException] = getattr(e, "exceptions", None) or ()
+    return isinstance(e, KeyboardInterrupt) or (bool(inner) and all(_interrupted(x) for x in inner))
 
 
 if __name__ == "__main__":

@@ -135,9 +135,10 @@ class FleetReader:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self.stats.connected = False
-        self.stats.last_error = f"disconnected: {rc}"
         self.m_connected.set(0)
-        log.warning("fleet: lost %s (%s); reconnecting", self.broker, rc)
+        if self._token is not None:  # not our own stop
+            self.stats.last_error = f"disconnected: {rc}"
+            log.warning("fleet: lost %s (%s); reconnecting", self.broker, rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         got = parse_message(msg.topic, bytes(msg.payload))
