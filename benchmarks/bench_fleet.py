@@ -358,7 +358,8 @@ def main() -> int:
         out["broker_down"] = b
         m = b["p99_ms_median"]
         print(
-            f"  median p99: no MQTT {m['no_mqtt']} ms, broker down {m['broker_down']} ms -> ratio {b['p99_ratio']}"
+            f"  median p99: no MQTT {m['no_mqtt']} ms, broker down {m['broker_down']} ms"
+            f" -> ratio {b['p99_ratio']}"
             f" (target <= 1.10); outbox {b['broker_down_outbox']}, dropped {b['broker_down_dropped']}"
         )
     if args.out:
