@@ -293,8 +293,8 @@ def broker_down(models: Path, work: Path, episodes: int, seconds: float, rounds:
             runs[mode].append(res)
             lat = res["latency_ms"] or {}
             print(f"  round {r + 1} {mode:12s} p50 {lat.get('p50')} ms  p99 {lat.get('p99')} ms", flush=True)
-    med = {m: statistics.median(x["latency_ms"]["p99"] for x in v) for m, v in runs.items()}
-    med50 = {m: statistics.median(x["latency_ms"]["p50"] for x in v) for m, v in runs.items()}
+    med = {m: round(statistics.median(x["latency_ms"]["p99"] for x in v), 1) for m, v in runs.items()}
+    med50 = {m: round(statistics.median(x["latency_ms"]["p50"] for x in v), 1) for m, v in runs.items()}
     down = runs["broker_down"][-1]["mqtt"] or {}
     return {
         "episodes": episodes,
@@ -317,7 +317,7 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=ROOT / "models")
     ap.add_argument("--inference-episodes", type=int, default=10)
     ap.add_argument("--inference-seconds", type=float, default=30)
-    ap.add_argument("--rounds", type=int, default=2, help="alternations of no-MQTT / broker-down runs")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of no-MQTT / broker-down runs")
     ap.add_argument("--skip-inference", action="store_true")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)

@@ -34,7 +34,7 @@ from schema.events import EVENT_TYPES, Event, NodeStatus, decode_fleet_event, ev
 
 from .broadcast import Broadcaster
 from .metrics import Metrics
-from .mqtt import DEFAULT_CONFIG, STATUS, TOPIC_ROOT, BrokerURL, MqttConfig, check_topic_part
+from .mqtt import DEFAULT_CONFIG, STATUS, TOPIC_ROOT, BrokerURL, MqttConfig, check_topic_part, nodelay
 
 log = logging.getLogger("edge.fleet")
 
@@ -114,6 +114,7 @@ class FleetReader:
             ca = str(self.config.ca_file) if self.config.ca_file else None
             c.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
         c.reconnect_delay_set(min_delay=self.config.reconnect_min_s, max_delay=self.config.reconnect_max_s)  # type: ignore[arg-type]
+        c.on_socket_open = nodelay
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message

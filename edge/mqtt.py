@@ -138,6 +138,15 @@ def topic_for(node: str, event: Event | NodeStatus) -> str:
     return f"{base}/{_key_part(key)}" if key else base
 
 
+def nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's on_socket_open: small events go out at once, not after Nagle waits for an ACK that
+    the broker delays (~40 ms a hop)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def version() -> str:
     try:
         return metadata.version("phasewatch")
@@ -282,7 +291,9 @@ class MqttPublisher:
         c.reconnect_delay_set(min_delay=self.config.reconnect_min_s, max_delay=self.config.reconnect_max_s)  # type: ignore[arg-type]
         offline = self._stamp(NodeStatus(state="offline"))
         c.will_set(f"{TOPIC_ROOT}/{self.node}/{STATUS}", encode_event(offline), qos=1, retain=True)
+        c.on_socket_open = nodelay
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         return c
@@ -321,6 +332,9 @@ class MqttPublisher:
         log.info(
             "MQTT connected to %s as %s (session present: %s)", self.broker, self.node, flags.session_present
         )
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self.stats.last_error = f"cannot reach {self.broker} (refused, unreachable or TLS failed); retrying"
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         with self.outbox.cond:
