@@ -336,7 +336,7 @@ def main() -> int:
         f"{'nodes':>5} {'pred':>6} {'lost':>4} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'ev/s':>7}"
         f" {'broker':>7} {'fleet':>6}"
     )
-    for n in (int(x) for x in args.nodes.split(",")):
+    for n in (int(x) for x in args.nodes.split(",") if x.strip()):  # --nodes "": only the broker-down part
         r = run_fleet(n, args.episodes, args.seconds, work / f"fleet-{n}")
         out["fleet"].append(r)
         lat = r["latency_ms"] or {"p50": None, "p99": None, "max": None}

@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from schema.events import EVENT_TYPES, Event, NodeStatus, decode_fleet_event, event_type
 
-from .broadcast import Broadcaster
+from .broadcast import Broadcaster, StickyLimits
 from .metrics import Metrics
 from .mqtt import DEFAULT_CONFIG, STATUS, TOPIC_ROOT, BrokerURL, MqttConfig, check_topic_part, nodelay
 
@@ -49,7 +49,12 @@ REJECT_REASONS: Final[Mapping[str, str]] = {
     "bad_payload": "not a valid event of its type",
     "type_mismatch": "the payload's type is not the topic's",
     "node_mismatch": "the payload names another node than its topic (relabelled, still relayed)",
+    "internal": "relaying it failed (a bug; logged with its traceback)",
 }
+
+# A fleet's deck remembers more than one daemon's: latest-wins state per node and key (50 nodes x
+# 12 models is 600 model_metric keys), and the prediction timelines of more episodes.
+FLEET_STICKY: Final = StickyLimits(max_state_keys=8192, max_prediction_episodes=512, max_embeddings=5000)
 
 
 @dataclass
@@ -160,6 +165,13 @@ class FleetReader:
     # --- the trio thread ---
 
     def _deliver(self, event: Event | NodeStatus) -> None:
+        try:
+            self._relay(event)
+        except Exception:  # a callback that raised would end the trio run: one message must not
+            log.exception("fleet: relaying a %s from %s failed", event_type(event), event.node)
+            self.m_rejected.inc(reason="internal")
+
+    def _relay(self, event: Event | NodeStatus) -> None:
         node = event.node or ""
         view = self.stats.nodes.get(node)
         if view is None:

@@ -199,7 +199,8 @@ class Outbox:
                 dropped = self._evict()
             self._q.append(item)
             self._qos0 += item.qos == 0
-            self.cond.notify()
+            if len(self._q) == 1:  # the pump waits only on an empty box (or for a connection)
+                self.cond.notify()
         return dropped
 
     def _evict(self) -> Item:
@@ -487,10 +488,17 @@ class CliSettings:
             bridge.attach(daemon.broadcaster)  # before run(): the startup events go out too
             daemon.mqtt = bridge
         if self.fleet is not None:
-            from .fleet import FleetReader
+            from .fleet import FLEET_STICKY, FleetReader
 
+            # a fleet deck remembers every node's state: a broadcaster with room for it
+            daemon.broadcaster = Broadcaster(metrics=daemon.metrics, sticky=FLEET_STICKY)
             daemon.fleet = FleetReader(
-                self.fleet, broadcaster=daemon.broadcaster, metrics=daemon.metrics, config=self.config
+                self.fleet,
+                broadcaster=daemon.broadcaster,
+                metrics=daemon.metrics,
+                # stable across restarts (the broker keeps this session), distinct per fleet deck
+                client_id=f"phasewatch-fleet-{default_node_id()}-{daemon.port}",
+                config=self.config,
             )
 
 
