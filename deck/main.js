@@ -151,7 +151,7 @@ window.addEventListener("keydown", (e) => {
 });
 window.addEventListener("resize", () => { for (const id of ["models", "perf", "knn"]) dirty.add(id); schedule(); });
 // The baseline's five minutes roll on even when no event arrives.
-setInterval(() => { dirty.add("baseline"); dirty.add("hosts"); schedule(); }, 5000);
+setInterval(() => { dirty.add("baseline"); dirty.add("hosts"); if (fleetMode) dirty.add("fleet"); schedule(); }, 5000);
 
 // --- knn controls ---
 document.querySelectorAll("#knn-mode button").forEach((b) => b.addEventListener("click", () => {
