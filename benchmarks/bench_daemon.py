@@ -549,7 +549,7 @@ def throughput(
     return {
         "what": "tailer + extract + summarize"
         if engine is None
-        else "tailer + extract + 12 models + projector",
+        else f"tailer + extract + {len(engine.modelset.models)} models + projector",
         "backend": backend,
         "episodes": n,
         "seconds": seconds,
