@@ -47,6 +47,7 @@ from edge.modelset import (
     ProjectorEntry,
     sha256_file,
 )
+from schema.atomic import remove_stale, temp_prefix
 from schema.channels import (
     CHANNEL_NAMES,
     N_CHANNELS,
@@ -457,7 +458,8 @@ def export_run(
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    remove_stale(out.parent, out.name)  # what a killed earlier export left
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would follow the directory to the Pi
