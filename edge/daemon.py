@@ -212,7 +212,7 @@ class Daemon:
         while True:
             batch = self.tailer.poll(trio.current_time())
             self._handle(batch)
-            await trio.sleep(self.poll_s)
+            await self.tailer.wait(self.poll_s)  # inotify: until something changes; polling: a tick
 
     def _handle(self, batch: TailBatch) -> None:
         for ep, p in batch.problems:
@@ -534,9 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(daemon.run)
     except BaseException as group:  # trio hands errors back inside exception groups
-        err = _leaf(group)
-        if isinstance(err, KeyboardInterrupt):
+        if _interrupted(group):  # Ctrl-C: a clean stop (the MQTT bridge has said offline), no traceback
             return 0
+        err = _leaf(group)
         if not isinstance(err, Exception):
             raise
         if args.debug:
@@ -550,6 +550,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-daemon: {why}", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(e: BaseException) -> bool:
+    """KeyboardInterrupt, alone or inside the nursery's exception group."""
+    inner: Sequence[BaseException] = getattr(e, "exceptions", None) or ()
+    return isinstance(e, KeyboardInterrupt) or (bool(inner) and all(_interrupted(x) for x in inner))
 
 
 if __name__ == "__main__":
