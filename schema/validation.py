@@ -433,8 +433,10 @@ def write_index_atomic(path: Path | str, records: Iterable[IndexRecord]) -> None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write's ENOSPC names no file: name it
+            raise OSError(e.errno, f"{e.strerror} (the previous index is kept)", str(path)) from e
         raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)

@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("phasewatch: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a file this user may not read: one line naming it
+        if args.debug:
+            traceback.print_exc()
+        print(f"phasewatch {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

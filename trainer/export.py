@@ -358,9 +358,11 @@ def export_run(
             _fsync_path(f)
         _fsync_path(tmp)
         swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         # an interrupted or failed export leaves only the previous directory behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write's ENOSPC names no file: name out
+            raise OSError(e.errno, f"{e.strerror} (the previous models directory is kept)", str(out)) from e
         raise
     return manifest
 
