@@ -301,6 +301,7 @@ class Daemon:
             "tail": self.counters.as_dict(),
             "inference_queue": self._jobs_rx.statistics().current_buffer_used,
             "windows_dropped": int(self.windows_dropped.value()),
+            "windows_unscored": self.metrics.windows_unscored.by_labels(),  # "<threat>/<reason>": n
             "store": str(self.store) if self.store else None,
             "store_error": self.store_error,
             "replay_dir": str(self.replay_dir) if self.replay_dir else None,
