@@ -14,7 +14,7 @@ PROFILE ?= quick
 PORT    ?= 8080
 SPEED   ?= 2
 
-.PHONY: help venv data validate train export bench demo test clean browser lint
+.PHONY: help venv data validate train export bench bench-scale demo test clean browser lint
 
 help:
 	@echo "make demo      # venv, synthetic store, train, export, daemon + deck on http://localhost:$(PORT)"
@@ -55,6 +55,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_reader.py --store $(STORE)
 	@mkdir -p out
 	$(BIN)/python benchmarks/bench_daemon.py --models $(MODELS) --out out/bench-daemon.json
+
+# The trainer at corpus scale (not part of make test; ~30 min on 2 cores): synth 600 and 4,800
+# episodes, validate, extract, train --profile demo, export; peak RSS per phase and its ratio.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/bench_scale.py --episodes 600,4800 --work out/bench-scale
 
 demo: $(STAMP)
 	$(MAKE) train export PROFILE=demo
