@@ -1,4 +1,4 @@
-"""The six models behind one interface: learning, determinism, checkpoints, ONNX parity."""
+"""Every model behind one interface: learning, determinism, checkpoints, ONNX parity."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ FAST = {
         m: {"epochs": 8, "patience": 8, "max_seconds": None, "threads": 1}
         for m in ("cnn", "gru", "lstm", "transformer")
     },
+    "rocket": {"threads": 1},
 }
 C, T, F = 6, 20, 24
 # Raw-unit spread like the real channels: % next to B/s; the models must normalise themselves.
@@ -173,3 +174,52 @@ def test_schedule_and_class_weights() -> None:
     x = torch.ones(4, 3 * 8)
     g = jitter_gain(x, 0.5, 8, torch.Generator().manual_seed(0)).reshape(4, 3, 8)
     assert torch.allclose(g, g[:, :, :1].expand_as(g)) and not torch.allclose(g[:, 0], g[:, 1])
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if MODEL_INPUT[m] == "tensor"])
+@pytest.mark.parametrize("profile", ["demo", "quick", "full"])
+def test_any_length_builds_and_exports(name: str, profile: str, tmp_path: Path) -> None:
+    """20 to 200 steps, primes included: every tensor model builds, runs and exports to plain ONNX."""
+    import onnx
+    import onnxruntime as ort
+
+    for steps in (20, 29, 57, 100, 151, 200):
+        model = build_model(name, (C, steps), profile=profile, seed=0)
+        x, _ = toy("tensor", 3, seed=steps)
+        x = np.ascontiguousarray(np.resize(x, (3, C, steps)), np.float32)
+        proba = model.predict_proba(x)
+        assert proba.shape == (3, 5) and np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+        path = model.to_onnx(tmp_path / f"{name}-{profile}-{steps}.onnx")
+        proto = onnx.load(str(path))
+        assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx", "ai.onnx.ml"}
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            ["probabilities"], {"features": x}
+        )[0]
+        assert np.abs(got - proba).max() <= 1e-4, (name, profile, steps)
+
+
+def test_budget_fits_the_data() -> None:
+    from trainer.loop import LoopConfig, plan_budget
+
+    cfg = LoopConfig(epochs=20, batch_size=128, patience=5, min_steps=600, min_batches=8, min_batch_size=16)
+    big = plan_budget(100_000, cfg)  # a large set keeps the configured batch and epochs
+    assert (big.batch_size, big.epochs, big.patience) == (128, 20, 5)
+    small = plan_budget(200, cfg)  # 200 rows: 25 a batch, 8 steps an epoch, 75 epochs
+    assert small.batch_size == 25 and small.steps_per_epoch == 8
+    assert small.total_steps >= 600 and small.epochs == 75 and small.patience == 19
+    tiny = plan_budget(40, cfg)  # never below min_batch_size rows, never a batch of one
+    assert tiny.batch_size == 16 and tiny.total_steps >= 600
+    assert plan_budget(3, cfg).batch_size == 3
+
+
+def test_small_set_gets_its_step_floor() -> None:
+    """200 rows with epochs=2: the floor, not the epoch count, sets how long it trains."""
+    x_tr, y_tr = toy("tensor", 200, seed=1)
+    x_val, y_val = toy("tensor", 60, seed=2)
+    model = build_model(
+        "gru", x_tr.shape[1:], profile="demo", epochs=2, patience=2, min_steps=60, max_seconds=0.0, threads=1
+    )
+    fit = model.fit(x_tr, y_tr, x_val, y_val)
+    # 200 rows -> batch 25, 8 steps an epoch: 60 steps need 8 epochs, and the time budget
+    # (already spent) cannot stop the run before the floor.
+    assert fit.epochs_run == 8 and fit.history[-1]["epochs"] == 8

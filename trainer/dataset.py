@@ -26,7 +26,7 @@ from schema import extract
 from schema.channels import MIN_COVERAGE, N_CHANNELS, SUMMARY_STATS, WINDOW_STEPS
 from schema.hashing import schema_hash
 from schema.validation import read_index
-from schema.vocab import SOURCES, THREAT_MODELS, THREAT_SOURCES
+from schema.vocab import INDEX_NAME, SOURCES, THREAT_MODELS, THREAT_SOURCES
 from trainer import windowstore as wst
 from trainer.rows import ArrayRows
 
@@ -247,7 +247,7 @@ def load_windows(
     """The window table of every labelled window of the store's accepted and degraded episodes;
     archives without a shard under the current schema hash are extracted first."""
     store = Path(store)
-    index = Path(index) if index else store / "index.jsonl"
+    index = Path(index) if index else store / INDEX_NAME
     records = _records(store, index)
     if not records:
         raise SystemExit(

@@ -2,8 +2,15 @@
 
 Class-weighted cross-entropy, AdamW with linear warm-up then cosine decay, gradient
 clipping, mixed precision when CUDA is present, early stopping on validation macro F1
-and the best-on-validation weights kept. Seeded and deterministic on CPU: the same seed,
-data and thread count give the same weights bit for bit.
+and the best-on-validation weights kept.
+
+The budget fits the data (:func:`plan_budget`): the batch shrinks so an epoch is at least
+``min_batches`` optimiser steps, and the epochs (and patience with them) stretch so a small
+set still gets ``min_steps`` updates. The wall-clock budget ``max_seconds`` never stops a
+run before that floor: 40 steps on 200 windows is not a trained model.
+
+Seeded and deterministic on CPU: the same seed, data and thread count give the same
+weights bit for bit.
 
 Data comes in as :class:`trainer.rows.Rows`: held in RAM when the split fits in the
 memory budget (one global permutation per epoch), else read block by block from the
@@ -40,6 +47,10 @@ class LoopConfig:
     clip_norm: float = 1.0
     label_smoothing: float = 0.0
     max_seconds: float | None = None  # safety net for `make train`'s wall-clock target
+    # Budgets in optimiser steps, so 200 windows train as well as 200,000 (see plan_budget).
+    min_steps: int = 0  # floor: epochs stretch until the run has this many updates
+    min_batches: int = 8  # the batch shrinks until an epoch holds this many steps...
+    min_batch_size: int = 16  # ...but never below this many rows
     # Hosts differ in CPU speed, disk and NIC: the same activity reads as a different
     # rate. Training multiplies each channel of each window by exp(N(0, gain_jitter)) so
     # the models learn shapes and ratios more than one host's absolute levels.
@@ -73,6 +84,34 @@ def jitter_gain(xb: torch.Tensor, sigma: float, group: int, gen: torch.Generator
     if xb.ndim == 3:
         return xb * gain[:, :, None]
     return xb * gain.repeat_interleave(group, dim=1)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one run will do, fixed before the first step."""
+
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    patience: int  # epochs without improvement before stopping (stretched with the epochs)
+    total_steps: int
+
+
+def plan_budget(n_rows: int, cfg: LoopConfig) -> Budget:
+    """Batch size, epochs and patience for ``n_rows`` training rows under ``cfg``.
+
+    Large sets keep the configured batch and epochs. A small set gets a smaller batch
+    (at least ``min_batches`` steps per epoch, at least ``min_batch_size`` rows a batch)
+    and more epochs, until it reaches ``min_steps`` optimiser steps; patience stretches by
+    the same factor, so early stopping waits the same share of the run.
+    """
+    n = max(1, int(n_rows))
+    batch = min(cfg.batch_size, max(cfg.min_batch_size, n // max(1, cfg.min_batches)))
+    batch = max(2, min(batch, n))  # a batch of one breaks BatchNorm
+    steps_per_epoch = max(1, math.ceil(n / batch))
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    patience = max(cfg.patience, math.ceil(cfg.patience * epochs / max(1, cfg.epochs)))
+    return Budget(batch, steps_per_epoch, epochs, patience, steps_per_epoch * epochs)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -137,15 +176,15 @@ def train_loop(
 
     net.to(device)
     rows_tr, rows_val = as_rows(x_tr), as_rows(x_val)
-    budget = cfg.memory_mb * 2**20
-    buffer_rows = max(cfg.batch_size, int(budget / 2 // row_bytes(rows_tr)))
+    mem_bytes = cfg.memory_mb * 2**20
+    buffer_rows = max(cfg.batch_size, int(mem_bytes / 2 // row_bytes(rows_tr)))
     # The whole train side in RAM when it fits the shuffle buffer (as before streaming existed).
-    x_all = materialize(rows_tr, budget / 2)
+    x_all = materialize(rows_tr, mem_bytes / 2)
     xt = torch.from_numpy(x_all) if x_all is not None else None
     yt = torch.from_numpy(np.asarray(y_tr, np.int64))
-    x_val_ram = materialize(rows_val, budget / 4)
+    x_val_ram = materialize(rows_val, mem_bytes / 4)
     xv: torch.Tensor | Rows = torch.from_numpy(x_val_ram) if x_val_ram is not None else rows_val
-    val_chunk = chunk_rows(rows_val, budget / 4)
+    val_chunk = chunk_rows(rows_val, mem_bytes / 4)
     loss_fn = nn.CrossEntropyLoss(
         weight=class_weights(y_tr, n_classes).to(device), label_smoothing=cfg.label_smoothing
     )
@@ -157,8 +196,10 @@ def train_loop(
         lr=cfg.lr,
     )
     n_tr = len(rows_tr)
-    steps_per_epoch = max(1, math.ceil(n_tr / cfg.batch_size) // world)
-    total = steps_per_epoch * cfg.epochs
+    budget = plan_budget(n_tr, cfg)
+    batch_size = budget.batch_size
+    steps_per_epoch = max(1, budget.steps_per_epoch // world)
+    total = steps_per_epoch * budget.epochs
     warmup = max(1, int(cfg.warmup_frac * total))
     if x_all is None:  # block mode: the block-packing rarely adds a step per block
         buffer_rows = min(buffer_rows, n_tr - 1)
@@ -172,10 +213,10 @@ def train_loop(
     history: list[dict[str, float]] = []
     stopped, step, epoch = "max_epochs", 0, 0
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, budget.epochs + 1):
             net.train()
             loss_sum, seen = 0.0, 0
-            for xb, yb in _batches(rows_tr, xt, yt, cfg.batch_size, buffer_rows, rng, rank, world):
+            for xb, yb in _batches(rows_tr, xt, yt, batch_size, buffer_rows, rng, rank, world):
                 if len(yb) < 2:  # a batch of one breaks BatchNorm; its sample comes back next epoch
                     continue
                 yb = yb.to(device, non_blocking=True)
@@ -203,7 +244,7 @@ def train_loop(
                 best_state = copy.deepcopy(net.state_dict())
             row = {
                 "epoch": epoch,
-                "epochs": cfg.epochs,
+                "epochs": budget.epochs,
                 "train_loss": loss_sum / max(1, seen),
                 "val_f1": val_f1,
                 "best_val_f1": best_f1,
@@ -212,10 +253,11 @@ def train_loop(
             history.append(row)
             if progress:
                 progress(row)
-            if epoch - best_epoch >= cfg.patience:
+            if epoch - best_epoch >= budget.patience:
                 stopped = "early_stopping"
                 break
-            if cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds:
+            over_time = cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds
+            if over_time and step >= cfg.min_steps:
                 stopped = "time_budget"
                 break
     finally:

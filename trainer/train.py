@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from schema.hashing import schema_hash
-from schema.vocab import MODEL_INPUT, MODELS, THREAT_MODELS
+from schema.vocab import INDEX_NAME, MODEL_INPUT, MODELS, THREAT_MODELS
 from trainer import evaluate as ev
 from trainer.report import summary_table, write_report
 from trainer.rows import Rows, chunk_rows, chunks, sample_positions
@@ -149,7 +149,7 @@ def train_run(
     from trainer.dataset import load_windows, make_split
 
     store = Path(store)
-    index = Path(index) if index else store / "index.jsonl"
+    index = Path(index) if index else store / INDEX_NAME
     _phase("extract")
     ws = load_windows(store, index, cache_dir=cache_dir, jobs=jobs, progress=progress)
     _phase("split")

@@ -32,7 +32,7 @@ import numpy as np
 from schema import extract
 from schema.channels import N_CHANNELS, SUMMARY_STATS, WINDOW_STEPS, view_channels
 from schema.hashing import schema_hash
-from schema.vocab import THREAT_MODELS
+from schema.vocab import INDEX_NAME, THREAT_MODELS
 
 LAYOUT = "windows"  # <cache>/windows/<schema>/...
 ARRAYS = ("tensor", "summary")
@@ -336,7 +336,7 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 def cli_cache(args: argparse.Namespace) -> int:
     from trainer.dataset import default_cache, load_windows, usable_records
 
-    index = args.index or args.store / "index.jsonl"
+    index = args.index or args.store / INDEX_NAME
     cache = args.cache or default_cache(index)
     if args.action == "build":
         ws = load_windows(args.store, index, cache_dir=cache, jobs=args.jobs)

@@ -20,6 +20,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "lr": 3e-3,
         "patience": 3,
+        "min_steps": 150,
         "max_seconds": 25,
     },
     "quick": {
@@ -32,6 +33,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "lr": 2e-3,
         "patience": 6,
+        "min_steps": 600,
         "max_seconds": 150,
     },
     "full": {
@@ -44,17 +46,21 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "lr": 1e-3,
         "patience": 12,
+        "min_steps": 2000,
         "max_seconds": None,
     },
 }
 
 
+MIN_STEPS_TO_POOL = 8  # a block halves time only while at least this many steps remain
+
+
 class ConvBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, kernel: int) -> None:
+    def __init__(self, c_in: int, c_out: int, kernel: int, pool: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2)
         self.bn = nn.BatchNorm1d(c_out)
-        self.pool = nn.MaxPool1d(2)
+        self.pool = nn.MaxPool1d(2) if pool else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(torch.relu(self.bn(self.conv(x))))
@@ -62,11 +68,22 @@ class ConvBlock(nn.Module):
 
 class CNNBody(nn.Module):
     def __init__(
-        self, channels: int, n_classes: int, width: int, blocks: int, kernel: int, dropout: float
+        self,
+        channels: int,
+        n_classes: int,
+        width: int,
+        blocks: int,
+        kernel: int,
+        dropout: float,
+        steps: int = 100,
     ) -> None:
         super().__init__()
         widths = [channels] + [width * min(2**i, 2) for i in range(blocks)]
-        self.blocks = nn.Sequential(*(ConvBlock(a, b, kernel) for a, b in zip(widths, widths[1:])))
+        # Any length builds: short windows stop halving time before it runs out.
+        pools = [steps // 2**i >= MIN_STEPS_TO_POOL for i in range(blocks)]
+        self.blocks = nn.Sequential(
+            *(ConvBlock(a, b, kernel, p) for a, b, p in zip(widths, widths[1:], pools))
+        )
         self.drop = nn.Dropout(dropout)
         # Mean and max over time: "how much on average" and "did a burst happen".
         self.head = nn.Linear(2 * widths[-1], n_classes)
@@ -84,5 +101,11 @@ class CNN(TorchModel):
     def build_body(self) -> nn.Module:
         c = self.config
         return CNNBody(
-            self.input_shape[0], self.n_classes, c["width"], c["blocks"], c["kernel"], c["dropout"]
+            self.input_shape[0],
+            self.n_classes,
+            c["width"],
+            c["blocks"],
+            c["kernel"],
+            c["dropout"],
+            self.input_shape[1],
         )

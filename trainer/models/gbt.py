@@ -244,7 +244,9 @@ class GBT(Model):
         self.booster.set_param({"nthread": self.config.get("threads") or os.cpu_count() or 1})
 
     def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
-        """onnxmltools' converter (a Booster gives a plain float tensor, no ZipMap); output ``probabilities`` only."""
+        """onnxmltools' converter (a Booster gives a plain float tensor, no ZipMap).
+
+        Output ``probabilities`` only."""
         import onnx
         from onnx import helper
         from onnxmltools import convert_xgboost

@@ -18,6 +18,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 256,
         "lr": 3e-3,
         "patience": 4,
+        "min_steps": 150,
         "max_seconds": 20,
     },
     "quick": {
@@ -29,6 +30,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 256,
         "lr": 2e-3,
         "patience": 8,
+        "min_steps": 600,
         "max_seconds": 60,
     },
     "full": {
@@ -40,6 +42,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 256,
         "lr": 1e-3,
         "patience": 15,
+        "min_steps": 2000,
         "max_seconds": None,
     },
 }

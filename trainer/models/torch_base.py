@@ -151,26 +151,30 @@ class TorchModel(Model):
         self.net.eval()
 
     def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
-        """Classic TorchScript exporter: plain ONNX ops (GRU/LSTM as the ONNX RNN ops), no onnxscript."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        wrapped = WithSoftmax(self.net).eval()
-        example = torch.zeros((2, *self.input_shape), dtype=torch.float32)
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            # The legacy exporter's deprecation notice and its batch-size note for RNNs
-            # (our initial states are built from the input's shape, so any batch works).
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapped,
-                (example,),
-                buf,
-                input_names=["features"],
-                output_names=["probabilities"],
-                dynamic_axes={"features": {0: "batch"}, "probabilities": {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
-            )
-        path.write_bytes(buf.getvalue())
-        return path
+        return export_onnx(self.net, self.input_shape, path, opset)
+
+
+def export_onnx(net: nn.Module, input_shape: tuple[int, ...], path: Path | str, opset: int = 17) -> Path:
+    """Classic TorchScript exporter: plain ONNX ops (GRU/LSTM as the ONNX RNN ops), no onnxscript."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = WithSoftmax(net).eval()
+    example = torch.zeros((2, *input_shape), dtype=torch.float32)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The legacy exporter's deprecation notice and its batch-size note for RNNs
+        # (our initial states are built from the input's shape, so any batch works).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped,
+            (example,),
+            buf,
+            input_names=["features"],
+            output_names=["probabilities"],
+            dynamic_axes={"features": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    path.write_bytes(buf.getvalue())
+    return path

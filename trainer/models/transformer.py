@@ -2,6 +2,10 @@
 
 Attention is written out (Linear, MatMul, Softmax) rather than through
 ``nn.MultiheadAttention``'s fused fast path, so the ONNX graph is plain standard ops.
+
+Any length builds: the window is zero-padded (in normalised units, i.e. at the channel
+mean) at its end to a whole number of patches inside the graph (one ONNX Pad), and the
+patch shrinks for short windows so there are at least ``MIN_TOKENS`` tokens to attend over.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "lr": 2e-3,
         "patience": 3,
+        "min_steps": 150,
         "max_seconds": 25,
     },
     "quick": {
@@ -39,7 +44,8 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "lr": 1e-3,
         "patience": 6,
-        "max_seconds": 120,
+        "min_steps": 600,
+        "max_seconds": 150,
     },
     "full": {
         "gain_jitter": 0.3,
@@ -52,9 +58,20 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "lr": 5e-4,
         "patience": 12,
+        "min_steps": 2000,
         "max_seconds": None,
     },
 }
+MIN_TOKENS = 4
+
+
+def patch_plan(steps: int, patch: int) -> tuple[int, int, int]:
+    """(patch, pad, tokens) for a window of ``steps``: at least MIN_TOKENS tokens, pad at the end."""
+    if steps < 1:
+        raise ValueError(f"transformer: need at least one time step, got {steps}")
+    patch = max(1, min(patch, steps // MIN_TOKENS))
+    pad = (-steps) % patch
+    return patch, pad, (steps + pad) // patch
 
 
 class SelfAttention(nn.Module):
@@ -97,20 +114,20 @@ class TransformerBody(nn.Module):
         dropout: float,
     ) -> None:
         super().__init__()
-        if steps % patch:
-            raise ValueError(f"transformer: {steps} time steps do not split into patches of {patch}")
         if d_model % heads:
             raise ValueError(f"transformer: d_model {d_model} is not a multiple of heads {heads}")
+        patch, pad, tokens = patch_plan(steps, patch)
+        self.pad = nn.ConstantPad1d((0, pad), 0.0) if pad else nn.Identity()
         # One token per patch of steps: a strided conv is a linear patch embedding.
         self.embed = nn.Conv1d(channels, d_model, kernel_size=patch, stride=patch)
-        self.pos = nn.Parameter(torch.zeros(1, steps // patch, d_model))
+        self.pos = nn.Parameter(torch.zeros(1, tokens, d_model))
         nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.Sequential(*(Block(d_model, heads, dropout) for _ in range(layers)))
         self.ln = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x).transpose(1, 2) + self.pos
+        h = self.embed(self.pad(x)).transpose(1, 2) + self.pos  # (N, C, T+pad) -> (N, tokens, d_model)
         return self.head(self.ln(self.blocks(h)).mean(dim=1))
 
 
