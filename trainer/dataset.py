@@ -317,7 +317,7 @@ class Split:
 
 
 def _episodes_split(
-    ws: WindowSet, eps: np.ndarray, share: float, rng: np.random.Generator
+    ws: _Episodes, eps: np.ndarray, share: float, rng: np.random.Generator
 ) -> tuple[set, set]:
     """Split episodes (not windows) into two groups, stratified by profile."""
     ep_profile = {e: p for e, p in zip(ws.episode, ws.profile)}
@@ -333,7 +333,7 @@ def _episodes_split(
 
 
 def _finish(
-    ws: WindowSet,
+    ws: _Episodes,
     kind: str,
     test_eps: set,
     rest_eps: np.ndarray,
@@ -355,7 +355,61 @@ def _finish(
     return Split(kind, train, val, test, untested, desc, groups)
 
 
-def make_split(ws: WindowSet, kind: str = "host", seed: int = 0, test_share: float = 0.3) -> Split:
+@dataclass
+class _Episodes:
+    """One row per episode, sorted by episode name: what a split decides on."""
+
+    episode: np.ndarray
+    host: np.ndarray
+    profile: np.ndarray
+    sample: np.ndarray
+    t_rank: np.ndarray
+
+
+def _episode_frame(ws: WindowSet | StoreWindows) -> tuple[_Episodes, np.ndarray]:
+    """The episodes of ``ws`` and each window's row in that frame (integers, no string sort of
+    millions of windows: a store-backed table already numbers its episodes by shard)."""
+    if isinstance(ws, StoreWindows):
+        _, first, pos = np.unique(ws.shard, return_index=True, return_inverse=True)
+        names = ws.episode[first].astype(str)
+        order = np.argsort(names, kind="stable")
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        code, first = rank[pos.ravel()], first[order]
+    else:
+        _, first, code = np.unique(np.asarray(ws.episode).astype(str), return_index=True, return_inverse=True)
+        code = code.ravel()
+    frame = _Episodes(
+        *(np.asarray(getattr(ws, k))[first].astype(str) for k in ("episode", "host", "profile", "sample")),
+        t_rank=np.asarray(ws.t_rank)[first],
+    )
+    return frame, code
+
+
+def make_split(
+    ws: WindowSet | StoreWindows, kind: str = "host", seed: int = 0, test_share: float = 0.3
+) -> Split:
+    """Held-out host / sample / time over episodes, then mapped to window indices (see _split)."""
+    frame, code = _episode_frame(ws)
+    sp = _split(frame, kind, seed, test_share)  # indices are rows of the frame: episodes
+
+    def windows(eps: np.ndarray) -> np.ndarray:
+        m = np.zeros(len(frame.episode), bool)
+        m[eps] = True
+        return np.flatnonzero(m[code])
+
+    return Split(
+        sp.kind,
+        windows(sp.train),
+        windows(sp.val),
+        windows(sp.test),
+        sp.untested_profiles,
+        sp.description,
+        sp.test_groups,
+    )
+
+
+def _split(ws: _Episodes, kind: str = "host", seed: int = 0, test_share: float = 0.3) -> Split:
     """Held-out host, held-out sample or held-out time; never an episode on both sides.
 
     host: the smallest set of hosts (~test_share of them) whose episodes cover every profile,
