@@ -338,6 +338,12 @@ def cli_cache(args: argparse.Namespace) -> int:
 
     index = args.index or args.store / INDEX_NAME
     cache = args.cache or default_cache(index)
+    if not Path(index).is_file():
+        print(
+            f"phasewatch cache: {index}: no acceptance index; run `phasewatch validate {args.store}` first",
+            file=sys.stderr,
+        )
+        return 1
     if args.action == "build":
         ws = load_windows(args.store, index, cache_dir=cache, jobs=args.jobs)
         print(f"cache: {len(ws)} windows of {ws.n_episodes} episodes in {schema_root(cache)}")
