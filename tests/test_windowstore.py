@@ -211,8 +211,8 @@ def test_a_bad_archive_is_skipped_not_fatal(store: Path) -> None:
 
 FAST = {
     "gbt": {"rounds": 12, "threads": 1},
-    "mlp": {"epochs": 3, "threads": 1, "max_seconds": None},
-    "cnn": {"epochs": 2, "threads": 1, "max_seconds": None},
+    "mlp": {"epochs": 3, "threads": 1, "max_seconds": None, "min_steps": 0},
+    "cnn": {"epochs": 2, "threads": 1, "max_seconds": None, "min_steps": 0},
 }
 
 
