@@ -232,7 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--json", type=Path, default=None, help="write the figures here (default <work>/bench-scale.json)"
     )
+    ap.add_argument(
+        "--results", type=Path, nargs="+", default=None, help="no run: print the table of earlier JSON files"
+    )
     args = ap.parse_args(argv)
+    if args.results:
+        results = sorted(
+            (r for f in args.results for r in json.loads(f.read_text())["results"]),
+            key=lambda r: r["episodes"],
+        )
+        return report(results, args.json)
     sizes = sorted(int(s) for s in args.episodes.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -242,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_one(n, args.work, args.models, env)
         print(json.dumps(r), flush=True)
         results.append(r)
+    return report(results, args.json or args.work / "bench-scale.json")
 
+
+def report(results: list[dict], path: Path | None) -> int:
+    """The figures side by side, RSS(largest) / RSS(smallest) per phase, and the targets."""
     print(f"\n{'':<30}" + "".join(f"{r['episodes']:>12,}" for r in results) + f"{'ratio':>9}")
 
     def row(label: str, vals: list, ratio: bool = False) -> None:
@@ -272,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         "one_added_archive_extracts_one": all(r["added_archive_extracted"] == 1 for r in results),
     }
     print("\n" + "\n".join(f"{k}: {'yes' if v else 'NO'}" for k, v in verdict.items()))
-    path = args.json or args.work / "bench-scale.json"
-    path.write_text(json.dumps({"results": results, "verdict": verdict}, indent=2) + "\n")
-    print(f"figures written to {path}")
+    if path is not None:
+        path.write_text(json.dumps({"results": results, "verdict": verdict}, indent=2) + "\n")
+        print(f"figures written to {path}")
     return 0
 
 

@@ -28,7 +28,7 @@ from trainer.report import summary_table, write_report
 from trainer.rows import Rows, chunk_rows, chunks, sample_positions
 
 SPLITS = ("host", "sample", "time")
-LOGREG_MAX_ROWS = 50_000  # the logistic baseline fits on a seeded sample of at most this many train windows
+LOGREG_MAX_ROWS = 20_000  # the logistic baseline fits on a seeded sample of at most this many train windows
 HELDOUT_MAX_WINDOWS = 10_000  # the held-out file keeps whole test episodes up to this many windows
 DEFAULT_MEMORY_MB = 384  # shuffle buffer + validation cache + evaluation chunks (see docs/SCALE.md)
 RUNTIME_MB = 600  # python + torch + xgboost + sklearn loaded, measured by benchmarks/bench_scale.py
