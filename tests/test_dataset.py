@@ -9,6 +9,7 @@ import pytest
 
 from trainer import windowstore
 from trainer.dataset import CLEAN_ONLY, WindowSet, load_windows, make_split
+from trainer.errors import DatasetError
 
 PROFILES = ("cpu-saturate", "bursty-c2", "disk-encrypt")
 
@@ -125,5 +126,5 @@ def test_a_store_with_nothing_usable_says_so(tmp_path: Path) -> None:
 
     (tmp_path / "s").mkdir()
     write_index_atomic(tmp_path / "s" / "index.jsonl", [])
-    with pytest.raises(SystemExit, match="no accepted or degraded episodes"):
+    with pytest.raises(DatasetError, match="no accepted or degraded episodes"):
         load_windows(tmp_path / "s", progress=False)

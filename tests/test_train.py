@@ -14,6 +14,7 @@ from schema.channels import CHANNEL_NAMES, N_CHANNELS, SOURCE_SLICE, WINDOW_STEP
 from schema.hashing import schema_hash
 from schema.vocab import PHASE_INDEX, SOURCES
 from trainer.dataset import WindowSet, make_split
+from trainer.errors import TrainerError
 from trainer.models import load_model
 from trainer.report import summary_table
 from trainer.train import add_train_arguments, cli_train, train_windowset
@@ -130,12 +131,35 @@ def test_run_directory_layout(run) -> None:
     assert 'src="confusion-realistic.png"' in html and "threat-gap" in html
 
 
+def test_run_json_decodes_with_its_struct_and_carries_the_heldout_metrics(run, tmp_path: Path) -> None:
+    from schema.artifacts import ArtifactError, RunDoc, read_doc
+
+    out, report, _ws, _split = run
+    doc = read_doc(out / "run.json", RunDoc)
+    assert sorted(doc.metrics) == sorted(doc.models) == sorted(report["models"])
+    for key, m in doc.metrics.items():
+        assert m.macro_f1.value == pytest.approx(report["models"][key]["macro_f1"])
+        assert m.macro_f1.ci == pytest.approx(tuple(report["models"][key]["macro_f1_ci"]))
+        assert m.accuracy.value == pytest.approx(report["models"][key]["accuracy"])
+    bad = json.loads((out / "run.json").read_text())
+    bad["metrics"]["gbt-oracle"]["n_windows"] = "many"
+    (tmp_path / "run.json").write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match=r"run\.json: .*\$\.metrics\[\.\.\.\]\.n_windows"):
+        read_doc(tmp_path / "run.json", RunDoc)
+
+
 def test_heldout_windows_are_the_test_side_in_each_view(run) -> None:
     out, report, ws, split = run
     real = np.load(out / "heldout-realistic.npz")
     orac = np.load(out / "heldout-oracle.npz")
-    assert real["tensor"].shape[1:] == (30, 100) and real["summary"].shape[1] == 30 * 8
-    assert orac["tensor"].shape[1:] == (46, 100)
+    # full width on disk (every array crossing a file boundary has all 46 channels)
+    assert real["tensor"].shape[1:] == (46, 100) and real["summary"].shape[1] == 46 * 8
+    real_view = extract.view(real["tensor"], "realistic", "tensor")
+    assert (
+        real_view.shape[1:] == (30, 100)
+        and extract.view(real["summary"], "realistic", "summary").shape[1] == 30 * 8
+    )
+    assert orac["tensor"].shape[1:] == (46, 100) and np.isfinite(real_view).all()
     # No episode on both sides; oracle drops the guest-less windows that realistic keeps.
     assert not set(real["episode"]) & set(ws.episode[split.train])
     assert set(real["index"]) == set(split.test)
@@ -174,7 +198,7 @@ def test_checkpoints_reproduce_the_reported_score(run) -> None:
     held = np.load(out / "heldout-realistic.npz")
     for name, kind in (("gbt", "summary"), ("cnn", "tensor")):
         model = load_model(out / f"{name}-realistic", expected_schema_hash=schema_hash())
-        pred = model.predict_proba(held[kind]).argmax(axis=1)
+        pred = model.predict_proba(extract.view(held[kind], "realistic", kind)).argmax(axis=1)
         assert macro_f1(held["y"], pred) == pytest.approx(report["models"][f"{name}-realistic"]["macro_f1"])
 
 
@@ -194,5 +218,16 @@ def test_cli_arguments() -> None:
         Path("runs/latest"),
     )
     args = p.parse_args(["--models", "gbt,svm"])
-    with pytest.raises(SystemExit, match="unknown svm"):
+    with pytest.raises(TrainerError, match="unknown svm"):
         cli_train(args)
+
+
+def test_cli_turns_a_trainer_error_into_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import main
+
+    assert main(["train", "--models", "gbt,svm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("phasewatch train: --models: unknown svm; choose from")
+    assert "Traceback" not in err
+    assert main(["--debug", "train", "--models", "gbt,svm"]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from schema.hashing import schema_hash
 from schema.validation import read_index
 from schema.vocab import INDEX_NAME, SOURCES, THREAT_MODELS, THREAT_SOURCES
 from trainer import windowstore as wst
+from trainer.errors import DatasetError
 from trainer.rows import ArrayRows
 
 # Episodes the trainer learns from; rejected and errored never reach it.
@@ -73,9 +74,12 @@ class WindowSet:
     def view(self, threat_model: str, kind: str) -> np.ndarray:
         return extract.view(self.tensor if kind == "tensor" else self.summary, threat_model, kind)
 
-    def rows(self, threat_model: str, kind: str, idx: np.ndarray) -> ArrayRows:
+    def rows(self, threat_model: str | None, kind: str, idx: np.ndarray) -> ArrayRows:
+        """Windows ``idx`` in a threat model's view (None: full width, all 46 channels)."""
         idx = np.asarray(idx, np.int64)
-        return ArrayRows(self.view(threat_model, kind)[idx], groups=np.asarray(self.episode)[idx])
+        full = self.tensor if kind == "tensor" else self.summary
+        x = full[idx] if threat_model is None else self.view(threat_model, kind)[idx]
+        return ArrayRows(x, groups=np.asarray(self.episode)[idx])
 
     def subset(self, idx: np.ndarray) -> WindowSet:
         arrays = {f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "skipped"}
@@ -117,7 +121,8 @@ class StoreWindows:
     def finite(self, threat_model: str) -> np.ndarray:
         return self.finite_[:, THREAT_MODELS.index(threat_model)]
 
-    def rows(self, threat_model: str, kind: str, idx: np.ndarray) -> wst.StoreRows:
+    def rows(self, threat_model: str | None, kind: str, idx: np.ndarray) -> wst.StoreRows:
+        """Windows ``idx`` in a threat model's view (None: full width), read from the shards on demand."""
         return wst.StoreRows(self.dirs, self.shard, self.row, idx, threat_model, kind)
 
     def disk_bytes(self) -> int:
@@ -250,7 +255,7 @@ def load_windows(
     index = Path(index) if index else store / INDEX_NAME
     records = _records(store, index)
     if not records:
-        raise SystemExit(
+        raise DatasetError(
             f"{index}: no accepted or degraded episodes to learn from (run `phasewatch validate` first)"
         )
     cache = Path(cache_dir) if cache_dir else default_cache(index)

@@ -2,9 +2,10 @@
 
     phasewatch train --store data/store --out runs/latest --split host --profile quick
 
-Writes the run directory of docs/ARCHITECTURE.md: run.json, one checkpoint per
-``<model>-<threat>/``, ``heldout-<threat>.npz`` (the test windows in the threat model's
-view, for export parity and the benchmark) and report.json / report.html / *.png.
+Writes the run directory of docs/ARCHITECTURE.md: run.json (``schema.artifacts.RunDoc``,
+with every model's held-out metrics), one checkpoint per ``<model>-<threat>/``,
+``heldout-<threat>.npz`` (the test windows at full width, for export parity and the
+benchmark; ``trainer.heldout``) and report.json / report.html / *.png.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
 import os
 import time
 import zipfile
@@ -21,9 +21,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from schema.artifacts import (
+    RUN_FILE,
+    GroupMetrics,
+    HeldoutMetrics,
+    RunDoc,
+    SplitDoc,
+    encode_doc,
+    estimate,
+    heldout_file,
+)
+from schema.extract import input_shape
 from schema.hashing import schema_hash
 from schema.vocab import INDEX_NAME, MODEL_INPUT, MODELS, THREAT_MODELS
 from trainer import evaluate as ev
+from trainer.errors import DatasetError, TrainerError
+from trainer.models.base import BUDGETS
 from trainer.report import summary_table, write_report
 from trainer.rows import Rows, chunk_rows, chunks, sample_positions
 
@@ -39,6 +52,8 @@ PHASE_LOG_ENV = "PHASEWATCH_PHASE_LOG"
 class Windows(Protocol):
     """The corner of trainer.dataset.WindowSet that training reads."""
 
+    tensor: np.ndarray
+    summary: np.ndarray
     y: np.ndarray
     episode: np.ndarray
     host: np.ndarray
@@ -49,7 +64,7 @@ class Windows(Protocol):
     def __len__(self) -> int: ...
     def mask(self, threat_model: str) -> np.ndarray: ...
     def finite(self, threat_model: str) -> np.ndarray: ...
-    def rows(self, threat_model: str, kind: str, idx: np.ndarray) -> Rows: ...
+    def rows(self, threat_model: str | None, kind: str, idx: np.ndarray) -> Rows: ...
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +83,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--profile",
-        choices=("demo", "quick", "full"),
+        choices=BUDGETS,
         default="quick",
         help="model sizes and epochs: demo (~3 min), quick (default, <= ~12 min), full",
     )
@@ -104,7 +119,9 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     picked = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in picked if s not in allowed]
     if bad or not picked:
-        raise SystemExit(f"--{what}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(allowed)}")
+        raise TrainerError(
+            f"--{what}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(allowed)}"
+        )
     return [s for s in allowed if s in picked]
 
 
@@ -157,7 +174,7 @@ def train_run(
     plan = memory_plan(ws, sp, models, memory_mb)
     if progress:
         print(format_plan(plan))
-    run_info = {"store": str(store), "index": str(index), "index_sha256": _sha256(index), "plan": plan}
+    run_info = {"store": str(store), "index": str(index), "index_sha256": _sha256(index)}
     return train_windowset(
         ws,
         sp,
@@ -171,6 +188,7 @@ def train_run(
         progress=progress,
         run_info=run_info,
         memory_mb=memory_mb,
+        plan=plan,
     )
 
 
@@ -215,6 +233,7 @@ def train_windowset(
     overrides: dict[str, dict[str, Any]] | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
     heldout_max: int | None = HELDOUT_MAX_WINDOWS,
+    plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``models`` x ``threats`` on ``split`` of ``ws`` and write the run directory.
 
@@ -264,7 +283,7 @@ def train_windowset(
         dropped[threat] = {part: int(len(getattr(split, part)) - len(idx[part])) for part in idx}
         te = idx["test"]
         if min(len(v) for v in idx.values()) == 0:
-            raise SystemExit(
+            raise DatasetError(
                 f"{threat}: split leaves an empty side after dropping unusable windows "
                 f"({ {k: len(v) for k, v in idx.items()} }); need more episodes"
             )
@@ -273,7 +292,9 @@ def train_windowset(
         ]
         rows = {k: {part: ws.rows(threat, k, ix) for part, ix in idx.items()} for k in kinds}
         _phase(f"heldout {threat}")
-        _save_heldout(out / f"heldout-{threat}.npz", ws, rows, te, heldout_max, seed, budget / 4)
+        # Full width (all 46 channels), like every array that crosses a file boundary.
+        full = {k: ws.rows(None, k, te) for k in ("tensor", "summary")}
+        _save_heldout(out / heldout_file(threat), ws, full, te, heldout_max, seed, budget / 4)
         meta = {"episode": ws.episode[te], "host": ws.host[te], "profile": ws.profile[te]}
 
         # Baselines on the same windows: what "the model learnt something" is measured against.
@@ -353,21 +374,24 @@ def train_windowset(
             report["threat_gap"][name] = {"realistic": g.pop("f1_a"), "oracle": g.pop("f1_b"), **g}
 
     report["dropped_unusable_windows"] = dropped
+    if plan is not None:
+        report["plan"] = plan
     report["seconds"] = round(time.perf_counter() - started, 1)
-    run_doc = {
-        "schema_hash": sh,
-        "split": split.to_json(),
-        "profile": profile,
-        "seed": seed,
-        "threads": threads,
+    run_doc = RunDoc(
+        schema_hash=sh,
+        split=SplitDoc(**split.to_json()),
+        profile=profile,
+        seed=seed,
+        threads=threads,
         **(run_info or {}),
-        "models": list(report["models"]),
-        "threat_models": list(threats),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": report["seconds"],
-        "cpu_count": os.cpu_count(),
-    }
-    (out / "run.json").write_text(json.dumps(run_doc, indent=2) + "\n")
+        models=list(report["models"]),
+        threat_models=list(threats),
+        metrics={k: heldout_metrics(m) for k, m in report["models"].items()},
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        seconds=report["seconds"],
+        cpu_count=os.cpu_count(),
+    )
+    (out / RUN_FILE).write_bytes(encode_doc(run_doc))
     _phase("report")
     write_report(out, report)
     _phase("done")
@@ -386,6 +410,19 @@ def _metrics(
     ci = m.pop("macro_f1")
     # Flat macro_f1 + macro_f1_ci: the shape export and the deck read.
     return {"macro_f1": ci["point"], "macro_f1_ci": [ci["lo"], ci["hi"]], **m}
+
+
+def heldout_metrics(m: dict[str, Any]) -> HeldoutMetrics:
+    """A report.json model entry (``_metrics``) -> what run.json and the manifest carry."""
+    lo, hi = m["macro_f1_ci"]
+    return HeldoutMetrics(
+        accuracy=estimate(m["accuracy"]),
+        macro_f1=estimate(m["macro_f1"], lo, hi),
+        n_windows=int(m["n_windows"]),
+        n_episodes=int(m["n_episodes"]),
+        per_class_f1=dict(m.get("per_class_f1", {})),
+        per_profile={k: GroupMetrics(**v) for k, v in m.get("per_profile", {}).items()},
+    )
 
 
 def _paired(
@@ -438,30 +475,33 @@ def _write_npy_member(zf: zipfile.ZipFile, name: str, rows: Rows, pos: np.ndarra
 def _save_heldout(
     path: Path,
     ws: Windows,
-    rows: dict[str, dict[str, Rows]],
+    full: dict[str, Rows],
     te: np.ndarray,
     max_windows: int | None = None,
     seed: int = 0,
     budget_bytes: float = 64 * 2**20,
 ) -> None:
-    """The test windows in this threat model's view (what its ONNX models read) plus who they are,
-    written in bounded chunks (at most ``max_windows`` windows, whole episodes)."""
+    """The test windows (full width: ``full`` has "tensor" and "summary" Rows of ``te``) plus who
+    they are, in trainer.heldout's layout, written in bounded chunks: at most ``max_windows``
+    windows, whole episodes. Whole or not at all (temp file, rename)."""
     keep = _heldout_positions(np.asarray(ws.episode)[te], max_windows, seed)
     sel = te[keep]
+    for kind, r in full.items():
+        if tuple(r.row_shape) != input_shape(kind):
+            raise ValueError(f"{path}: {kind} must be full width {input_shape(kind)}, got {r.row_shape}")
     small = {
-        "y": np.asarray(ws.y)[sel],
+        "y": np.asarray(ws.y, np.int64)[sel],
         "episode": np.asarray(ws.episode)[sel].astype(str),
         "host": np.asarray(ws.host)[sel].astype(str),
         "profile": np.asarray(ws.profile)[sel].astype(str),
         "sample": np.asarray(ws.sample)[sel].astype(str),
         "window": np.asarray(ws.window)[sel],
-        "index": sel,
+        "index": np.asarray(sel, np.int64),
     }
     tmp = path.with_name(path.name + ".tmp.npz")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for kind, parts in rows.items():
-            test_rows = parts["test"]
-            _write_npy_member(zf, kind, test_rows, keep, chunk_rows(test_rows, budget_bytes))
+        for kind, r in full.items():
+            _write_npy_member(zf, kind, r, keep, chunk_rows(r, budget_bytes))
         for name, arr in small.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)

@@ -237,7 +237,7 @@ def open_array(d: Path, kind: str) -> np.ndarray:
 
 
 class StoreRows:
-    """Rows of the window store (global window ids ``ids``) in one threat model's view."""
+    """Rows of the window store (global window ids ``ids``) in a threat model's view (None: all channels)."""
 
     def __init__(
         self,
@@ -245,7 +245,7 @@ class StoreRows:
         shard: np.ndarray,
         row: np.ndarray,
         ids: np.ndarray,
-        threat: str,
+        threat: str | None,
         kind: str,
     ) -> None:
         if kind not in ARRAYS:
@@ -254,7 +254,7 @@ class StoreRows:
         self.dirs, self.kind, self.threat = dirs, kind, threat
         self._shard, self._row = shard[ids], row[ids]
         self.groups = self._shard
-        self.chans = list(view_channels(threat))
+        self.chans = list(view_channels(threat)) if threat is not None else list(range(N_CHANNELS))
         self.row_shape = (len(self.chans), WINDOW_STEPS) if kind == "tensor" else (len(self.chans) * K_STATS,)
 
     def __len__(self) -> int:
@@ -273,7 +273,9 @@ class StoreRows:
             mm = open_array(self.dirs[int(sh[part[0]])], self.kind)
             block = mm[self._row[pos[part]]]  # (k, 46, 100) or (k, 46 * K): a copy
             del mm
-            if self.kind == "tensor":
+            if self.threat is None:
+                out[part] = block
+            elif self.kind == "tensor":
                 out[part] = block[:, self.chans, :]
             else:
                 out[part] = extract.view(block, self.threat, "summary")
@@ -339,11 +341,9 @@ def cli_cache(args: argparse.Namespace) -> int:
     index = args.index or args.store / INDEX_NAME
     cache = args.cache or default_cache(index)
     if not Path(index).is_file():
-        print(
-            f"phasewatch cache: {index}: no acceptance index; run `phasewatch validate {args.store}` first",
-            file=sys.stderr,
-        )
-        return 1
+        from trainer.errors import DatasetError
+
+        raise DatasetError(f"{index}: no acceptance index; run `phasewatch validate {args.store}` first")
     if args.action == "build":
         ws = load_windows(args.store, index, cache_dir=cache, jobs=args.jobs)
         print(f"cache: {len(ws)} windows of {ws.n_episodes} episodes in {schema_root(cache)}")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROFILES: tuple[str, ...] = ("demo", "quick", "full")
+BUDGETS: tuple[str, ...] = ("demo", "quick", "full")  # training budgets (not schema.vocab.PROFILES)
 CONFIG_FILE = "model.json"
 
 # What a model reports after every epoch (torch) or every boosting checkpoint (gbt):
@@ -96,8 +96,8 @@ class Model(ABC):
         seed: int = 0,
         **overrides: Any,
     ) -> None:
-        if profile not in PROFILES:
-            raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        if profile not in BUDGETS:
+            raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(BUDGETS)}")
         want = 1 if self.input_kind == "summary" else 2
         if len(input_shape) != want:
             raise ValueError(
