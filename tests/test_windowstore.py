@@ -341,9 +341,8 @@ def test_chunked_bootstrap_draws_the_same_resamples(monkeypatch: pytest.MonkeyPa
 
 
 def test_heldout_file_keeps_whole_episodes_up_to_its_cap(pristine: Path, tmp_path: Path) -> None:
-    from trainer.train import _save_heldout
-
     from trainer.heldout import Heldout
+    from trainer.train import _save_heldout
 
     ws = load_windows(pristine, cache_dir=tmp_path / "cache", jobs=1, progress=False)
     te = np.arange(len(ws))
