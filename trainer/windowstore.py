@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,7 +217,16 @@ def build_shards(
                         break
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in finished:
-                        done(pending.pop(fut), fut.result())
+                        rel = pending.pop(fut)
+                        try:
+                            done(rel, fut.result())
+                        except BrokenProcessPool:
+                            from trainer.errors import DatasetError
+
+                            raise DatasetError(
+                                f"{store / rel}: an extraction worker died (out of memory?); the shards "
+                                f"written so far are kept and the next run resumes (or use --jobs 1)"
+                            ) from None
     finally:
         bar.close()
     res.seconds = time.perf_counter() - t0
