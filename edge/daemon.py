@@ -299,6 +299,7 @@ class Daemon:
             "tail": self.counters.as_dict(),
             "inference_queue": self._jobs_rx.statistics().current_buffer_used,
             "windows_dropped": int(self.windows_dropped.value()),
+            "windows_unscored": self.metrics.windows_unscored.by_labels(),  # "<threat>/<reason>": n
             "store": str(self.store) if self.store else None,
             "store_error": self.store_error,
             "replay_dir": str(self.replay_dir) if self.replay_dir else None,
@@ -419,6 +420,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--poll-ms", type=float, default=20.0, help="tail tick in ms (default 20)")
     ap.add_argument(
+        "--tail-backend",
+        choices=("auto", "inotify", "poll"),
+        default="auto",
+        help="how live files are watched: inotify events, or stat polling (NFS; default auto)",
+    )
+    ap.add_argument(
         "--idle-timeout", type=float, default=60.0, help="finalise a silent episode after this many s"
     )
     ap.add_argument(
@@ -516,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trust_loopback=args.trust_loopback,
         demo=args.demo,
         poll_s=args.poll_ms / 1000.0,
-        tail=TailConfig(idle_s=args.idle_timeout),
+        tail=TailConfig(idle_s=args.idle_timeout, backend=args.tail_backend),
         all_predictions=args.all_predictions,
         state_dir=Path(state.split(":")[0]) if state else None,
     )

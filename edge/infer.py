@@ -88,6 +88,7 @@ class Engine:
         )
         self.embed = embed and self.embed_threat is not None
         self._batchable: dict[str, bool] = {}
+        self._threats = sorted({m.threat_model for m in modelset.models})
 
     def score(self, jobs: Sequence[WindowJob]) -> list[Scored]:
         """Extract each window, run every model on the usable ones, build all their events."""
@@ -118,6 +119,7 @@ class Engine:
                     )
                 )
         self._score_model(self.primary, batch)
+        self._unscored(batch)
         now = time.perf_counter()
         for s in out:
             s.done_at = now
@@ -147,6 +149,29 @@ class Engine:
                             predicted=batch.primary_pred.get(i),
                             cluster=max(0, int(c)),
                             episode_id=s.job.episode_id,
+                        )
+                    )
+
+    def _unscored(self, batch: Batch) -> None:
+        """A window a threat model cannot score is counted by why; the timeline's threat model
+        also sends the deck a prediction-less cell saying why ("no qmp")."""
+        for i, (s, win) in enumerate(zip(batch.scored, batch.wins)):
+            for threat in self._threats:
+                why = win.unusable_reasons(threat)
+                if not why:
+                    continue
+                if self.metrics is not None:
+                    for r in why:
+                        self.metrics.windows_unscored.inc(threat_model=threat, reason=r)
+                if threat == self.primary.threat_model and i not in batch.primary_pred:
+                    s.events.append(
+                        Prediction(
+                            episode_id=s.job.episode_id,
+                            window_idx=s.job.w % TIMELINE_CELLS,
+                            window_no=s.job.w,
+                            actual=s.job.actual,
+                            model=self.primary.key,
+                            unscored=", ".join(r.replace("_", " ") for r in why),
                         )
                     )
 

@@ -79,6 +79,7 @@ class Prediction(_Event, tag="prediction"):
     model: str | None = None
     confidence: Unit | None = None
     window_no: NonNegInt | None = None  # absolute window number in the episode
+    unscored: str | None = None  # why there is no prediction ("no qmp"); predicted is then None
 
 
 class ModelMetric(_Event, tag="model_metric"):

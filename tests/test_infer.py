@@ -321,11 +321,15 @@ def test_oracle_models_skip_a_window_without_the_guest_agent(modelset) -> None:
     assert models == {f"{m}-realistic" for m in MODELS}
 
 
-def test_unusable_window_gives_only_its_phase(modelset) -> None:
+def test_unusable_window_gives_its_phase_and_an_unscored_cell(modelset) -> None:
+    # issue 14 item 6: it used to give only its phase, and the window vanished from the deck
     streams = _streams(episode_members(duration_s=30, seed=1), sources=("guest",))  # no proc at all
     (s,) = Engine(modelset).score([_job(streams, 1, actual="clean")])
     assert not s.usable and s.others == []
-    assert [type(e) for e in s.all_events] == [PhaseEvent]
+    assert [type(e) for e in s.all_events] == [PhaseEvent, Prediction]
+    cell = s.all_events[1]
+    assert isinstance(cell, Prediction) and cell.predicted is None and cell.actual == "clean"
+    assert cell.unscored == "no proc, no qmp, no netflow" and cell.window_no == 1
 
 
 def test_startup_events_from_manifest_and_bench(modelset) -> None:
