@@ -369,7 +369,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 class DaemonProcess:
-    def __init__(self, models: Path, live: Path, cpu: int | None = None, backend: str = "auto") -> None:
+    def __init__(
+        self, models: Path, live: Path, cpu: int | None = None, backend: str = "auto", run: str = "realistic"
+    ) -> None:
         self.port = free_port()
         cmd = [
             sys.executable,
@@ -389,6 +391,8 @@ class DaemonProcess:
             "600",
             "--tail-backend",
             backend,
+            "--run",
+            run,
         ]
         pre = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
         self.t_spawn = time.perf_counter()
@@ -494,7 +498,13 @@ async def run_live(d: DaemonProcess, live: Path, n: int, seconds: float, seed: i
 
 
 def throughput(
-    models: Path | None, work: Path, n: int, seconds: int, seed: int = 3, backend: str = "auto"
+    models: Path | None,
+    work: Path,
+    n: int,
+    seconds: int,
+    seed: int = 3,
+    backend: str = "auto",
+    run: str = "all",
 ) -> dict:
     """CPU time the daemon's own work costs per episode-second, in process, immune to a busy box.
 
@@ -511,7 +521,7 @@ def throughput(
     from edge.tail import LiveTailer, TailConfig
     from schema.extract import extract_window, summarize
 
-    engine = Engine(load_models(models)) if models is not None else None
+    engine = Engine(load_models(models), run=run) if models is not None else None
     bc = Broadcaster()
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(dir=work) as live:
@@ -549,8 +559,9 @@ def throughput(
     return {
         "what": "tailer + extract + summarize"
         if engine is None
-        else "tailer + extract + 12 models + projector",
+        else f"tailer + extract + {len(engine.modelset.models)} models + projector",
         "backend": backend,
+        "run": run if engine is not None else None,
         "episodes": n,
         "seconds": seconds,
         "windows": windows,
@@ -592,6 +603,7 @@ def main() -> int:
     )
     ap.add_argument("--capacity-seconds", type=float, default=60)
     ap.add_argument("--cpu", type=int, default=1, help="core the daemon is pinned to for the capacity runs")
+    ap.add_argument("--run", default="realistic", help="models run per window (the daemon's --run)")
     ap.add_argument(
         "--backends",
         default="poll,inotify",
@@ -627,7 +639,7 @@ def main() -> int:
     report["throughput"] = []
     for n in [int(x) for x in args.throughput.split(",") if x.strip()]:
         for backend in backends:
-            r = throughput(models, args.work, n, args.throughput_seconds, backend=backend)
+            r = throughput(models, args.work, n, args.throughput_seconds, backend=backend, run=args.run)
             report["throughput"].append(r)
             print("throughput", r, flush=True)
     _ratios(report["throughput"], "cpu_ms_per_episode_second", "throughput")
@@ -660,7 +672,7 @@ def main() -> int:
     for n in [int(x) for x in args.capacity.split(",") if x.strip()]:
         for backend in backends:
             with tempfile.TemporaryDirectory(dir=args.work) as live:
-                d = DaemonProcess(models, Path(live), cpu=args.cpu, backend=backend)
+                d = DaemonProcess(models, Path(live), cpu=args.cpu, backend=backend, run=args.run)
                 try:
                     r = trio.run(run_live, d, Path(live), n, args.capacity_seconds, 2)
                     r["rss_hwm_mb"] = round(proc_status(d.proc.pid)["VmHWM"] / 1024, 1)

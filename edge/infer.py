@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -74,10 +74,20 @@ class Batch:
     primary_pred: dict[int, str] = field(default_factory=dict)
 
 
+# What the daemon runs on each window (``--run``): the primary alone; every realistic model
+# and the projector (the default: what the deck shows); or all twelve and the projector.
+RUN_CHOICES: Final = ("primary", "realistic", "all")
+
+
 class Engine:
     """One model set, scoring batches of windows. Not thread-safe: one worker thread at a time."""
 
-    def __init__(self, modelset: ModelSet, metrics: Any | None = None, *, embed: bool = True) -> None:
+    def __init__(
+        self, modelset: ModelSet, metrics: Any | None = None, *, embed: bool = True, run: str = "all"
+    ) -> None:
+        if run not in RUN_CHOICES:
+            raise ValueError(f"run must be one of {', '.join(RUN_CHOICES)}, not {run!r}")
+        self.run = run
         self.modelset = modelset
         self.metrics = metrics
         self.primary = pick_primary(modelset.models)
@@ -86,7 +96,7 @@ class Engine:
             if self.primary.threat_model in modelset.projectors
             else next(iter(modelset.projectors), None)
         )
-        self.embed = embed and self.embed_threat is not None
+        self.embed = embed and self.embed_threat is not None and run != "primary"
         self._batchable: dict[str, bool] = {}
         self._threats = sorted({m.threat_model for m in modelset.models})
 
@@ -128,8 +138,11 @@ class Engine:
     def score_rest(self, batch: Batch) -> None:
         """Every other model (into ``Scored.others``) and the projector (into ``Scored.late``)."""
         for model in self.modelset.models:
-            if model is not self.primary:
-                self._score_model(model, batch)
+            if model is self.primary or self.run == "primary":
+                continue
+            if self.run == "realistic" and model.threat_model != "realistic":
+                continue
+            self._score_model(model, batch)
         if self.embed and self.embed_threat is not None:
             proj = self.modelset.projectors[self.embed_threat]
             idx = [i for i, w in enumerate(batch.wins) if w.usable(self.embed_threat)]

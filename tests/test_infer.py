@@ -398,3 +398,22 @@ def test_sticky_model_metric_keeps_both_threat_models_of_a_model(modelset) -> No
     b.publish(ModelMetric(model="gru", accuracy=0.5, threat_model="oracle"))  # latest wins per pair
     again = [e for e in b.sticky_events() if isinstance(e, ModelMetric) and e.model == "gru"]
     assert [(e.threat_model, e.accuracy) for e in again][-1] == ("oracle", 0.5) and len(again) == 2
+
+
+@pytest.mark.parametrize(
+    ("run", "want"),
+    [
+        ("primary", set()),
+        ("realistic", {f"{m}-realistic" for m in MODELS}),
+        ("all", {f"{m}-{t}" for m in MODELS for t in ("realistic", "oracle")}),
+    ],
+)
+def test_run_selects_the_models_scored(modelset, run: str, want: set[str]) -> None:
+    streams = _streams(episode_members(duration_s=30, seed=2))
+    engine = Engine(modelset, run=run)
+    (s,) = engine.score([_job(streams, 1)])
+    scored = {p.model for p in [e for e in s.events if isinstance(e, Prediction)] + s.others}
+    assert scored - {engine.primary.key} == want - {engine.primary.key} and engine.primary.key in scored
+    assert bool(s.late) == (run != "primary")  # the projector runs unless only the primary does
+    with pytest.raises(ValueError, match="run must be one of"):
+        Engine(modelset, run="some")
