@@ -214,11 +214,23 @@ function sizedSvg(id) {
   return [svg, w, ht];
 }
 
+const WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"];
+export const countWord = (n) => (n < WORDS.length ? WORDS[n] : String(n));
+
+// Headlines count the models (the vocabulary plus any unknown one that reported metrics).
+export function renderModelCount(names) {
+  const word = countWord(names.length);
+  for (const el of document.querySelectorAll("[data-model-count]")) {
+    el.textContent = el.hasAttribute("data-capital") ? word[0].toUpperCase() + word.slice(1) : word;
+  }
+}
+
 // 9 models
 export function renderModels(state) {
+  const names = [...MODELS, ...[...state.metrics.keys()].filter((m) => !MODELS.includes(m))];
+  renderModelCount(names);
   const [svg, W, H] = sizedSvg("models-chart");
   if (!svg.clientWidth) return;
-  const names = [...MODELS, ...[...state.metrics.keys()].filter((m) => !MODELS.includes(m))];
   const L = 70, R = 20, T = 40, B = 60, lo = 0.5, hi = 1.0;
   const y = (v) => T + (1 - (Math.min(hi, Math.max(lo, v)) - lo) / (hi - lo)) * (H - T - B);
   for (let v = lo; v <= hi + 1e-9; v += 0.1) {

@@ -608,18 +608,23 @@ def test_edge_daemon_demo_fills_every_scene(browser: Any) -> None:
             "window.__deck.knn.count() >= 1500 && window.__deck.state.timelines.size >= 1", timeout=15_000
         )
         assert d.has_colour("--phase-infected_running") > 50
+        n_models = len(MODELS)
         checks = {
             "collect": "Number(document.getElementById('collect-total').textContent.replace(/,/g, '')) > 70000",
             "hosts": "document.querySelectorAll('#hosts-table tr[data-host]').length === 6",
             "attacks": "document.querySelectorAll('#attacks-cards path.spark-line').length === 6",
             "chunking": "document.querySelectorAll('#chunking-grid .cell:not(.none)').length >= 1",
-            "models": "document.querySelectorAll('#models-chart g[data-model] rect').length === 6",
-            "perf": "document.querySelectorAll('#perf-chart g[data-model] circle').length === 6",
+            "models": f"document.querySelectorAll('#models-chart g[data-model] rect').length === {n_models}",
+            "perf": f"document.querySelectorAll('#perf-chart g[data-model] circle').length === {n_models}",
             "baseline": "/^\\d+ phase events/.test(document.getElementById('baseline-n').textContent)",
         }
         for scene, cond in checks.items():
             d.go(scene)
             page.wait_for_function(cond, timeout=10_000)
+        # The headlines count the models instead of saying a number someone typed.
+        words = {6: "six", 7: "seven", 8: "eight", 9: "nine"}
+        heads = page.eval_on_selector_all("[data-model-count]", "els => els.map(e => e.textContent)")
+        assert [h.lower() for h in heads] == [words[len(MODELS)]] * 2, heads
         assert d.errors == []
         page.close()
     finally:

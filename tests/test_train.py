@@ -24,6 +24,7 @@ SIGNAL = {
     "disk-encrypt": "qmp.blk_wr_bytes",
 }
 PER_EP = 12
+TRAINED = ("gbt", "mlp", "cnn", "rocket")  # both trainers (xgboost, torch loop) and the closed-form one
 FAST = {
     "gbt": {"rounds": 15, "threads": 1},
     "mlp": {"epochs": 4, "threads": 1, "max_seconds": None},
@@ -100,7 +101,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, WindowSet
         split,
         out,
         profile="demo",
-        models=["gbt", "mlp", "cnn"],
+        models=list(TRAINED),
         seed=0,
         n_boot=200,
         progress=False,
@@ -113,7 +114,7 @@ def test_run_directory_layout(run) -> None:
     out, _report, _ws, _split = run
     doc = json.loads((out / "run.json").read_text())
     assert doc["schema_hash"] == schema_hash() and doc["split"]["kind"] == "host"
-    assert doc["models"] == [f"{m}-{t}" for t in ("realistic", "oracle") for m in ("gbt", "mlp", "cnn")]
+    assert doc["models"] == [f"{m}-{t}" for t in ("realistic", "oracle") for m in TRAINED]
     for key in doc["models"]:
         assert (out / key / "model.json").is_file()
     for name in (
@@ -157,8 +158,8 @@ def test_report_contents(run) -> None:
         "majority-oracle",
         "logreg-oracle",
     }
-    assert len(on_disk["comparisons"]) == 2 * 3  # every pair within each threat model
-    assert set(on_disk["threat_gap"]) == {"gbt", "mlp", "cnn"}
+    assert len(on_disk["comparisons"]) == 2 * 6  # every pair within each threat model
+    assert set(on_disk["threat_gap"]) == set(TRAINED)
     v = on_disk["verdict"]["best_realistic_vs_majority"]
     assert v["a"] == on_disk["best"]["realistic"] and v["b"] == "majority-realistic"
     # This toy problem is easy: the best model clearly beats always-"clean".
@@ -172,7 +173,7 @@ def test_checkpoints_reproduce_the_reported_score(run) -> None:
     from trainer.evaluate import macro_f1
 
     held = np.load(out / "heldout-realistic.npz")
-    for name, kind in (("gbt", "summary"), ("cnn", "tensor")):
+    for name, kind in (("gbt", "summary"), ("cnn", "tensor"), ("rocket", "tensor")):
         model = load_model(out / f"{name}-realistic", expected_schema_hash=schema_hash())
         pred = model.predict_proba(held[kind]).argmax(axis=1)
         assert macro_f1(held["y"], pred) == pytest.approx(report["models"][f"{name}-realistic"]["macro_f1"])
