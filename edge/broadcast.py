@@ -47,15 +47,16 @@ from schema.events import (
     Event,
     ModelMetric,
     ModelPerf,
+    NodeStatus,
     Prediction,
-    decode_event,
+    decode_fleet_event,
     encode_event,
     event_type,
 )
 
 from .metrics import Metrics
 
-_EVENT_CLASSES: Final = get_args(Event)
+_EVENT_CLASSES: Final = (*get_args(Event), NodeStatus)  # a node's status only reaches a fleet deck
 
 # Latest-wins types and the key under which a newer event replaces an older one.
 STATE_KEYS: Final[Mapping[str, Callable[[Event], str]]] = {
@@ -63,9 +64,11 @@ STATE_KEYS: Final[Mapping[str, Callable[[Event], str]]] = {
     "attack_profile": lambda e: e.name if isinstance(e, AttackProfile) else "",
     "model_metric": lambda e: e.model if isinstance(e, ModelMetric) else "",
     "model_perf": lambda e: e.model if isinstance(e, ModelPerf) else "",
+    "status": lambda e: "",  # one per node (the node is part of every key below)
 }
-# Replay order of the latest-wins types: the store first, then what the scenes draw from it.
-_STATE_ORDER: Final = ("snapshot", "attack_profile", "model_metric", "model_perf")
+# Replay order of the latest-wins types: the fleet's nodes and the store first, then what the
+# scenes draw from it.
+_STATE_ORDER: Final = ("status", "snapshot", "attack_profile", "model_metric", "model_perf")
 
 
 @dataclass(frozen=True)
@@ -212,12 +215,14 @@ class Broadcaster:
         self._phases: deque[tuple[float, Frame]] = deque(maxlen=sticky.max_phase_events)
         self._embeddings: deque[Frame] = deque(maxlen=sticky.max_embeddings)
         self._predictions: OrderedDict[str, deque[Frame]] = OrderedDict()
+        # Called with every published event, on the trio thread (the MQTT bridge); must not block.
+        self.taps: list[Callable[[Event], None]] = []
 
     @property
     def client_count(self) -> int:
         return len(self._clients)
 
-    def publish(self, event: Event) -> int:
+    def publish(self, event: Event | NodeStatus) -> int:
         """Encode once, remember if sticky, queue for every client; returns how many got it."""
         if not isinstance(event, _EVENT_CLASSES):
             raise TypeError(
@@ -227,6 +232,8 @@ class Broadcaster:
         frame = Frame(event_type(event), encode_event(event).decode())
         self.published[frame.type] = self.published.get(frame.type, 0) + 1
         self._remember(event, frame)
+        for tap in self.taps:
+            tap(event)
         return sum(client._offer(frame) for client in self._clients)
 
     def publish_many(self, events: Iterable[Event]) -> int:
@@ -257,16 +264,17 @@ class Broadcaster:
             out.extend(frames)
         return out
 
-    def sticky_events(self) -> list[Event]:
+    def sticky_events(self) -> list[Event | NodeStatus]:
         """The replay a new subscriber gets, decoded (frames are the source of truth)."""
-        return [decode_event(f.text) for f in self.sticky_frames()]
+        return [decode_fleet_event(f.text) for f in self.sticky_frames()]
 
-    def _remember(self, event: Event, frame: Frame) -> None:
+    def _remember(self, event: Event | NodeStatus, frame: Frame) -> None:
         kind = frame.type
         lim = self.limits
+        node = event.node or ""  # a fleet keeps each node's state apart
         if kind in STATE_KEYS:
             table = self._state[kind]
-            key = STATE_KEYS[kind](event)
+            key = f"{node}\0{STATE_KEYS[kind](event)}"  # type: ignore[arg-type]
             table.pop(key, None)
             table[key] = frame
             if len(table) > lim.max_state_keys:
@@ -278,13 +286,14 @@ class Broadcaster:
             self._embeddings.append(frame)
         elif kind == "prediction":
             assert isinstance(event, Prediction)
-            frames = self._predictions.get(event.episode_id)
+            ep = f"{node}\0{event.episode_id}"
+            frames = self._predictions.get(ep)
             if frames is None:
-                frames = self._predictions[event.episode_id] = deque(maxlen=lim.max_predictions_per_episode)
+                frames = self._predictions[ep] = deque(maxlen=lim.max_predictions_per_episode)
                 if len(self._predictions) > lim.max_prediction_episodes:
                     self._predictions.popitem(last=False)
             else:
-                self._predictions.move_to_end(event.episode_id)
+                self._predictions.move_to_end(ep)
             frames.append(frame)
 
     def _expire_phases(self) -> None:

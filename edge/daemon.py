@@ -2,6 +2,8 @@
 
     edge-daemon --models DIR [--live DIR] [--store DIR] [--replay STORE [--speed X]]
                 [--bind ADDR] [--port N] [--publish-token TOKEN] [--demo]
+                [--mqtt mqtt://[user:pass@]host[:port] [--node-id ID] [--mqtt-ca FILE]]
+    edge-daemon --fleet mqtt://... [--port N]      # one deck for every node on the broker
 
 One trio loop: the tailer ticks every ``--poll-ms``; ready windows go through a bounded
 channel to one worker thread (``CapacityLimiter(1)``) that extracts and runs every model;
@@ -27,15 +29,12 @@ import trio
 
 from edge.broadcast import Broadcaster
 from edge.infer import Engine, startup_events
-from edge.metrics import Metrics, _Family, format_value
+from edge.metrics import LATENCY_BUCKETS, Metrics, _Family, format_value
 from edge.modelset import ModelSet, ModelSetError, load_models
 from edge.tail import LiveTailer, TailBatch, TailConfig, TailCounters, WindowJob
 from schema.hashing import schema_hash
 
 log = logging.getLogger("edge.daemon")
-
-# The live latency of one window: from the tick that saw it complete to its events published.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class _TailFamily(_Family):
@@ -74,9 +73,11 @@ class Daemon:
         bind: str = "0.0.0.0",
         port: int = 8080,
         publish_token: str | None = None,
+        allowed_hosts: Sequence[str] = (),
+        trust_loopback: bool = True,
         demo: bool = False,
         poll_s: float = 0.02,
-        tail: TailConfig = TailConfig(),
+        tail: TailConfig | None = None,
         all_predictions: bool = False,
         state_dir: Path | None = None,
         max_batch: int = 64,
@@ -89,6 +90,8 @@ class Daemon:
         self.replay_concurrency = replay_concurrency
         self.bind, self.port = bind, port
         self.publish_token = publish_token
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.trust_loopback = trust_loopback
         self.demo = demo
         self.poll_s = poll_s
         self.all_predictions = all_predictions
@@ -97,15 +100,20 @@ class Daemon:
         self.metrics = Metrics()
         self.broadcaster = Broadcaster(metrics=self.metrics)
         self.counters = TailCounters()
-        self.tailer = LiveTailer(list(live), tail, self.counters)
+        self.tailer = LiveTailer(list(live), tail or TailConfig(), self.counters)
         self.metrics.registry.register(_TailFamily(self.counters))
         self.latency = self.metrics.registry.histogram(
             "phasewatch_window_latency_seconds",
-            "From a window's last row read to its events published.",
+            "From the tick that saw a window complete to its events published.",
             buckets=LATENCY_BUCKETS,
         )
         self.windows_dropped = self.metrics.registry.counter(
             "phasewatch_windows_dropped_total", "Ready windows dropped because inference fell behind."
+        )
+        self.reload_failures = self.metrics.registry.counter(
+            "phasewatch_reload_failures_total",
+            "Model reloads refused; the old set kept serving.",
+            ("reason",),
         )
         self.modelset = modelset
         self.engine: Engine | None = Engine(modelset, self.metrics) if modelset is not None else None
@@ -119,6 +127,8 @@ class Daemon:
         self._limiter = trio.CapacityLimiter(1)
         self._loaded_sig = self._dir_sig()
         self._jobs_tx, self._jobs_rx = trio.open_memory_channel[WindowJob](1024)
+        self.mqtt: Any = None  # edge.mqtt.MqttPublisher (--mqtt): started with the server
+        self.fleet: Any = None  # edge.fleet.FleetReader (--fleet)
 
     # --- models ---
 
@@ -150,18 +160,26 @@ class Daemon:
             self.broadcaster.publish_many(startup_events(self.modelset))
 
     async def reload(self, why: str) -> bool:
+        """Load the directory again; whatever goes wrong (a refused set, an OSError such as
+        SHA256SUMS being a directory or a file the service user may not read, a bug), the
+        old set keeps serving and ``/healthz`` says why under ``reload_error``."""
         assert self.models_dir is not None
         log.info("reloading %s (%s)", self.models_dir, why)
         try:
             ms = await trio.to_thread.run_sync(load_models, self.models_dir, schema_hash())
-        except ModelSetError as e:
-            self.reload_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {e}"
-            log.error("reload failed, still serving the previous models: %s", e)
+            events = startup_events(ms)
+        except Exception as e:
+            detail = str(e) if isinstance(e, ModelSetError) else f"{type(e).__name__}: {e}"
+            self.reload_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {detail}"
+            self.reload_failures.inc(reason=type(e).__name__)
+            log.error("reload failed, still serving the previous models: %s", detail)
+            if not isinstance(e, (ModelSetError, OSError)):
+                log.debug("reload failure", exc_info=True)
             return False
         self._install(ms)
         self.reload_error = None
         self.reloads += 1
-        self.publish_startup()
+        self.broadcaster.publish_many(events)
         return True
 
     async def _watch_models(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -267,7 +285,7 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         ms = self.modelset
         return {
-            "ok": ms is not None or self.demo,
+            "ok": ms is not None or self.demo or self.fleet is not None,
             "uptime_s": round(time.time() - self.started_at, 1),
             "schema_hash": schema_hash(),
             "models": ms.describe() if ms is not None else None,
@@ -284,7 +302,21 @@ class Daemon:
             "store_error": self.store_error,
             "replay_dir": str(self.replay_dir) if self.replay_dir else None,
             "clients": self.broadcaster.client_count,
+            **({"mqtt": self.mqtt.health()} if self.mqtt is not None else {}),
+            **({"fleet": self.fleet.health()} if self.fleet is not None else {}),
         }
+
+    def node_status(self) -> Any:
+        """What this node's MQTT status says about it (edge.mqtt heartbeats)."""
+        from schema.events import NodeStatus
+
+        ms = self.modelset
+        return NodeStatus(
+            state="online",
+            models=[m.key for m in ms.models] if ms is not None else None,
+            primary_model=self.engine.primary.key if self.engine is not None else None,
+            live_episodes=len(self.tailer.episodes),
+        )
 
     # --- run ---
 
@@ -305,6 +337,8 @@ class Daemon:
                         health=self.health,
                         metrics=self.metrics,
                         publish_token=self.publish_token,
+                        allowed_hosts=self.allowed_hosts,
+                        trust_loopback=self.trust_loopback,
                         task_status=task_status,
                     )
                 )
@@ -319,6 +353,10 @@ class Daemon:
                     n.start_soon(self._store_loop)
                 if self.models_dir is not None:
                     await n.start(self._watch_models)
+                if self.mqtt is not None:
+                    await n.start(self.mqtt.run)
+                if self.fleet is not None:
+                    await n.start(self.fleet.run)
                 if self.demo:
                     from edge.demo import run_demo
 
@@ -350,6 +388,21 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("PHASEWATCH_PUBLISH_TOKEN"),
         help="bearer token for POST /publish from other hosts (env PHASEWATCH_PUBLISH_TOKEN)",
     )
+    ap.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name /publish and /ws answer to besides localhost, this machine's names and "
+        "addresses and --bind (repeatable; e.g. the name a reverse proxy forwards)",
+    )
+    ap.add_argument(
+        "--no-trust-loopback",
+        dest="trust_loopback",
+        action="store_false",
+        help="loopback peers need the token too (behind a reverse proxy on this host, where every "
+        "request comes from loopback); needs --publish-token",
+    )
     ap.add_argument("--demo", action="store_true", help="publish demo events (no models needed)")
     ap.add_argument(
         "--all-predictions",
@@ -359,6 +412,26 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--poll-ms", type=float, default=20.0, help="tail tick in ms (default 20)")
     ap.add_argument(
         "--idle-timeout", type=float, default=60.0, help="finalise a silent episode after this many s"
+    )
+    ap.add_argument(
+        "--mqtt",
+        default=os.environ.get("PHASEWATCH_MQTT"),
+        metavar="URL",
+        help="also publish every event to mqtt[s]://[user:pass@]host[:port] (env PHASEWATCH_MQTT)",
+    )
+    ap.add_argument(
+        "--node-id",
+        default=os.environ.get("PHASEWATCH_NODE_ID"),
+        help="this daemon's name under phasewatch/v1/ (default: the hostname; env PHASEWATCH_NODE_ID)",
+    )
+    ap.add_argument(
+        "--mqtt-ca",
+        type=Path,
+        default=os.environ.get("PHASEWATCH_MQTT_CA"),
+        help="CA certificate for mqtts:// (env PHASEWATCH_MQTT_CA)",
+    )
+    ap.add_argument(
+        "--fleet", metavar="URL", help="serve the deck for every node on this broker (no models needed)"
     )
     ap.add_argument("--log-level", default="INFO")
     return ap
@@ -370,8 +443,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.models is None and not args.demo:
-        ap.error("--models DIR is required (or --demo for demo events)")
+    if args.models is None and not args.demo and not args.fleet:
+        ap.error("--models DIR is required (or --demo for demo events, --fleet URL for a fleet deck)")
+    if not args.trust_loopback and not args.publish_token:
+        ap.error("--no-trust-loopback leaves nobody able to publish: give --publish-token too")
+    from edge.mqtt import cli_settings
+
+    try:
+        mqtt_settings = cli_settings(args.mqtt, args.node_id, args.mqtt_ca, args.fleet)
+    except ValueError as e:
+        ap.error(str(e))
     if args.speed <= 0:
         ap.error("--speed must be > 0")
     for d in args.live:
@@ -388,12 +469,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         bind=args.bind,
         port=args.port,
         publish_token=args.publish_token,
+        allowed_hosts=args.allowed_host,
+        trust_loopback=args.trust_loopback,
         demo=args.demo,
         poll_s=args.poll_ms / 1000.0,
         tail=TailConfig(idle_s=args.idle_timeout),
         all_predictions=args.all_predictions,
         state_dir=Path(state.split(":")[0]) if state else None,
     )
+    mqtt_settings.install(daemon)
     if args.models is not None:
         t = time.perf_counter()
         try:

@@ -32,22 +32,24 @@ import msgspec
 import numpy as np
 import trio
 
-from schema.reader import ArchiveError, Limits, iter_members
-from schema.vocab import DONE_MEMBER, EVENTS_MEMBER, LABELS_MEMBER, META_MEMBER, SOURCE_MEMBER
+from schema.reader import NO_TIME, ArchiveError, Limits, decode_meta, iter_members, line_times
+from schema.rows import EpisodeMeta
+from schema.vocab import (
+    DONE_MEMBER,
+    EVENTS_MEMBER,
+    LABELS_MEMBER,
+    META_MEMBER,
+    SOURCE_MEMBER,
+    episode_id_from_path,
+)
 
 log = logging.getLogger("edge.replay")
 
 # Members a collector appends to, in the order a new episode creates them.
 STREAM_MEMBERS = (LABELS_MEMBER, EVENTS_MEMBER, *SOURCE_MEMBER.values())
+# Only to rewrite a line's clock in place (its value is read with the reader's decoder).
 _T_WALL = re.compile(rb'"t_wall_ns"\s*:\s*(-?\d+)')
 _TICK_S = 0.01  # lines due within one tick are written together
-
-
-class _T(msgspec.Struct):
-    t_wall_ns: int
-
-
-_t_decoder = msgspec.json.Decoder(_T)
 
 
 class ReplayError(RuntimeError):
@@ -78,16 +80,11 @@ def _member(name: str, data: bytes) -> Member:
     nl = np.flatnonzero(np.frombuffer(data, np.uint8) == 10).astype(np.int64)
     ends = nl + 1
     starts = np.concatenate(([0], ends[:-1])).astype(np.int64) if len(ends) else np.zeros(0, np.int64)
-    t = np.empty(len(ends), np.int64)
-    last = np.iinfo(np.int64).min
-    for i in range(len(ends)):
-        m = _T_WALL.search(data, int(starts[i]), int(ends[i]))
-        if m is not None:
-            try:
-                last = int(m.group(1))
-            except ValueError:
-                pass
-        t[i] = last
+    t = line_times(data)
+    # a line without a readable time inherits its predecessor's
+    known = np.where(t != NO_TIME, np.arange(len(t)), -1)
+    np.maximum.accumulate(known, out=known)
+    t = np.where(known >= 0, t[np.maximum(known, 0)], NO_TIME)
     return Member(name, data, starts, ends, t)
 
 
@@ -95,13 +92,13 @@ def _member(name: str, data: bytes) -> Member:
 class ReplayEpisode:
     host: str
     episode_id: str
-    meta: dict
+    meta: EpisodeMeta
     members: dict[str, Member]
     done: bool
 
     @property
     def started_ns(self) -> int:
-        return int(self.meta["started_ns"])
+        return self.meta.started_ns
 
 
 def load_episode(path: Path, limits: Limits = REPLAY_LIMITS) -> ReplayEpisode:
@@ -113,13 +110,12 @@ def load_episode(path: Path, limits: Limits = REPLAY_LIMITS) -> ReplayEpisode:
     if META_MEMBER not in raw:
         raise ReplayError(f"{path}: no meta.json member")
     try:
-        meta = msgspec.json.decode(raw[META_MEMBER])
-        int(meta["started_ns"])
-    except (msgspec.DecodeError, KeyError, TypeError, ValueError) as e:
-        raise ReplayError(f"{path}: meta.json: unreadable started_ns ({e})") from None
+        meta = decode_meta(raw[META_MEMBER])
+    except msgspec.DecodeError as e:
+        raise ReplayError(f"{path}: meta.json: {e}") from None
     members = {m: _member(m, raw[m]) for m in STREAM_MEMBERS if m in raw}
-    host = str(meta.get("host_id") or path.parent.name)
-    eid = str(meta.get("episode_id") or path.name.removesuffix(".tar.zst"))
+    host = meta.host_id or path.parent.name
+    eid = meta.episode_id or episode_id_from_path(path)
     return ReplayEpisode(host, eid, meta, members, DONE_MEMBER in raw)
 
 
@@ -143,11 +139,12 @@ async def replay_episode(
     d = out / ep.host / eid
     d.mkdir(parents=True, exist_ok=False)
     offset = time.time_ns() - ep.started_ns if shift_to_now else 0
-    meta = dict(ep.meta)
-    meta["episode_id"] = eid
-    for k in ("started_ns", "ended_ns"):
-        if isinstance(meta.get(k), int):
-            meta[k] += offset
+    meta = msgspec.structs.replace(
+        ep.meta,
+        episode_id=eid,
+        started_ns=ep.meta.started_ns + offset,
+        ended_ns=ep.meta.ended_ns + offset,
+    )
     # meta.json appears whole (written aside, then renamed), as a careful collector does.
     tmp = d / ".meta.json.tmp"
     tmp.write_bytes(msgspec.json.encode(meta))

@@ -15,13 +15,20 @@ Routes (HTTP/1.1 parsed with h11; keep-alive supported):
     WebSocket (trio-websocket on the same connection): the sticky replay, then live events,
     one JSON event per text message. Pinged every ``ws_ping_interval`` s; a client that does
     not pong within ``ws_pong_timeout`` s, or cannot take one message in ``ws_send_timeout``
-    s, is closed. What clients send is read and ignored.
+    s, is closed. What clients send is read and dropped; a binary frame (1003), a message over
+    ``ws_max_incoming`` (1009) or more than ``ws_incoming_burst`` messages in
+    ``ws_incoming_window`` s (1008) closes that client.
 ``POST /publish``
     one event or a JSON list (SPEC section 7), all validated before any is published.
     200 ``{"delivered": n}`` (n: browsers the events were queued for); 400
     ``{"error": ..., "field": "$.accuracy"}``; 401 unless the peer is loopback or sends
     ``Authorization: Bearer <publish_token>``; 403 for a browser's cross-origin POST; 413
-    over ``max_body``.
+    over ``max_body``, sent after reading the body when it is under ``max_drain`` (a client
+    that writes all before reading, as urllib does, would otherwise meet a reset, not the 413).
+
+``/publish`` and ``/ws`` answer only to the ``Host`` names of ``edge.access.HostPolicy``
+(403 otherwise: DNS rebinding). ``Server.handle(stream, peer)`` serves one connection on any
+``trio.abc.Stream``; the HTTP plumbing is ``edge.httpio``.
 ``GET /healthz``
     ``health()`` as JSON, plus ``clients``.
 ``GET /metrics``
@@ -33,15 +40,12 @@ a peer runs under a deadline from ``Limits``.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
+import collections
 import logging
 import mimetypes
-import re
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,8 +55,24 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from schema.events import decode_events
+from schema.publisher import MAX_BODY
+from schema.rows import error_path
 
+from .access import HostPolicy, host_name, is_loopback, publish_allowed
 from .broadcast import Broadcaster, Client, ClientClosed
+from .httpio import (
+    RECV,
+    ReplayStream,
+    Reply,
+    TooLarge,
+    discard_unread,
+    drain_body,
+    header,
+    next_request,
+    read_body,
+    request_head,
+    send_reply,
+)
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 
@@ -71,7 +91,14 @@ class Limits:
     ws_pong_timeout: float = 10.0
     ws_send_timeout: float = 10.0  # one message to one client
     ws_max_incoming: int = 4 << 10  # largest client message; bigger ones close the socket (1009)
+    ws_incoming_burst: int = 32  # client messages per ws_incoming_window s; more is a flood (1008)
+    ws_incoming_window: float = 1.0
     ws_close_timeout: float = 2.0
+    max_drain: int = 16 << 20  # an over-limit body up to this size is read before the 413 (see drain_body)
+
+
+# Why the server ends a WebSocket itself, and the close code the client is told.
+WS_CLOSE_CODES: Final[Mapping[str, int]] = {"ws_binary": 1003, "ws_flood": 1008, "ws_too_big": 1009}
 
 
 # What may end one connection, and the reason it is counted under
@@ -102,42 +129,12 @@ CONTENT_TYPES: Final[Mapping[str, str]] = {
     ".txt": "text/plain; charset=utf-8",
 }
 
-_JSON: Final = "application/json"
-_RECV: Final = 16 << 10
-_FIELD_AT = re.compile(r" - at `(\$[^`]*)`$")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
-_json = msgspec.json.Encoder()
-
-
-def publish_allowed(
-    peer: str | None, authorization: str | None, token: str | None, *, trust_loopback: bool = True
-) -> bool:
-    """May this request publish? A matching bearer token always may; loopback may without one."""
-    if token and authorization:
-        scheme, _, credential = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), token.encode()):
-            return True
-    return trust_loopback and peer is not None and is_loopback(peer)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+__all__ = ["PEER_ERRORS", "HostPolicy", "Limits", "Server", "is_loopback", "publish_allowed", "serve"]
 
 
 def validation_field(error: msgspec.DecodeError) -> str | None:
     """The JSON path msgspec blames (``$.accuracy``, ``$[2].phase``), if any."""
-    text = str(error)
-    at = _FIELD_AT.search(text)
-    missing = _MISSING.search(text)
-    if missing:
-        return f"{at.group(1) if at else '$'}.{missing.group(1)}"
-    return at.group(1) if at else None
+    return error_path(str(error))
 
 
 def _classify(exc: BaseException) -> str:
@@ -150,48 +147,6 @@ def _classify(exc: BaseException) -> str:
         if len(reasons) == 1:
             return reasons.pop()
     return "internal"
-
-
-class _ReplayStream(trio.abc.Stream):
-    """A stream that first hands back bytes already read, so trio-websocket sees the whole request."""
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            chunk, self._prefix = self._prefix[:n], self._prefix[n:]
-            await trio.lowlevel.checkpoint()
-            return chunk
-        return bytes(await self._stream.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
-class _TooLarge(Exception):
-    pass
-
-
-@dataclass
-class _Reply:
-    status: int
-    body: bytes = b""
-    content_type: str = _JSON
-    headers: tuple[tuple[str, str], ...] = ()
-    close: bool = False
-
-    @classmethod
-    def json(cls, status: int, obj: Any, **kw: Any) -> _Reply:
-        return cls(status, _json.encode(obj), _JSON, **kw)
 
 
 def _load_static(root: Path, parts: list[str], max_bytes: int) -> tuple[bytes, str] | None:
@@ -215,26 +170,31 @@ def _load_static(root: Path, parts: list[str], max_bytes: int) -> tuple[bytes, s
 
 
 # (request, peer address, its h11 connection, its stream) -> the reply
-_Handler = Callable[[h11.Request, "str | None", h11.Connection, trio.abc.Stream], Awaitable[_Reply]]
+_Handler = Callable[[h11.Request, "str | None", h11.Connection, trio.abc.Stream], Awaitable[Reply]]
 
 
-class _Server:
+class Server:
+    """The routes and the per-connection protocol; ``handle(stream, peer)`` serves one
+    connection on any ``trio.abc.Stream`` (``serve`` gives it TCP ones)."""
+
     def __init__(
         self,
         broadcaster: Broadcaster,
         *,
-        static_root: Path | None,
-        health: Callable[[], Mapping[str, Any]],
-        metrics: Metrics,
-        publish_token: str | None,
-        max_body: int,
-        limits: Limits,
-        trust_loopback: bool,
+        static_root: Path | None = None,
+        health: Callable[[], Mapping[str, Any]] = dict,
+        metrics: Metrics | None = None,
+        publish_token: str | None = None,
+        max_body: int = MAX_BODY,
+        limits: Limits = Limits(),
+        trust_loopback: bool = True,
+        hosts: HostPolicy | None = None,
     ) -> None:
         self.broadcaster = broadcaster
         self.static_root = static_root
         self.health = health
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else broadcaster.metrics
+        self.hosts = hosts if hosts is not None else HostPolicy.for_daemon()
         self.publish_token = publish_token
         self.max_body = max_body
         self.limits = limits
@@ -245,118 +205,137 @@ class _Server:
             "/metrics": (("GET", "HEAD"), self._metrics),
         }
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        """One TCP connection; never raises (except Cancelled), so the server outlives any peer."""
+    async def handle(self, stream: trio.abc.Stream, peer: str | None = None) -> None:
+        """One connection (``peer``: its address, else the socket's); never raises (except
+        Cancelled), so the server outlives any peer."""
+        peer = peer if peer is not None else _peer(stream)
         try:
-            await self._connection(stream)
+            await self._connection(stream, peer)
         except Exception as exc:
             reason = _classify(exc)
             self.metrics.connection_errors.inc(reason=reason)
             if reason == "internal":
-                logger.exception("connection from %s failed", _peer(stream))
+                logger.exception("connection from %s failed", peer)
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        peer = _peer(stream)
+    async def _connection(self, stream: trio.abc.Stream, peer: str | None) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
         for _ in range(self.limits.max_requests):
             try:
                 with trio.fail_after(self.limits.head_timeout):
-                    request = await _next_request(stream, conn)
+                    request = await next_request(stream, conn)
             except h11.RemoteProtocolError as exc:
                 await self._refuse(stream, conn, exc.error_status_hint, str(exc))
                 raise
             if request is None:
                 return
             path = urllib.parse.urlsplit(request.target.decode("latin-1")).path
-            if path == "/ws" and request.method == b"GET" and _header(request, b"upgrade"):
+            if path == "/ws" and request.method == b"GET" and header(request, b"upgrade"):
                 await self._websocket(stream, conn, request)
                 return
             with trio.fail_after(self.limits.request_timeout):
                 reply = await self._dispatch(request, path, peer, conn, stream)
-                await _send_reply(stream, conn, reply, head_only=request.method == b"HEAD")
+                await send_reply(stream, conn, reply, head_only=request.method == b"HEAD")
                 if conn.our_state is h11.DONE and conn.their_state is h11.SEND_BODY:
                     # a GET's (empty) body is still unread; read it so the connection can be reused
                     try:
-                        await _read_body(stream, conn, _RECV)
-                    except _TooLarge:
+                        await read_body(stream, conn, RECV)
+                    except TooLarge:
                         return
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                 conn.start_next_cycle()
             else:
                 if conn.their_state is h11.SEND_BODY:
-                    await _discard_unread(stream, self.max_body)
+                    await discard_unread(stream, self.max_body)
                 return
 
     async def _refuse(self, stream: trio.abc.Stream, conn: h11.Connection, status: int, detail: str) -> None:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with trio.move_on_after(self.limits.request_timeout):
-                await _send_reply(stream, conn, _Reply.json(status, {"error": detail}, close=True))
+                await send_reply(stream, conn, Reply.json(status, {"error": detail}, close=True))
 
     async def _dispatch(
         self, request: h11.Request, path: str, peer: str | None, conn: h11.Connection, stream: trio.abc.Stream
-    ) -> _Reply:
+    ) -> Reply:
         method = request.method.decode("latin-1")
         if path == "/ws":
-            return _Reply.json(426, {"error": "GET /ws is a WebSocket"}, headers=(("upgrade", "websocket"),))
+            return Reply.json(426, {"error": "GET /ws is a WebSocket"}, headers=(("upgrade", "websocket"),))
         route = self.routes.get(path)
         allowed, handler = route if route else (("GET", "HEAD"), self._static)
         if method not in allowed:
-            return _Reply.json(
+            return Reply.json(
                 405, {"error": f"{method} not allowed on {path}"}, headers=(("allow", ", ".join(allowed)),)
             )
         return await handler(request, peer, conn, stream)
 
     async def _publish(
         self, request: h11.Request, peer: str | None, conn: h11.Connection, stream: trio.abc.Stream
-    ) -> _Reply:
-        auth = _header(request, b"authorization")
+    ) -> Reply:
+        if refused := self._misdirected(request):
+            return refused
+        auth = header(request, b"authorization")
         if not publish_allowed(peer, auth, self.publish_token, trust_loopback=self.trust_loopback):
-            return _Reply.json(
+            return Reply.json(
                 401,
                 {"error": "publishing needs loopback or Authorization: Bearer <token>"},
                 headers=(("www-authenticate", "Bearer"),),
                 close=True,
             )
-        origin = _header(request, b"origin")
-        if origin and urllib.parse.urlsplit(origin).netloc != (_header(request, b"host") or ""):
+        origin = header(request, b"origin")
+        if origin and urllib.parse.urlsplit(origin).netloc != (header(request, b"host") or ""):
             # a web page in some browser may not post to a daemon it happens to reach
-            return _Reply.json(403, {"error": f"cross-origin publish from {origin} refused"}, close=True)
-        length = _header(request, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return _Reply.json(413, {"error": f"body of {length} bytes is over {self.max_body}"}, close=True)
+            return Reply.json(403, {"error": f"cross-origin publish from {origin} refused"}, close=True)
+        length = header(request, b"content-length")
+        declared = int(length) if length is not None and length.isdigit() else None
+        if declared is not None and declared > self.max_body:
+            if declared <= self.limits.max_drain:  # read it, so a client still writing sees the 413
+                await drain_body(stream, conn, self.limits.max_drain)
+            return Reply.json(413, {"error": f"body of {length} bytes is over {self.max_body}"}, close=True)
         try:
-            body = await _read_body(stream, conn, self.max_body)
-        except _TooLarge:
-            return _Reply.json(413, {"error": f"body is over {self.max_body} bytes"}, close=True)
+            body = await read_body(stream, conn, self.max_body)
+        except TooLarge:
+            await drain_body(stream, conn, self.limits.max_drain)
+            return Reply.json(413, {"error": f"body is over {self.max_body} bytes"}, close=True)
         try:
             events = decode_events(body)
         except msgspec.DecodeError as exc:
             self.metrics.parse_errors.inc(stream="publish")
             field = validation_field(exc)
-            return _Reply.json(400, {"error": str(exc), **({"field": field} if field else {})})
-        return _Reply.json(200, {"delivered": self.broadcaster.publish_many(events)})
+            return Reply.json(400, {"error": str(exc), **({"field": field} if field else {})})
+        return Reply.json(200, {"delivered": self.broadcaster.publish_many(events)})
+
+    def _misdirected(self, request: h11.Request) -> Reply | None:
+        """403 unless Host is a name this daemon answers to (DNS rebinding; see edge.access)."""
+        host = header(request, b"host")
+        if self.hosts.allows(host):
+            return None
+        name = host_name(host or "") or host
+        return Reply.json(
+            403,
+            {"error": f"Host {name!r} is not a name of this daemon (add --allowed-host {name})"},
+            close=True,
+        )
 
     async def _healthz(
         self, request: h11.Request, peer: str | None, conn: h11.Connection, stream: trio.abc.Stream
-    ) -> _Reply:
+    ) -> Reply:
         try:
             body = {**self.health(), "clients": self.broadcaster.client_count}
-            return _Reply.json(200, body)
+            return Reply.json(200, body)
         except Exception as exc:  # a broken health callback is a 500, not a dead server
             logger.exception("health() failed")
-            return _Reply.json(500, {"error": f"health check failed: {exc!r}"})
+            return Reply.json(500, {"error": f"health check failed: {exc!r}"})
 
     async def _metrics(
         self, request: h11.Request, peer: str | None, conn: h11.Connection, stream: trio.abc.Stream
-    ) -> _Reply:
-        return _Reply(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
+    ) -> Reply:
+        return Reply(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
 
     async def _static(
         self, request: h11.Request, peer: str | None, conn: h11.Connection, stream: trio.abc.Stream
-    ) -> _Reply:
-        not_found = _Reply.json(404, {"error": "not found"})
+    ) -> Reply:
+        not_found = Reply.json(404, {"error": "not found"})
         if self.static_root is None:
             return not_found
         path = urllib.parse.unquote(urllib.parse.urlsplit(request.target.decode("latin-1")).path)
@@ -371,19 +350,19 @@ class _Server:
         if found is None:
             return not_found
         data, ctype = found
-        return _Reply(200, data, ctype)
+        return Reply(200, data, ctype)
 
     async def _websocket(self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request) -> None:
         if (
-            "websocket" not in (_header(request, b"upgrade") or "").lower()
-            or not _header(request, b"sec-websocket-key")
-            or _header(request, b"sec-websocket-version") != "13"
+            "websocket" not in (header(request, b"upgrade") or "").lower()
+            or not header(request, b"sec-websocket-key")
+            or header(request, b"sec-websocket-version") != "13"
         ):
             with trio.fail_after(self.limits.request_timeout):
-                await _send_reply(
+                await send_reply(
                     stream,
                     conn,
-                    _Reply.json(
+                    Reply.json(
                         400,
                         {"error": "bad WebSocket handshake"},
                         headers=(("sec-websocket-version", "13"),),
@@ -391,8 +370,12 @@ class _Server:
                     ),
                 )
             return
+        if refused := self._misdirected(request):
+            with trio.fail_after(self.limits.request_timeout):
+                await send_reply(stream, conn, refused)
+            return
         # trio-websocket does the handshake itself: hand it the request exactly as received.
-        replay = _ReplayStream(stream, _request_head(request) + conn.trailing_data[0])
+        replay = ReplayStream(stream, request_head(request) + conn.trailing_data[0])
         async with trio.open_nursery() as nursery:
             with trio.fail_after(self.limits.ws_handshake_timeout):
                 proposal = await wrap_server_stream(
@@ -403,15 +386,18 @@ class _Server:
             try:
                 ending = await self._session(ws)
             finally:
+                code = WS_CLOSE_CODES.get(ending)
                 if ending != "closed":
                     self.metrics.connection_errors.inc(reason=ending)
+                if ending != "closed" and code is None:
                     await trio.aclose_forcefully(replay)  # it is not reading: no polite close
                 with trio.move_on_after(self.limits.ws_close_timeout):
-                    await ws.aclose()
+                    await ws.aclose(code or 1000, None if code is None else ending)
                 nursery.cancel_scope.cancel()
 
     async def _session(self, ws: WebSocketConnection) -> str:
-        """Serve one browser until it goes; returns why: closed, stalled, send_timeout, pong_timeout."""
+        """Serve one browser until it goes; returns why: closed, stalled, send_timeout,
+        pong_timeout, or a ``WS_CLOSE_CODES`` reason for what it sent."""
         ending: list[str] = []
         async with self.broadcaster.subscribe() as client:
             async with trio.open_nursery() as nursery:
@@ -424,7 +410,7 @@ class _Server:
 
                 nursery.start_soon(until_first_ends, lambda: self._pump(ws, client))
                 nursery.start_soon(until_first_ends, lambda: self._keepalive(ws))
-                nursery.start_soon(until_first_ends, lambda: _ignore_incoming(ws))
+                nursery.start_soon(until_first_ends, lambda: self._incoming(ws))
                 nursery.start_soon(until_first_ends, client.wait_closed)
         return ending[0] if ending and ending[0] != "disconnected" else "closed"
 
@@ -460,27 +446,21 @@ class _Server:
         except ConnectionClosed:
             return "closed"
 
-
-async def _ignore_incoming(ws: WebSocketConnection) -> str:
-    # Reading keeps trio-websocket's small queue moving, so pongs and closes get through.
-    try:
-        while True:
-            await ws.get_message()
-    except ConnectionClosed:
-        return "closed"
-
-
-async def _discard_unread(stream: trio.abc.Stream, limit: int, timeout: float = 1.0) -> None:
-    """After refusing a body: read and drop some of it before closing, since closing a socket
-    with unread input sends a reset that can destroy the reply before the client reads it."""
-    with trio.move_on_after(timeout):
-        await stream.send_eof()  # type: ignore[attr-defined]
-        seen = 0
-        while seen <= 4 * limit:
-            chunk = await stream.receive_some(_RECV)
-            if not chunk:
-                return
-            seen += len(chunk)
+    async def _incoming(self, ws: WebSocketConnection) -> str:
+        """What a client sends is read (so pongs and closes get through trio-websocket's small
+        queue) and dropped; a binary frame or a flood of text frames ends that client."""
+        burst, window = self.limits.ws_incoming_burst, self.limits.ws_incoming_window
+        seen: collections.deque[float] = collections.deque(maxlen=burst + 1)
+        try:
+            while True:
+                message = await ws.get_message()
+                if isinstance(message, bytes):
+                    return "ws_binary"
+                seen.append(trio.current_time())
+                if len(seen) > burst and seen[-1] - seen[0] < window:
+                    return "ws_flood"
+        except ConnectionClosed as exc:
+            return "ws_too_big" if exc.reason is not None and exc.reason.code == 1009 else "closed"
 
 
 def _peer(stream: trio.abc.Stream) -> str | None:
@@ -488,72 +468,6 @@ def _peer(stream: trio.abc.Stream) -> str | None:
         return str(stream.socket.getpeername()[0])  # type: ignore[attr-defined]
     except (AttributeError, OSError, IndexError, TypeError):
         return None
-
-
-def _header(request: h11.Request, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _request_head(request: h11.Request) -> bytes:
-    lines = [b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)]
-    lines += [name + b": " + value for name, value in request.headers.raw_items()]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-async def _next_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
-    """The next request head, or None when the peer closed between requests."""
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(_RECV)))
-        elif isinstance(event, h11.Request):
-            return event
-        else:  # ConnectionClosed, or PAUSED after a refused upgrade
-            return None
-
-
-async def _read_body(stream: trio.abc.Stream, conn: h11.Connection, limit: int) -> bytes:
-    if conn.they_are_waiting_for_100_continue:  # curl waits a second for this before a big body
-        await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(_RECV)))
-        elif isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > limit:  # chunked or lying Content-Length: enforce while reading
-                raise _TooLarge
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            return b"".join(chunks)
-        else:
-            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in request body")
-
-
-async def _send_reply(
-    stream: trio.abc.Stream, conn: h11.Connection, reply: _Reply, *, head_only: bool = False
-) -> None:
-    headers = [
-        ("content-type", reply.content_type),
-        ("content-length", str(len(reply.body))),
-        ("cache-control", "no-cache"),
-        ("x-content-type-options", "nosniff"),
-        *reply.headers,
-    ]
-    if reply.close:
-        headers.append(("connection", "close"))
-    out = conn.send(
-        h11.Response(status_code=reply.status, headers=headers, reason=HTTPStatus(reply.status).phrase)
-    )
-    if reply.body and not head_only:
-        out += conn.send(h11.Data(data=reply.body))
-    out += conn.send(h11.EndOfMessage())
-    await stream.send_all(out)
 
 
 async def serve(
@@ -565,19 +479,21 @@ async def serve(
     health: Callable[[], Mapping[str, Any]] = dict,
     metrics: Metrics | None = None,
     publish_token: str | None = None,
-    max_body: int = 1 << 20,
+    max_body: int = MAX_BODY,
     limits: Limits = Limits(),
     trust_loopback: bool = True,
+    allowed_hosts: Sequence[str] = (),
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; ``task_status.started`` gets the listeners (as ``trio.serve_tcp``).
 
     ``metrics`` defaults to the broadcaster's, so events sent/dropped and clients show up in
     /metrics either way. ``trust_loopback=False`` makes even loopback peers need the token
-    (for a daemon behind a reverse proxy on the same host).
+    (for a daemon behind a reverse proxy on the same host). ``/publish`` and ``/ws`` answer only
+    to ``Host`` names in ``HostPolicy.for_daemon(host, allowed_hosts)``.
     """
     static_root = None if static_dir is None else await trio.Path(static_dir).resolve()
-    server = _Server(
+    server = Server(
         broadcaster,
         static_root=None if static_root is None else Path(static_root),
         health=health,
@@ -586,5 +502,6 @@ async def serve(
         max_body=max_body,
         limits=limits,
         trust_loopback=trust_loopback,
+        hosts=HostPolicy.for_daemon(host, allowed_hosts),
     )
     await trio.serve_tcp(server.handle, port, host=host, task_status=task_status)

@@ -22,11 +22,9 @@ from pathlib import Path
 from schema.events import Episode, HostSummary, Snapshot, StatusCounts
 from schema.reader import read_episode
 from schema.validation import IndexRecord, index_record, read_index
-from schema.vocab import STATUSES
+from schema.vocab import INDEX_NAME, STATUSES, sidecar_path
 
 log = logging.getLogger("edge.storewatch")
-
-INDEX_NAME = "index.jsonl"
 
 
 @dataclass
@@ -145,7 +143,7 @@ class StoreWatcher:
 
     def _classify(self, a: _Archive) -> IndexRecord:
         path = self.store / a.rel
-        sidecar = path.with_name(path.name + ".sha256")
+        sidecar = sidecar_path(path)
         try:
             side_m: int | None = os.stat(sidecar).st_mtime_ns
         except FileNotFoundError:

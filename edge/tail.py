@@ -34,9 +34,10 @@ import msgspec
 import numpy as np
 
 from schema.channels import LOOKBACK_NS, STEP_NS, STRIDE_STEPS
-from schema.extract import window_centre_ns, window_complete, window_last_step_ns
-from schema.reader import MEMBER_SOURCE, Problem, StreamColumns, decode_rows
-from schema.rows import EpisodeMeta, Label, row_fields
+from schema.columns import ColumnBuilder, StreamColumns
+from schema.extract import window_centre_ns, window_last_step_ns, window_start_ns
+from schema.reader import MEMBER_SOURCE, Problem, ReasonCode, decode_labels, decode_meta, decode_rows
+from schema.rows import EpisodeMeta, Label
 from schema.vocab import DONE_MEMBER, LABELS_MEMBER, META_MEMBER, PHASES, SOURCE_MEMBER, SOURCES
 
 log = logging.getLogger("edge.tail")
@@ -259,64 +260,29 @@ class FileFollower:
 # --- one stream's rows ------------------------------------------------------------------
 
 
-class ColumnBuffer:
-    """The rows of one stream that the next windows still need, in arrival order.
-
-    Appends build new arrays and trims take slices, so a ``StreamColumns`` handed to the
-    inference thread is never changed under it. Bounded by ``max_rows``."""
+class ColumnBuffer(ColumnBuilder):
+    """The rows of one stream that the next windows still need, in arrival order: the
+    reader's :class:`~schema.columns.ColumnBuilder` (amortised O(1) appends, trims that move
+    an index), bounded by ``max_rows``, remembering when rows last came."""
 
     def __init__(self, source: str, max_rows: int) -> None:
-        self.source = source
+        super().__init__(source)
         self.max_rows = max_rows
-        n_fields = len(row_fields(source))
-        self.t_wall = np.zeros(0, np.int64)
-        self.t_mono = np.zeros(0, np.int64)
-        self.values = np.zeros((0, n_fields), np.float64)
-        self.malformed = 0
-        self.max_t: int | None = None
         self.last_append = -1e18  # tailer clock of the last rows added
 
-    def __len__(self) -> int:
-        return len(self.t_wall)
-
-    def append(self, cols: StreamColumns, now: float) -> tuple[int, int]:
+    def append_columns(self, cols: StreamColumns, now: float) -> tuple[int, int]:
         """Add decoded rows; returns (rows that stepped back in time, rows dropped for space)."""
-        t = cols.t_wall_ns
         self.malformed += cols.malformed
-        if not len(t):
+        if not len(cols):
             return 0, 0
         self.last_append = now
-        prev = np.iinfo(np.int64).min if self.max_t is None else self.max_t
-        running = np.maximum.accumulate(np.concatenate(([prev], t[:-1])))
-        back = int(np.count_nonzero(t < running))
-        self.max_t = max(prev, int(t.max()))
-        self.t_wall = np.concatenate((self.t_wall, t))
-        self.t_mono = np.concatenate((self.t_mono, cols.t_mono_ns))
-        self.values = np.concatenate((self.values, cols.values))
-        over = len(self.t_wall) - self.max_rows
-        if over > 0:
-            self._keep(slice(over, None))
-        return back, max(over, 0)
+        back, _ = self.append(cols.t_wall_ns, cols.t_mono_ns, cols.values)
+        return back, self.keep_last(self.max_rows)
 
-    def trim_before(self, t_ns: int) -> None:
-        """Forget rows older than ``t_ns`` (by time, not position: a clock step keeps order)."""
-        if len(self.t_wall) and int(self.t_wall.min()) < t_ns:
-            keep = self.t_wall >= t_ns
-            if keep.all():
-                return
-            idx = np.flatnonzero(keep)
-            if idx.size and idx[-1] - idx[0] + 1 == idx.size:
-                self._keep(slice(int(idx[0]), int(idx[-1]) + 1))
-            else:
-                self._keep(keep)
-
-    def _keep(self, sel: slice | np.ndarray) -> None:
-        self.t_wall = self.t_wall[sel]
-        self.t_mono = self.t_mono[sel]
-        self.values = self.values[sel]
-
-    def columns(self) -> StreamColumns:
-        return StreamColumns(self.source, self.t_wall, self.t_mono, self.values, self.malformed)
+    def reaches(self, t_ns: int) -> bool:
+        """A held row at or after ``t_ns`` (what ``window_complete`` asks of each stream)."""
+        t = self.t_wall_ns
+        return bool(t.size) and int(t.max()) >= t_ns
 
 
 # --- one episode ------------------------------------------------------------------------
@@ -342,10 +308,6 @@ class EpisodeUpdate:
     labels: list[Label] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     finished: bool = False
-
-
-_meta_decoder = msgspec.json.Decoder(EpisodeMeta)
-_label_decoder = msgspec.json.Decoder(Label)
 
 
 @dataclass(frozen=True)
@@ -436,7 +398,7 @@ class EpisodeTail:
     def _read_meta(self, now: float) -> None:
         try:
             raw = (self.path / META_MEMBER).read_bytes()
-            self.meta = _meta_decoder.decode(raw)
+            self.meta = decode_meta(raw)
         except FileNotFoundError:
             return
         except (msgspec.DecodeError, OSError) as e:
@@ -450,18 +412,15 @@ class EpisodeTail:
 
     def _ingest(self, member: str, first: int, data: bytes, up: EpisodeUpdate, now: float) -> None:
         if member == LABELS_MEMBER:
-            for i, line in enumerate(data.splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    lab = _label_decoder.decode(line)
-                except msgspec.DecodeError as e:
-                    self.counters.parse_errors += 1
-                    up.problems.append(Problem("malformed_line", member, first + i, None, str(e)))
-                    continue
+            labels, problems = decode_labels(data, first)
+            self.counters.parse_errors += len(problems)
+            up.problems.extend(problems)
+            one_to_one = not problems and len(labels) == data.count(b"\n")  # then label i is line first + i
+            for i, lab in enumerate(labels):
                 if lab.phase not in PHASES:
                     self.counters.parse_errors += 1
-                    up.problems.append(Problem("unknown_phase", member, first + i, "phase", lab.phase))
+                    line = first + i if one_to_one else None
+                    up.problems.append(Problem(ReasonCode.UNKNOWN_PHASE, member, line, "phase", lab.phase))
                     continue
                 self._add_label(lab)
                 up.labels.append(lab)
@@ -471,7 +430,7 @@ class EpisodeTail:
         if problems:
             self.counters.parse_errors += len(problems)
             up.problems.extend(problems)
-        back, over = self.buffers[source].append(cols, now)
+        back, over = self.buffers[source].append_columns(cols, now)
         self.counters.clock_steps += back
         self.counters.rows_overflowed += over
 
@@ -494,9 +453,9 @@ class EpisodeTail:
             return
         t0 = self.meta.started_ns
         present = {s: b for s, b in self.buffers.items() if b.max_t is not None}
-        if not present:
+        latest = max((b.max_t for b in present.values() if b.max_t is not None), default=None)
+        if latest is None:
             return
-        latest = max(b.max_t for b in present.values())  # type: ignore[type-var]
         # Attached mid-episode (or the grid origin is far behind the data): jump ahead.
         horizon = latest - self.cfg.backlog_windows * _STRIDE_NS
         if window_last_step_ns(t0, self.next_w) < horizon:
@@ -509,17 +468,20 @@ class EpisodeTail:
             last = window_last_step_ns(t0, w)
             if latest < last:
                 break
-            streams = {s: b.columns() for s, b in present.items() if len(b)}
-            if not streams:
+            held = [s for s, b in present.items() if len(b)]
+            if not held:
                 break
             # A stream that sent nothing for the grace period (stalled or died) no longer
             # holds windows back. Judged by the tailer's clock, not by data time: a stream
             # catching up on a backlog is far behind in data time but still growing.
-            alive = {s: c for s, c in streams.items() if now - present[s].last_append < self.cfg.grace_s}
-            complete = window_complete(alive, t0, w)
-            forced = (complete and len(alive) < len(streams)) or (not complete and final)
+            alive = [s for s in held if now - present[s].last_append < self.cfg.grace_s]
+            complete = bool(alive) and all(present[s].reaches(last) for s in alive)
+            forced = (complete and len(alive) < len(held)) or (not complete and final)
             if not (complete or forced):
                 break
+            # Only the rows this window reads are copied (extract_window's span).
+            lo = window_start_ns(t0, w) - LOOKBACK_NS
+            streams = {s: present[s].window(lo, last) for s in held}
             self.counters.windows_ready += 1
             self.counters.windows_forced += forced
             up.jobs.append(

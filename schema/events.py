@@ -6,7 +6,7 @@ optional, unknown fields are ignored, and unset fields are left off the wire.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Union
+from typing import Annotated, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -19,7 +19,9 @@ NonNegFloat = Annotated[float, Meta(ge=0.0)]
 
 
 class _Event(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
-    pass
+    # The fleet (SPEC section 10): which daemon emitted the event. Unset on a single daemon's
+    # WebSocket, so that traffic stays byte-identical; set on MQTT and on a fleet daemon's deck.
+    node: str | None = None
 
 
 class StatusCounts(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -110,15 +112,40 @@ class ModelPerf(_Event, tag="model_perf"):
     threat_model: str | None = None
 
 
-Event = Union[Snapshot, Episode, PhaseEvent, AttackProfile, Prediction, ModelMetric, Embedding, ModelPerf]
+Event = Snapshot | Episode | PhaseEvent | AttackProfile | Prediction | ModelMetric | Embedding | ModelPerf
 EVENT_TYPES: Final = tuple(
     t.__struct_config__.tag
     for t in (Snapshot, Episode, PhaseEvent, AttackProfile, Prediction, ModelMetric, Embedding, ModelPerf)
 )
 
+NodeState = Literal["online", "offline"]
+
+
+class NodeStatus(_Event, tag="status"):
+    """A daemon's birth, heartbeat and death on ``phasewatch/v1/<node>/status`` (retained).
+
+    The offline one is the MQTT last will, so a daemon killed with -9 reads offline too. Not an
+    ``Event``: /publish refuses it; only a fleet daemon relays it to its deck.
+    """
+
+    state: NodeState
+    version: str | None = None
+    schema_hash: str | None = None
+    models: list[str] | None = None
+    primary_model: str | None = None
+    live_episodes: NonNegInt | None = None
+    windows_per_s: NonNegFloat | None = None
+    dropped: NonNegInt | None = None  # events the MQTT outbox had to drop since start
+    t_ns: int | None = None  # when the node sent it (its wall clock)
+
+
+# What a fleet daemon reads off the broker and relays to its deck.
+FleetEvent = Event | NodeStatus
+
 # Bound once: decoding is the hot path of /publish.
 _one = msgspec.json.Decoder(Event)
-_one_or_many = msgspec.json.Decoder(Union[Event, list[Event]])
+_one_or_many = msgspec.json.Decoder(Event | list[Event])
+_fleet = msgspec.json.Decoder(FleetEvent)
 _encoder = msgspec.json.Encoder()
 
 
@@ -133,14 +160,24 @@ def decode_events(data: bytes | str) -> list[Event]:
     return out if isinstance(out, list) else [out]
 
 
+def decode_fleet_event(data: bytes | str) -> Event | NodeStatus:
+    """Decode one event or node status as the fleet reads it off the broker."""
+    return _fleet.decode(data)
+
+
 def from_dict(obj: dict) -> Event:
     """Validate a plain dict (an in-process producer) into its typed event."""
     return msgspec.convert(obj, Event)
 
 
-def encode_event(event: Event) -> bytes:
+def encode_event(event: Event | NodeStatus) -> bytes:
     return _encoder.encode(event)
 
 
-def event_type(event: Event) -> str:
+def with_node(event: Event, node: str) -> Event:
+    """The same event stamped with its node (a copy; the original stays unset)."""
+    return msgspec.structs.replace(event, node=node)
+
+
+def event_type(event: Event | NodeStatus) -> str:
     return type(event).__struct_config__.tag  # type: ignore[return-value]

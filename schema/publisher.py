@@ -12,11 +12,15 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
+
+# The largest body the daemon's POST /publish takes (edge.server.serve's max_body default).
+MAX_BODY: Final = 1 << 20
 
 
 class PublishError(RuntimeError):
-    """The daemon refused the events or could not be reached; ``status`` is the HTTP code or None."""
+    """The daemon refused the events or could not be reached; ``status`` is the HTTP code or None
+    (413 also when the body was refused here, before sending, for being over ``max_body``)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -35,11 +39,17 @@ def _builtin(event: Any) -> Any:
 
 class Publisher:
     def __init__(
-        self, url: str = "http://127.0.0.1:8080", token: str | None = None, timeout: float = 2.0
+        self,
+        url: str = "http://127.0.0.1:8080",
+        token: str | None = None,
+        timeout: float = 2.0,
+        max_body: int | None = MAX_BODY,
     ) -> None:
+        """``max_body``: refuse a bigger body here, before sending (None: let the daemon judge)."""
         self.endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/publish") else "/publish")
         self.token = token
         self.timeout = timeout
+        self.max_body = max_body
 
     def publish(self, events: Any | Iterable[Any]) -> int:
         """POST one event or a list; returns how many browsers it was delivered to."""
@@ -48,6 +58,12 @@ class Publisher:
         else:
             body = [_builtin(e) for e in events]
         data = json.dumps(body, allow_nan=False).encode()
+        if self.max_body is not None and len(data) > self.max_body:
+            raise PublishError(
+                f"{self.endpoint}: {len(data)} bytes of events are over the daemon's limit of "
+                f"{self.max_body} bytes; publish them in smaller lists",
+                413,
+            )
         req = urllib.request.Request(self.endpoint, data=data, method="POST")
         req.add_header("Content-Type", "application/json")
         if self.token:

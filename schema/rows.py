@@ -6,6 +6,7 @@ decodes the same; ids and clocks are ints. Unknown extra fields are ignored.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import msgspec
@@ -40,6 +41,12 @@ class Label(msgspec.Struct, kw_only=True):
 class OrchestratorEvent(msgspec.Struct, kw_only=True):
     t_wall_ns: int
     kind: str
+
+
+class Stamped(msgspec.Struct):
+    """What every JSONL record of an episode has (the rest is ignored): replay's clock."""
+
+    t_wall_ns: int
 
 
 class _Row(msgspec.Struct, kw_only=True):
@@ -120,3 +127,31 @@ def row_fields(source: str) -> tuple[str, ...]:
 
 for _s in SOURCES:  # the typed rows and the channel table must agree
     assert set(row_fields(_s)) <= set(ROW_TYPES[_s].__struct_fields__), _s
+
+
+# --- where msgspec says a decode went wrong ------------------------------------------------
+# msgspec names the place at the end of its message: "Expected `int`, got `str` - at `$[2].phase`",
+# and a missing field in the text: "Object missing required field `vcpus` - at `$.vm`".
+MSGSPEC_AT: Final = re.compile(r" - at `(\$[^`]*)`$")
+MSGSPEC_MISSING: Final = re.compile(r"missing required field `([^`]+)`")
+_FIRST_FIELD: Final = re.compile(r"\$(?:\[\d+\])?\.([A-Za-z_]\w*)")
+
+
+def error_path(message: str) -> str | None:
+    """The JSON path msgspec blames (``$.accuracy``, ``$[2].phase``, ``$.vm.vcpus``), if any."""
+    at = MSGSPEC_AT.search(message)
+    missing = MSGSPEC_MISSING.search(message)
+    if missing:
+        return f"{at.group(1) if at else '$'}.{missing.group(1)}"
+    return at.group(1) if at else None
+
+
+def error_field(message: str) -> str | None:
+    """The top-level field of a record msgspec blames (``phase`` for ``$[2].phase``), if any."""
+    at = MSGSPEC_AT.search(message)
+    if at:
+        m = _FIRST_FIELD.match(at.group(1))
+        if m:
+            return m.group(1)
+    missing = MSGSPEC_MISSING.search(message)
+    return missing.group(1) if missing else None

@@ -12,25 +12,97 @@ import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 import numpy as np
 
 from .channels import WINDOW_S
-from .reader import (
+from .vocab import (
+    DONE_MEMBER,
     EVENTS_MEMBER,
     LABELS_MEMBER,
     META_MEMBER,
-    EpisodeData,
-    Problem,
+    PHASES,
+    PROFILES,
+    SOURCE_MEMBER,
+    STATUSES,
     episode_id_from_path,
 )
-from .vocab import PHASES, PROFILES, SOURCE_MEMBER, STATUSES
+
+if TYPE_CHECKING:
+    from .reader import EpisodeData
 
 # Bump when a rule below changes, so a sweep re-reads archives it had judged by old rules.
-VALIDATOR_VERSION: Final = 1
+VALIDATOR_VERSION: Final = 2  # 2: zstd frame checksums verified (zstd_checksum)
+
+
+class ReasonCode(StrEnum):
+    """Every reason code; :data:`REASONS` says what each forces and means (same members, tested)."""
+
+    # a single bad line: spelled out in details, never a reason of its own (its share is)
+    MALFORMED_LINE = "malformed_line"
+    IO_ERROR = "io_error"
+    SHA256_MISMATCH = "sha256_mismatch"
+    ZSTD_CORRUPT = "zstd_corrupt"
+    ZSTD_CHECKSUM = "zstd_checksum"
+    TAR_CORRUPT = "tar_corrupt"
+    META_UNREADABLE = "meta_unreadable"
+    READER_CRASH = "reader_crash"
+    MISSING_META = "missing_meta"
+    MISSING_LABELS = "missing_labels"
+    MISSING_PROC = "missing_proc"
+    EMPTY_LABELS = "empty_labels"
+    LABELS_NOT_MONOTONIC = "labels_not_monotonic"
+    UNKNOWN_PHASE = "unknown_phase"
+    TOO_FEW_ROWS = "too_few_rows"
+    TOO_SHORT = "too_short"
+    UNSAFE_MEMBER = "unsafe_member"
+    MEMBER_TOO_LARGE = "member_too_large"
+    ARCHIVE_TOO_LARGE = "archive_too_large"
+    TOO_MANY_MALFORMED = "too_many_malformed"
+    NO_DONE_MARKER = "no_done_marker"
+    NO_SIDECAR = "no_sidecar"
+    SIDECAR_MALFORMED = "sidecar_malformed"
+    DUPLICATE_MEMBER = "duplicate_member"
+    MISSING_EVENTS = "missing_events"
+    MISSING_GUEST = "missing_guest"
+    MISSING_QMP = "missing_qmp"
+    MISSING_NETFLOW = "missing_netflow"
+    SPARSE_PROC = "sparse_proc"
+    SPARSE_GUEST = "sparse_guest"
+    SPARSE_QMP = "sparse_qmp"
+    SPARSE_NETFLOW = "sparse_netflow"
+    LONG_GAP = "long_gap"
+    MALFORMED_LINES = "malformed_lines"
+    LINE_TOO_LONG = "line_too_long"
+    UNKNOWN_PROFILE = "unknown_profile"
+
+
+@dataclass
+class Problem:
+    """One thing wrong, machine-readable and pointing at its place. ``code`` is a
+    :class:`ReasonCode`; a string that is not one raises ``ValueError`` at construction."""
+
+    code: ReasonCode
+    member: str | None = None  # archive member name (inside the episode directory)
+    line: int | None = None  # 1-based line number in that member
+    field: str | None = None  # JSON field when known (from msgspec's "$.field")
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        self.code = ReasonCode(self.code)
+
+    def __str__(self) -> str:
+        where = self.member or ""
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.field:
+            where += f" field {self.field}"
+        head = f"{self.code} {where}" if where else str(self.code)
+        return f"{head}: {self.detail}" if self.detail else head
 
 
 @dataclass(frozen=True)
@@ -39,50 +111,66 @@ class Reason:
     doc: str
 
 
-REASONS: Final[dict[str, Reason]] = {
+REASONS: Final[dict[ReasonCode, Reason]] = {
     # errored: cannot be read
-    "io_error": Reason("errored", "the archive file cannot be opened or read"),
-    "sha256_mismatch": Reason("errored", "the archive's sha256 differs from its sidecar"),
-    "zstd_corrupt": Reason("errored", "the zstd stream is corrupt or truncated"),
-    "tar_corrupt": Reason("errored", "the tar inside is corrupt or truncated"),
-    "meta_unreadable": Reason("errored", "meta.json is present but does not decode as EpisodeMeta"),
-    "reader_crash": Reason("errored", "the reader raised; the exception text is in details"),
+    ReasonCode.IO_ERROR: Reason("errored", "the archive file cannot be opened or read"),
+    ReasonCode.SHA256_MISMATCH: Reason("errored", "the archive's sha256 differs from its sidecar"),
+    ReasonCode.ZSTD_CORRUPT: Reason("errored", "the zstd stream is corrupt or truncated"),
+    ReasonCode.ZSTD_CHECKSUM: Reason(
+        "errored", "a zstd frame's content checksum does not match its decompressed bytes"
+    ),
+    ReasonCode.TAR_CORRUPT: Reason("errored", "the tar inside is corrupt or truncated"),
+    ReasonCode.META_UNREADABLE: Reason("errored", "meta.json is present but does not decode as EpisodeMeta"),
+    ReasonCode.READER_CRASH: Reason("errored", "the reader raised; the exception text is in details"),
     # rejected: readable, unusable
-    "missing_meta": Reason("rejected", "required member meta.json is missing"),
-    "missing_labels": Reason("rejected", "required member labels.jsonl is missing"),
-    "missing_proc": Reason("rejected", "required member telemetry-proc.jsonl is missing"),
-    "empty_labels": Reason("rejected", "labels.jsonl holds no readable label"),
-    "labels_not_monotonic": Reason("rejected", "a label's t_wall_ns is earlier than the one before"),
-    "unknown_phase": Reason("rejected", "a label names a phase outside the vocabulary"),
-    "too_few_rows": Reason("rejected", "telemetry-row gate: proc rows far below duration x rate"),
-    "too_short": Reason("rejected", "the episode is shorter than one window"),
-    "unsafe_member": Reason("rejected", "a member has an absolute or '..' path, or is a link or device"),
-    "member_too_large": Reason("rejected", "a member decompresses past Limits.max_member_bytes"),
-    "archive_too_large": Reason("rejected", "the archive decompresses past Limits.max_total_bytes (bomb)"),
-    "too_many_malformed": Reason("rejected", "more than MALFORMED_REJECT_SHARE of the lines are malformed"),
+    ReasonCode.MISSING_META: Reason("rejected", "required member meta.json is missing"),
+    ReasonCode.MISSING_LABELS: Reason("rejected", "required member labels.jsonl is missing"),
+    ReasonCode.MISSING_PROC: Reason("rejected", "required member telemetry-proc.jsonl is missing"),
+    ReasonCode.EMPTY_LABELS: Reason("rejected", "labels.jsonl holds no readable label"),
+    ReasonCode.LABELS_NOT_MONOTONIC: Reason("rejected", "a label's t_wall_ns is earlier than the one before"),
+    ReasonCode.UNKNOWN_PHASE: Reason("rejected", "a label names a phase outside the vocabulary"),
+    ReasonCode.TOO_FEW_ROWS: Reason("rejected", "telemetry-row gate: proc rows far below duration x rate"),
+    ReasonCode.TOO_SHORT: Reason("rejected", "the episode is shorter than one window"),
+    ReasonCode.UNSAFE_MEMBER: Reason(
+        "rejected", "a member has an absolute or '..' path, or is a link or device"
+    ),
+    ReasonCode.MEMBER_TOO_LARGE: Reason("rejected", "a member decompresses past Limits.max_member_bytes"),
+    ReasonCode.ARCHIVE_TOO_LARGE: Reason(
+        "rejected", "the archive decompresses past Limits.max_total_bytes (bomb)"
+    ),
+    ReasonCode.TOO_MANY_MALFORMED: Reason(
+        "rejected", "more than MALFORMED_REJECT_SHARE of the lines are malformed"
+    ),
     # degraded: usable with caveats
-    "no_done_marker": Reason("degraded", "done.marker is missing: the episode did not close cleanly"),
-    "no_sidecar": Reason("degraded", "no .sha256 sidecar, so integrity is unchecked"),
-    "sidecar_malformed": Reason(
+    ReasonCode.NO_DONE_MARKER: Reason(
+        "degraded", "done.marker is missing: the episode did not close cleanly"
+    ),
+    ReasonCode.NO_SIDECAR: Reason("degraded", "no .sha256 sidecar, so integrity is unchecked"),
+    ReasonCode.SIDECAR_MALFORMED: Reason(
         "degraded", "the sidecar is not '<sha256>  <name>', so integrity is unchecked"
     ),
-    "duplicate_member": Reason("degraded", "a member occurs twice; the second copy is ignored"),
-    "missing_events": Reason("degraded", "optional member events.jsonl is missing"),
-    "missing_guest": Reason("degraded", "optional stream telemetry-guest.jsonl is missing"),
-    "missing_qmp": Reason("degraded", "optional stream telemetry-qmp.jsonl is missing"),
-    "missing_netflow": Reason("degraded", "optional stream netflow.jsonl is missing"),
-    "sparse_proc": Reason("degraded", "proc rows below SPARSE_SHARE of duration x rate (but above the gate)"),
-    "sparse_guest": Reason("degraded", "guest rows below SPARSE_SHARE of duration x rate"),
-    "sparse_qmp": Reason("degraded", "qmp rows below SPARSE_SHARE of duration x rate"),
-    "sparse_netflow": Reason("degraded", "netflow rows below SPARSE_SHARE of duration x rate"),
-    "long_gap": Reason("degraded", "a stream has no row for more than LONG_GAP_S (inside or at its end)"),
-    "malformed_lines": Reason(
+    ReasonCode.DUPLICATE_MEMBER: Reason("degraded", "a member occurs twice; the second copy is ignored"),
+    ReasonCode.MISSING_EVENTS: Reason("degraded", "optional member events.jsonl is missing"),
+    ReasonCode.MISSING_GUEST: Reason("degraded", "optional stream telemetry-guest.jsonl is missing"),
+    ReasonCode.MISSING_QMP: Reason("degraded", "optional stream telemetry-qmp.jsonl is missing"),
+    ReasonCode.MISSING_NETFLOW: Reason("degraded", "optional stream netflow.jsonl is missing"),
+    ReasonCode.SPARSE_PROC: Reason(
+        "degraded", "proc rows below SPARSE_SHARE of duration x rate (but above the gate)"
+    ),
+    ReasonCode.SPARSE_GUEST: Reason("degraded", "guest rows below SPARSE_SHARE of duration x rate"),
+    ReasonCode.SPARSE_QMP: Reason("degraded", "qmp rows below SPARSE_SHARE of duration x rate"),
+    ReasonCode.SPARSE_NETFLOW: Reason("degraded", "netflow rows below SPARSE_SHARE of duration x rate"),
+    ReasonCode.LONG_GAP: Reason(
+        "degraded", "a stream has no row for more than LONG_GAP_S (inside or at its end)"
+    ),
+    ReasonCode.MALFORMED_LINES: Reason(
         "degraded", "a small share of lines is malformed (file, line, field in details)"
     ),
-    "line_too_long": Reason("degraded", "a line exceeds Limits.max_line_bytes and was dropped"),
-    "unknown_profile": Reason("degraded", "meta.profile is not one of the attack profiles"),
+    ReasonCode.LINE_TOO_LONG: Reason("degraded", "a line exceeds Limits.max_line_bytes and was dropped"),
+    ReasonCode.UNKNOWN_PROFILE: Reason("degraded", "meta.profile is not one of the attack profiles"),
 }
 assert all(r.status in STATUSES for r in REASONS.values())
+assert set(REASONS) == set(ReasonCode) - {ReasonCode.MALFORMED_LINE}, set(ReasonCode) ^ set(REASONS)
 
 # Nominal row rates (SPEC section 3); the gate and the sparse checks compare against them.
 EXPECTED_HZ: Final = {"proc": 10.0, "guest": 10.0, "qmp": 1.0, "netflow": 10.0}
@@ -113,35 +201,35 @@ def effective_duration_s(ep: EpisodeData) -> float | None:
 
 def findings(ep: EpisodeData) -> list[Problem]:
     """Every problem with ``ep``: the reader's plus those the rules find."""
-    out = [p for p in ep.problems if p.code != "malformed_line"]
+    out = [p for p in ep.problems if p.code != ReasonCode.MALFORMED_LINE]
     if ep.fatal:
-        return out + [p for p in ep.problems if p.code == "malformed_line"]
+        return out + [p for p in ep.problems if p.code == ReasonCode.MALFORMED_LINE]
     add = out.append
 
     present = set(ep.members)
     for code, member in (
-        ("missing_meta", META_MEMBER),
-        ("missing_labels", LABELS_MEMBER),
-        ("missing_proc", SOURCE_MEMBER[REQUIRED_SOURCE]),
+        (ReasonCode.MISSING_META, META_MEMBER),
+        (ReasonCode.MISSING_LABELS, LABELS_MEMBER),
+        (ReasonCode.MISSING_PROC, SOURCE_MEMBER[REQUIRED_SOURCE]),
     ):
         if member not in present:
             add(Problem(code, member, detail="required member missing"))
     if EVENTS_MEMBER not in present:
-        add(Problem("missing_events", EVENTS_MEMBER, detail="optional member missing"))
+        add(Problem(ReasonCode.MISSING_EVENTS, EVENTS_MEMBER, detail="optional member missing"))
     for s in ("guest", "qmp", "netflow"):
         if SOURCE_MEMBER[s] not in present:
-            add(Problem(f"missing_{s}", SOURCE_MEMBER[s], detail="optional stream missing"))
+            add(Problem(ReasonCode(f"missing_{s}"), SOURCE_MEMBER[s], detail="optional stream missing"))
     if not ep.has_done_marker:
-        add(Problem("no_done_marker", "done.marker", detail="episode did not close cleanly"))
+        add(Problem(ReasonCode.NO_DONE_MARKER, DONE_MEMBER, detail="episode did not close cleanly"))
 
     if LABELS_MEMBER in present:
         if not ep.labels:
-            add(Problem("empty_labels", LABELS_MEMBER, detail="no readable label"))
+            add(Problem(ReasonCode.EMPTY_LABELS, LABELS_MEMBER, detail="no readable label"))
         bad = [l for l in ep.labels if l.phase not in PHASES]
         if bad:
             add(
                 Problem(
-                    "unknown_phase",
+                    ReasonCode.UNKNOWN_PHASE,
                     LABELS_MEMBER,
                     field="phase",
                     detail=f"{len(bad)} label(s), e.g. {bad[0].phase!r}",
@@ -152,7 +240,7 @@ def findings(ep: EpisodeData) -> list[Problem]:
         if back.size:
             add(
                 Problem(
-                    "labels_not_monotonic",
+                    ReasonCode.LABELS_NOT_MONOTONIC,
                     LABELS_MEMBER,
                     field="t_wall_ns",
                     detail=f"goes back in time at label {int(back[0]) + 2}",
@@ -161,10 +249,14 @@ def findings(ep: EpisodeData) -> list[Problem]:
 
     if ep.meta is not None:
         if ep.meta.profile is not None and ep.meta.profile not in PROFILES:
-            add(Problem("unknown_profile", META_MEMBER, field="profile", detail=repr(ep.meta.profile)))
+            add(
+                Problem(
+                    ReasonCode.UNKNOWN_PROFILE, META_MEMBER, field="profile", detail=repr(ep.meta.profile)
+                )
+            )
         dur = effective_duration_s(ep) or 0.0
         if dur < WINDOW_S:
-            add(Problem("too_short", META_MEMBER, detail=f"{dur:.1f} s < one {WINDOW_S} s window"))
+            add(Problem(ReasonCode.TOO_SHORT, META_MEMBER, detail=f"{dur:.1f} s < one {WINDOW_S} s window"))
         else:
             end_ns = ep.meta.started_ns + int(dur * 1e9)
             for s, cols in ep.streams.items():
@@ -172,7 +264,7 @@ def findings(ep: EpisodeData) -> list[Problem]:
                 if s == REQUIRED_SOURCE and share < ROW_GATE_SHARE:
                     add(
                         Problem(
-                            "too_few_rows",
+                            ReasonCode.TOO_FEW_ROWS,
                             SOURCE_MEMBER[s],
                             detail=f"{len(cols)} rows, {share:.0%} of {dur:.0f} s x {EXPECTED_HZ[s]:g} Hz",
                         )
@@ -180,21 +272,21 @@ def findings(ep: EpisodeData) -> list[Problem]:
                 elif share < SPARSE_SHARE:
                     add(
                         Problem(
-                            f"sparse_{s}",
+                            ReasonCode(f"sparse_{s}"),
                             SOURCE_MEMBER[s],
                             detail=f"{len(cols)} rows, {share:.0%} of {dur:.0f} s x {EXPECTED_HZ[s]:g} Hz",
                         )
                     )
                 gap = _longest_gap_s(cols.t_wall_ns, end_ns)
                 if gap > LONG_GAP_S:
-                    add(Problem("long_gap", SOURCE_MEMBER[s], detail=f"{gap:.1f} s without a row"))
+                    add(Problem(ReasonCode.LONG_GAP, SOURCE_MEMBER[s], detail=f"{gap:.1f} s without a row"))
 
     lines = sum(m.lines for m in ep.members.values())
-    malformed = [p for p in ep.problems if p.code == "malformed_line"]
+    malformed = [p for p in ep.problems if p.code == ReasonCode.MALFORMED_LINE]
     n_bad = ep.malformed_lines
     if n_bad:
         share = n_bad / max(lines, 1)
-        code = "too_many_malformed" if share > MALFORMED_REJECT_SHARE else "malformed_lines"
+        code = ReasonCode.TOO_MANY_MALFORMED if share > MALFORMED_REJECT_SHARE else ReasonCode.MALFORMED_LINES
         add(Problem(code, detail=f"{n_bad} of {lines} lines ({share:.2%})"))
     return out + malformed
 
@@ -209,11 +301,11 @@ def _longest_gap_s(t: np.ndarray, end_ns: int) -> float:
     return max(inner, tail, 0.0) / 1e9
 
 
-def classify(ep: EpisodeData) -> tuple[str, list[str]]:
+def classify(ep: EpisodeData) -> tuple[str, list[ReasonCode]]:
     """(status, reason codes): the worst status among the reasons; ``accepted`` when none."""
     # single malformed lines are spelled out in details; the reason is their share
-    codes = sorted(
-        {p.code for p in findings(ep) if p.code != "malformed_line"},
+    codes: list[ReasonCode] = sorted(
+        {p.code for p in findings(ep) if p.code != ReasonCode.MALFORMED_LINE},
         key=lambda c: (-STATUSES.index(REASONS[c].status), c),
     )
     status = worst(REASONS[c].status for c in codes)
@@ -261,7 +353,7 @@ def index_record(
         profile=meta.profile if meta is not None else None,
         sample=meta.sample_id if meta is not None else None,
         status=status,
-        reasons=reasons,
+        reasons=[str(c) for c in reasons],
         sha256=ep.sha256,
         bytes=ep.compressed_bytes,
         mtime_ns=mtime_ns,
@@ -291,7 +383,7 @@ def crash_record(
         episode_id=episode_id_from_path(path),
         host=path.parent.name,
         status="errored",
-        reasons=["reader_crash"],
+        reasons=[str(ReasonCode.READER_CRASH)],
         bytes=nbytes,
         mtime_ns=mtime_ns,
         sidecar_mtime_ns=sidecar_mtime_ns,

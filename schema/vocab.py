@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Final, Literal
 
 PHASES: Final = ("clean", "armed", "infecting", "infected_running", "dormant")
@@ -63,3 +65,20 @@ EPISODE_EVENT_KINDS: Final = (
 
 # Validation outcomes, best to worst.
 STATUSES: Final = ("accepted", "degraded", "rejected", "errored")
+
+# Store file names (SPEC section 4): `<store>/<host>/<episode_id>.tar.zst`, its sha256sum-format
+# sidecar next to it, and the acceptance index at the store's root.
+ARCHIVE_SUFFIX: Final = ".tar.zst"
+SIDECAR_SUFFIX: Final = ".sha256"
+INDEX_NAME: Final = "index.jsonl"
+
+
+def sidecar_path(archive: str | os.PathLike[str]) -> Path:
+    """``<episode_id>.tar.zst`` -> ``<episode_id>.tar.zst.sha256`` beside it."""
+    p = Path(archive)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def episode_id_from_path(archive: str | os.PathLike[str]) -> str:
+    name = Path(archive).name
+    return name.removesuffix(ARCHIVE_SUFFIX)

@@ -136,13 +136,16 @@ def write_archive(
     sidecar: bool = True,
     level: int = 3,
     format: int = tarfile.PAX_FORMAT,
+    checksum: bool = False,
 ) -> Path:
     """Write `members` under `<episode_id>/` (episode id from the file name), then the
     `extra` raw members named as given, as `path` (a .tar.zst) plus its sidecar."""
     path.parent.mkdir(parents=True, exist_ok=True)
     episode_id = path.name.removesuffix(".tar.zst")
     with open(path, "wb") as fh:
-        with zstandard.ZstdCompressor(level=level).stream_writer(fh, closefd=False) as zw:
+        with zstandard.ZstdCompressor(level=level, write_checksum=checksum).stream_writer(
+            fh, closefd=False
+        ) as zw:
             with tarfile.open(fileobj=zw, mode="w|", format=format) as tf:
                 for name, data in members.items():
                     ti = tarfile.TarInfo(f"{episode_id}/{name}")

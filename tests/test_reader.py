@@ -282,3 +282,56 @@ def test_bad_tar_header_checksum_is_corrupt(tmp_path: Path) -> None:
     assert (
         ep.fatal and [p.code for p in ep.problems] == ["tar_corrupt"] and "checksum" in ep.problems[0].detail
     )
+
+
+# --- zstd frame checksums ------------------------------------------------------------
+
+
+def _flip(path: Path, pos: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x04
+    path.write_bytes(bytes(data))
+    write_sidecar(path)  # corrupted before its sidecar was written: the sidecar agrees
+
+
+def test_frame_checksum_mismatch_is_errored_even_with_a_matching_sidecar(tmp_path: Path) -> None:
+    from schema.validation import classify
+
+    m = episode_members("ep-x", duration_s=30, seed=5)
+    path = write_archive(tmp_path / "h" / "ep-x.tar.zst", m, checksum=True, sidecar=False)
+    clean = path.read_bytes()
+    assert read_episode(path, verify_sidecar=False).problems == []
+    # Only the stored checksum (the frame's last 4 bytes) is wrong: every byte decompresses
+    # fine, so only the checksum itself can tell.
+    _flip(path, len(clean) - 2)
+    ep = read_episode(path)
+    assert ep.fatal and codes(ep) == ["zstd_checksum"] and classify(ep)[0] == "errored"
+    # A flipped bit anywhere in the frame body: never degraded, never numbers into training.
+    seen = set()
+    for pos in range(64, len(clean) - 8, (len(clean) - 72) // 40):
+        path.write_bytes(clean)
+        _flip(path, pos)
+        ep = read_episode(path)
+        status, reasons = classify(ep)
+        assert ep.fatal and status == "errored", (pos, reasons)
+        assert {"zstd_checksum", "zstd_corrupt", "tar_corrupt"} & set(reasons), (pos, reasons)
+        seen.update(reasons)
+    assert "zstd_checksum" in seen  # the case the checksum alone catches occurs
+
+
+def test_iter_members_verifies_frame_checksums(tmp_path: Path) -> None:
+    m = episode_members("ep-y", duration_s=12, seed=2)
+    path = write_archive(tmp_path / "h" / "ep-y.tar.zst", m, checksum=True)
+    assert dict(reader.iter_members(path))["meta.json"] == m["meta.json"]
+    _flip(path, path.stat().st_size - 1)
+    with pytest.raises(reader.ArchiveError, match="checksum"):
+        dict(reader.iter_members(path))
+
+
+def test_problem_codes_are_reason_codes() -> None:
+    from schema.validation import REASONS, Problem, ReasonCode
+
+    assert Problem("zstd_checksum").code is ReasonCode.ZSTD_CHECKSUM
+    with pytest.raises(ValueError):
+        Problem("no_such_reason")  # type: ignore[arg-type]
+    assert set(REASONS) | {ReasonCode.MALFORMED_LINE} == set(ReasonCode)

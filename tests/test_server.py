@@ -1,4 +1,9 @@
-"""The daemon's one port, over real sockets on 127.0.0.1: static deck, /ws, /publish, /healthz, /metrics.
+"""The daemon's one port: static deck, /ws, /publish, /healthz, /metrics.
+
+Most tests drive the connection handler (``Server.handle``) over ``trio.testing`` memory
+streams under ``MockClock(autojump_threshold=0)``, so timeouts, pings and slowloris cost no
+real time; the static files, the stdlib Publisher and the latency probe run over real
+sockets on 127.0.0.1 (``serving``), as smoke tests of the TCP transport.
 
 Run the latency probe by hand (publish -> WebSocket client, 10 clients, 1000 events):
 
@@ -15,34 +20,76 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import msgspec
 import pytest
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url, wrap_client_stream
 
+from edge.access import HostPolicy, host_name
 from edge.broadcast import Broadcaster, QueuePolicy
 from edge.metrics import LATENCY_BUCKETS, Metrics, format_value
-from edge.server import Limits, is_loopback, publish_allowed, serve
+from edge.server import Limits, Server, is_loopback, publish_allowed, serve
 from schema.events import AttackProfile, Embedding, Episode, ModelMetric, PhaseEvent, Prediction, Snapshot
 from schema.publisher import Publisher, PublishError
 
 
 @asynccontextmanager
 async def serving(broadcaster: Broadcaster | None = None, **kw: Any) -> AsyncIterator[int]:
+    """The real thing on 127.0.0.1: yields the port."""
     b = broadcaster if broadcaster is not None else Broadcaster()
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(serve, b, host="127.0.0.1", port=0, **kw))
         yield listeners[0].socket.getsockname()[1]
         nursery.cancel_scope.cancel()
+
+
+class Dial(Protocol):
+    """One new connection to an in-memory server; ``lockstep``: no buffering at all (a peer that
+    does not read blocks the server's next send, as a full socket does)."""
+
+    def __call__(self, peer: str = "127.0.0.1", lockstep: bool = False) -> trio.abc.Stream: ...
+
+
+Target = int | Dial  # a port (real socket) or an in-memory server
+
+
+@asynccontextmanager
+async def in_memory(broadcaster: Broadcaster | None = None, **kw: Any) -> AsyncIterator[Dial]:
+    """The server's connection handler on memory streams; ``kw`` as for ``Server``."""
+    server = Server(broadcaster if broadcaster is not None else Broadcaster(), **kw)
+    async with trio.open_nursery() as nursery:
+
+        def dial(peer: str = "127.0.0.1", lockstep: bool = False) -> trio.abc.Stream:
+            pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+            client, end = pair()
+            nursery.start_soon(server.handle, end, peer)
+            return client
+
+        yield dial
+        nursery.cancel_scope.cancel()
+
+
+def mock_clock(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Like ``trio.testing.trio_test``, under a clock that jumps whenever every task waits."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> None:
+        trio.run(partial(fn, *args, **kwargs), clock=trio.testing.MockClock(autojump_threshold=0))
+
+    return run
+
+
+async def connect(target: Target) -> trio.abc.Stream:
+    return await trio.open_tcp_stream("127.0.0.1", target) if isinstance(target, int) else target()
 
 
 @dataclass
@@ -55,17 +102,22 @@ class Resp:
         return json.loads(self.body)
 
 
+def host_of(target: Target) -> str:
+    return f"127.0.0.1:{target}" if isinstance(target, int) else "127.0.0.1"
+
+
 async def exchange(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     conn: h11.Connection,
     method: str,
     target: str,
-    port: int,
+    port: Target,
     body: bytes = b"",
     headers: Sequence[tuple[str, str]] = (),
     chunked: bool = False,
+    host: str | None = None,
 ) -> Resp:
-    hdrs = [("host", f"127.0.0.1:{port}"), *headers]
+    hdrs = [("host", host if host is not None else host_of(port)), *headers]
     if chunked:
         hdrs.append(("transfer-encoding", "chunked"))
     elif body or method == "POST":
@@ -94,9 +146,9 @@ async def exchange(
             raise AssertionError(f"unexpected {event!r}")
 
 
-async def http(port: int, method: str, target: str, body: bytes = b"", **kw: Any) -> Resp:
+async def http(port: Target, method: str, target: str, body: bytes = b"", **kw: Any) -> Resp:
     with trio.fail_after(10):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = await connect(port)
         async with stream:
             return await exchange(stream, h11.Connection(h11.CLIENT), method, target, port, body, **kw)
 
@@ -120,14 +172,37 @@ HANDSHAKE = (
 )
 
 
-async def raw_websocket(port: int, rcvbuf: int | None = None) -> trio.SocketStream:
+@asynccontextmanager
+async def websocket(target: Target) -> AsyncIterator[WebSocketConnection]:
+    """A trio-websocket client (it answers pings) on a real or an in-memory connection."""
+    if isinstance(target, int):
+        async with open_websocket_url(f"ws://127.0.0.1:{target}/ws") as ws:
+            yield ws
+        return
+    async with trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(nursery, target(), "127.0.0.1", "/ws")  # type: ignore[arg-type]
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(1):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def raw_websocket(
+    port: Target, rcvbuf: int | None = None, handshake: bytes = HANDSHAKE, lockstep: bool = False
+) -> trio.abc.Stream:
     """A WebSocket peer that completes the handshake and then never reads nor answers pings."""
-    sock = trio.socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    await sock.connect(("127.0.0.1", port))
-    stream = trio.SocketStream(sock)
-    await stream.send_all(HANDSHAKE)
+    stream: trio.abc.Stream
+    if isinstance(port, int):
+        sock = trio.socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
+    else:
+        stream = port(lockstep=lockstep)
+    await stream.send_all(handshake)
     head = b""
     with trio.fail_after(5):
         while not head.endswith(b"\r\n\r\n"):
@@ -198,22 +273,22 @@ async def test_static_refuses_traversal_and_missing(deck: Path) -> None:
         assert (await http(port, "DELETE", "/app.js")).status == 405
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_no_static_dir_is_404() -> None:
-    async with serving() as port:
+    async with in_memory() as port:
         assert (await http(port, "GET", "/")).status == 404
 
 
 # --- /publish --------------------------------------------------------------------------------------
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_publish_one_and_a_list_reach_every_client() -> None:
     b = Broadcaster()
-    async with serving(b) as port:
+    async with in_memory(b) as port:
         async with (
-            open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws1,
-            open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws2,
+            websocket(port) as ws1,
+            websocket(port) as ws2,
         ):
             await wait_for(lambda: b.client_count == 2)
             r = await http(port, "POST", "/publish", b'{"type":"model_metric","model":"gru","accuracy":0.91}')
@@ -232,7 +307,7 @@ async def test_publish_one_and_a_list_reach_every_client() -> None:
                 assert await get_json(ws) == {"type": "phase", "phase": "armed"}
                 assert (await get_json(ws))["window_idx"] == 2
     r_no_clients = None
-    async with serving(b) as port:
+    async with in_memory(b) as port:
         r_no_clients = await http(port, "POST", "/publish", b"[]")
     assert r_no_clients.json() == {"delivered": 0}
 
@@ -253,7 +328,7 @@ def test_publish_400_names_the_field(body: bytes, field: str | None) -> None:
     async def main() -> None:
         metrics = Metrics()
         b = Broadcaster(metrics=metrics)
-        async with serving(b) as port:
+        async with in_memory(b) as port:
             r = await http(port, "POST", "/publish", body)
         assert r.status == 400
         assert r.json().get("field") == field
@@ -261,16 +336,16 @@ def test_publish_400_names_the_field(body: bytes, field: str | None) -> None:
         assert b.sticky_events() == []  # a bad list publishes nothing, not its good half
         assert metrics.parse_errors.value(stream="publish") == 1
 
-    trio.run(main)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_publish_413_before_and_while_reading() -> None:
     b = Broadcaster()
-    async with serving(b, max_body=1000) as port:
+    async with in_memory(b, max_body=1000) as port:
         # declared too large: refused from the head alone, the body is never sent
         with trio.fail_after(5):
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = await connect(port)
             async with stream:
                 conn = h11.Connection(h11.CLIENT)
                 await stream.send_all(
@@ -278,7 +353,7 @@ async def test_publish_413_before_and_while_reading() -> None:
                         h11.Request(
                             method="POST",
                             target="/publish",
-                            headers=[("host", "x"), ("content-length", str(10**9))],
+                            headers=[("host", "localhost"), ("content-length", str(10**9))],
                         )
                     )
                 )
@@ -337,21 +412,70 @@ async def test_publish_401_without_the_token_and_stdlib_publisher_with_it() -> N
             assert info.value.status == 401
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_publish_from_a_cross_origin_page_is_refused() -> None:
-    async with serving() as port:
+    async with in_memory() as port:
         body = b'{"type":"phase","phase":"clean"}'
         r = await http(port, "POST", "/publish", body, headers=[("origin", "http://evil.example")])
         assert r.status == 403
-        r = await http(port, "POST", "/publish", body, headers=[("origin", f"http://127.0.0.1:{port}")])
+        r = await http(port, "POST", "/publish", body, headers=[("origin", f"http://{host_of(port)}")])
         assert r.status == 200
         assert (await http(port, "GET", "/publish")).headers["allow"] == "POST"
+
+
+@mock_clock
+async def test_dns_rebinding_is_refused_on_publish_and_ws() -> None:
+    """A rebinding page controls Host and Origin alike: from 127.0.0.1, Host and Origin
+    evil.example passed the Origin == Host check. Host must be a name the daemon answers to."""
+    b = Broadcaster()
+    body = b'{"type":"phase","phase":"clean"}'
+    hosts = HostPolicy.for_daemon("pi-bench.lan", ["deck.example.org"])
+    async with in_memory(b, hosts=hosts) as srv:
+        evil = [("origin", "http://evil.example")]
+        for host in ("evil.example", "evil.example:8080", "localhost.evil.example", "", "[::1"):
+            r = await http(srv, "POST", "/publish", body, host=host, headers=evil)
+            assert r.status == 403, host
+            assert "--allowed-host" in r.json()["error"], host
+        hs = HANDSHAKE.replace(b"Host: 127.0.0.1", b"Host: evil.example")
+        with trio.fail_after(5):
+            stream = srv()
+            await stream.send_all(hs)
+            reply = b""
+            while chunk := await stream.receive_some(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 403") and b"evil.example" in reply
+        assert b.client_count == 0 and b.sticky_events() == []
+        for host in (
+            "localhost:8080",
+            "LOCALHOST",
+            "localhost.",
+            socket.gethostname(),
+            "pi-bench.lan",
+            "deck.example.org:443",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "192.168.1.20",
+        ):
+            r = await http(srv, "POST", "/publish", body, host=host, headers=[("origin", f"http://{host}")])
+            assert r.status == 200, host
+        async with websocket(srv) as ws:  # Host: 127.0.0.1
+            assert (await get_json(ws))["type"] == "phase"
+        assert (await http(srv, "GET", "/healthz", host="evil.example")).status == 200  # read-only routes
+
+
+def test_host_names() -> None:
+    assert host_name("Example.ORG:8080") == "example.org"
+    assert host_name("[::1]:80") == "::1"
+    assert host_name("localhost.") == "localhost"
+    assert host_name("[::1") is None and host_name("") is None
+    policy = HostPolicy.for_daemon("0.0.0.0")
+    assert policy.allows(None) and policy.allows("localhost") and not policy.allows("evil.example")
 
 
 # --- WebSocket ---------------------------------------------------------------------------------
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_late_client_gets_sticky_state_first() -> None:
     b = Broadcaster()
     b.publish(Snapshot(total_bytes=10))
@@ -361,8 +485,8 @@ async def test_late_client_gets_sticky_state_first() -> None:
     b.publish(Episode(episode_id="e0", host="h"))  # live only: gone for a late browser
     for i in range(3):
         b.publish(Embedding(x=0.1 * i, y=0.5))
-    async with serving(b) as port:
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws:
+    async with in_memory(b) as port:
+        async with websocket(port) as ws:
             got = [await get_json(ws) for _ in range(6)]
             assert [g["type"] for g in got] == ["snapshot", "attack_profile", "model_metric"] + [
                 "embedding"
@@ -372,7 +496,7 @@ async def test_late_client_gets_sticky_state_first() -> None:
             b.publish(Prediction(episode_id="e1", window_idx=0, predicted="clean"))
             assert (await get_json(ws))["type"] == "prediction"
         # reconnecting gets the state again, now with the prediction
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws:
+        async with websocket(port) as ws:
             got = [await get_json(ws) for _ in range(7)]
             assert got[-1] == {
                 "type": "prediction",
@@ -382,16 +506,16 @@ async def test_late_client_gets_sticky_state_first() -> None:
             }
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_stalled_client_never_slows_a_fast_one() -> None:
     metrics = Metrics()
     b = Broadcaster(policy=QueuePolicy(maxlen=16, stall_drops=64), metrics=metrics)
     limits = Limits(ws_send_timeout=2.0, ws_ping_interval=60)
     n = 2000
     reasons = ["x" * 1000] * 4  # ~4 KiB a frame: the stalled socket's buffers fill fast
-    async with serving(b, limits=limits) as port:
-        stalled = await raw_websocket(port, rcvbuf=4096)
-        async with stalled, open_websocket_url(f"ws://127.0.0.1:{port}/ws") as fast:
+    async with in_memory(b, limits=limits) as port:
+        stalled = await raw_websocket(port, rcvbuf=4096, lockstep=True)
+        async with stalled, websocket(port) as fast:
             await wait_for(lambda: b.client_count == 2)
             got: list[int] = []
             publish_s: list[float] = []
@@ -425,13 +549,13 @@ async def test_stalled_client_never_slows_a_fast_one() -> None:
     )
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_dead_client_is_closed_by_ping_and_live_one_kept() -> None:
     metrics = Metrics()
     b = Broadcaster(metrics=metrics)
     limits = Limits(ws_ping_interval=0.2, ws_pong_timeout=0.3)
-    async with serving(b, limits=limits) as port:
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws") as live:
+    async with in_memory(b, limits=limits) as port:
+        async with websocket(port) as live:
             dead = await raw_websocket(port)
             async with dead:
                 await wait_for(lambda: b.client_count == 2)
@@ -444,31 +568,80 @@ async def test_dead_client_is_closed_by_ping_and_live_one_kept() -> None:
     assert metrics.connection_errors.value(reason="pong_timeout") == 1
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_websocket_needs_a_real_handshake() -> None:
-    async with serving() as port:
+    async with in_memory() as port:
         assert (await http(port, "GET", "/ws")).status == 426
         r = await http(port, "GET", "/ws", headers=[("upgrade", "websocket"), ("connection", "upgrade")])
         assert r.status == 400
 
 
+@mock_clock
+async def test_hostile_websocket_clients_are_closed_alone() -> None:
+    """Binary frames (1003), a message over ws_max_incoming (1009) and a flood of text frames
+    (1008) each end that client only; a client that talks a little is kept, and a good one
+    goes on receiving."""
+    metrics = Metrics()
+    b = Broadcaster(metrics=metrics)
+    limits = Limits(ws_ping_interval=60, ws_incoming_burst=32, ws_incoming_window=1.0)
+    async with in_memory(b, limits=limits) as srv:
+        async with websocket(srv) as good, websocket(srv) as chatty:
+            await wait_for(lambda: b.client_count == 2)
+
+            async def hostile(send: Callable[[WebSocketConnection], Awaitable[None]]) -> int:
+                async with websocket(srv) as ws:
+                    await wait_for(lambda: b.client_count == 3)
+                    with trio.fail_after(5):
+                        try:
+                            await send(ws)
+                            while True:
+                                await ws.get_message()
+                        except ConnectionClosed as closed:
+                            assert closed.reason is not None
+                            return closed.reason.code
+                    raise AssertionError("never closed")
+
+            async def flood(ws: WebSocketConnection) -> None:
+                for i in range(10_000):
+                    await ws.send_message(f"hello {i}")
+
+            async def binary(ws: WebSocketConnection) -> None:
+                await ws.send_message(b"\x00\x01")
+
+            async def oversized(ws: WebSocketConnection) -> None:
+                await ws.send_message("x" * (limits.ws_max_incoming + 1))
+
+            for send, code in ((binary, 1003), (oversized, 1009), (flood, 1008)):
+                assert await hostile(send) == code, send.__name__
+                await wait_for(lambda: b.client_count == 2)
+                for _ in range(3):  # a deck that says something now and then stays
+                    await chatty.send_message("still here")
+                    await trio.sleep(0.2)
+                b.publish(PhaseEvent(phase="armed"))
+                assert (await get_json(good))["phase"] == "armed"
+                assert (await get_json(chatty))["phase"] == "armed"
+            assert b.client_count == 2
+    ended = {r: metrics.connection_errors.value(reason=r) for r in ("ws_binary", "ws_too_big", "ws_flood")}
+    assert ended == {"ws_binary": 1, "ws_too_big": 1, "ws_flood": 1}
+
+
 # --- robustness ----------------------------------------------------------------------------------
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_bad_connections_end_alone() -> None:
     metrics = Metrics()
-    async with serving(Broadcaster(metrics=metrics), limits=Limits(head_timeout=0.3)) as port:
+    async with in_memory(Broadcaster(metrics=metrics), limits=Limits(head_timeout=0.3)) as port:
         # slowloris: half a head, then nothing
         with trio.fail_after(5):
-            slow = await trio.open_tcp_stream("127.0.0.1", port)
+            slow = await connect(port)
             async with slow:
                 await slow.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
                 assert await slow.receive_some(4096) == b""  # closed by the server
         assert metrics.connection_errors.value(reason="timeout") == 1
         # not HTTP at all
         with trio.fail_after(5):
-            junk = await trio.open_tcp_stream("127.0.0.1", port)
+            junk = await connect(port)
             async with junk:
                 await junk.send_all(b"\x16\x03\x01\x02\x00garbage\r\n\r\n")
                 reply = b""
@@ -481,7 +654,7 @@ async def test_bad_connections_end_alone() -> None:
         assert metrics.connection_errors.value(reason="bad_http") == 2
         # and the server still answers, two requests on one keep-alive connection
         with trio.fail_after(5):
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = await connect(port)
             async with stream:
                 conn = h11.Connection(h11.CLIENT)
                 assert (await exchange(stream, conn, "GET", "/healthz", port)).status == 200
@@ -492,12 +665,12 @@ async def test_bad_connections_end_alone() -> None:
 # --- /healthz and /metrics ---------------------------------------------------------------------
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_healthz_merges_health_and_clients() -> None:
     b = Broadcaster()
     health = lambda: {"models": {"gru-host": "ab12"}, "live_episodes": 3}
-    async with serving(b, health=health) as port:
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws"):
+    async with in_memory(b, health=health) as port:
+        async with websocket(port):
             await wait_for(lambda: b.client_count == 1)
             r = await http(port, "GET", "/healthz")
     assert r.status == 200 and r.headers["content-type"] == "application/json"
@@ -506,7 +679,7 @@ async def test_healthz_merges_health_and_clients() -> None:
     def broken() -> dict[str, Any]:
         raise RuntimeError("model dir vanished")
 
-    async with serving(b, health=broken) as port:
+    async with in_memory(b, health=broken) as port:
         r = await http(port, "GET", "/healthz")
     assert r.status == 500 and "model dir vanished" in r.json()["error"]
 
@@ -535,7 +708,7 @@ def parse_exposition(text: str) -> dict[str, float]:
     return samples
 
 
-@trio.testing.trio_test
+@mock_clock
 async def test_metrics_endpoint_in_exposition_format() -> None:
     metrics = Metrics()
     b = Broadcaster(metrics=metrics)
@@ -545,8 +718,8 @@ async def test_metrics_endpoint_in_exposition_format() -> None:
     metrics.windows_inferred.inc(model='odd"name\\x')
     metrics.parse_errors.inc(stream="proc")
     metrics.live_episodes.set(10)
-    async with serving(b) as port:
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws:
+    async with in_memory(b) as port:
+        async with websocket(port) as ws:
             await wait_for(lambda: b.client_count == 1)
             b.publish(PhaseEvent(phase="clean"))
             await get_json(ws)

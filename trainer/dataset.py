@@ -26,7 +26,7 @@ from schema.channels import MIN_COVERAGE, N_CHANNELS, SUMMARY_STATS, WINDOW_STEP
 from schema.hashing import schema_hash
 from schema.reader import read_episode
 from schema.validation import read_index
-from schema.vocab import SOURCES, THREAT_SOURCES
+from schema.vocab import INDEX_NAME, SOURCES, THREAT_SOURCES
 
 # Episodes the trainer learns from; rejected and errored never reach it.
 USABLE_STATUSES = ("accepted", "degraded")
@@ -137,7 +137,7 @@ def load_windows(
 ) -> WindowSet:
     """Every labelled window of the store's accepted and degraded episodes."""
     store = Path(store)
-    index = Path(index) if index else store / "index.jsonl"
+    index = Path(index) if index else store / INDEX_NAME
     records = _records(store, index)
     if not records:
         raise SystemExit(

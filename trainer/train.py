@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from schema.hashing import schema_hash
-from schema.vocab import MODEL_INPUT, MODELS, THREAT_MODELS
+from schema.vocab import INDEX_NAME, MODEL_INPUT, MODELS, THREAT_MODELS
 from trainer import evaluate as ev
 from trainer.report import summary_table, write_report
 
@@ -127,7 +127,7 @@ def train_run(
     from trainer.dataset import load_windows, make_split
 
     store = Path(store)
-    index = Path(index) if index else store / "index.jsonl"
+    index = Path(index) if index else store / INDEX_NAME
     ws = load_windows(store, index, cache_dir=cache_dir, progress=progress)
     sp = make_split(ws, kind=split, seed=seed)
     run_info = {"store": str(store), "index": str(index), "index_sha256": _sha256(index)}

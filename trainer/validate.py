@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from schema.reader import read_episode, sidecar_path
+from schema.reader import read_episode
 from schema.validation import (
     VALIDATOR_VERSION,
     IndexRecord,
@@ -32,9 +32,7 @@ from schema.validation import (
     read_index,
     write_index_atomic,
 )
-from schema.vocab import STATUSES
-
-INDEX_NAME = "index.jsonl"
+from schema.vocab import INDEX_NAME, STATUSES, sidecar_path
 
 
 @dataclass

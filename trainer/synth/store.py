@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from schema.vocab import STATUSES
+from schema.vocab import STATUSES, sidecar_path
 
 from .episode import build_episode
 from .plan import EpisodeSpec, plan_store
@@ -126,7 +126,7 @@ def _write(out: Path, s: Shipped) -> None:
     tmp = arc.with_suffix(".zst.part")
     tmp.write_bytes(s.archive)
     os.replace(tmp, arc)
-    side = d / f"{s.episode_id}.tar.zst.sha256"
+    side = sidecar_path(arc)
     if s.sidecar is None:
         side.unlink(missing_ok=True)
     else:

@@ -1,0 +1,158 @@
+"""The daemon under faults (issue 14; docs/FAULTS.md lists what each test covers): real files,
+real ONNX Runtime, real sockets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+from test_infer import build_models_dir
+
+from edge import daemon as daemon_mod
+from edge.daemon import Daemon
+from edge.modelset import load_models
+
+BODY = b'{"type":"phase","phase":"clean"}'
+
+
+def _post(port: int, host: str, token: str | None = None) -> int:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    headers = {"Host": host, "Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    c.request("POST", "/publish", BODY, headers)
+    status = c.getresponse().status
+    c.close()
+    return status
+
+
+def _get(port: int, path: str) -> dict:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    c.request("GET", path)
+    body = json.loads(c.getresponse().read())
+    c.close()
+    return body
+
+
+# --- item 4: Host names and the reverse-proxy flag ------------------------------------------------
+
+
+def test_allowed_host_and_no_trust_loopback_flags_reach_the_server() -> None:
+    args = daemon_mod._parser().parse_args(
+        ["--demo", "--allowed-host", "deck.lab", "--no-trust-loopback", "--publish-token", "tok"]
+    )
+    assert args.allowed_host == ["deck.lab"] and args.trust_loopback is False
+    d = Daemon(
+        None,
+        demo=True,
+        bind="127.0.0.1",
+        port=0,
+        publish_token="tok",
+        allowed_hosts=args.allowed_host,
+        trust_loopback=args.trust_loopback,
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            listeners = await n.start(d.run)
+            port = listeners[0].socket.getsockname()[1]
+            post = lambda host, token=None: trio.to_thread.run_sync(_post, port, host, token)
+            assert await post("localhost") == 401  # loopback is not enough behind a proxy
+            assert await post("deck.lab", "tok") == 200  # the proxy's name, with the token
+            assert await post("evil.example", "tok") == 403  # rebinding: even with a token
+            assert await post(f"127.0.0.1:{port}", "tok") == 200
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_no_trust_loopback_without_a_token_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        daemon_mod.main(["--demo", "--no-trust-loopback"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--no-trust-loopback leaves nobody able to publish: give --publish-token too")
+
+
+# --- item 2: a reload that fails in any way keeps the old set -----------------------------------
+
+
+def test_any_failed_reload_keeps_the_old_set_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mdir = build_models_dir(tmp_path / "models")
+    d = Daemon(mdir, bind="127.0.0.1", port=0, modelset=load_models(mdir))
+    first = d.engine
+    sums = mdir / "SHA256SUMS"
+    good = sums.read_bytes()
+
+    async def hup_and_wait(failures: int) -> dict:
+        os.kill(os.getpid(), signal.SIGHUP)
+        with trio.fail_after(10):
+            while d.reload_failures.value(reason=reason) < failures:
+                await trio.sleep(0.02)
+        return await trio.to_thread.run_sync(_get, port, "/healthz")
+
+    async def main() -> None:
+        nonlocal port, reason
+        async with trio.open_nursery() as n:
+            listeners = await n.start(d.run)
+            port = listeners[0].socket.getsockname()[1]
+            # SHA256SUMS replaced by a directory
+            sums.unlink()
+            sums.mkdir()
+            reason = "IsADirectoryError"
+            health = await hup_and_wait(1)
+            assert "SHA256SUMS" in health["reload_error"] and "Is a directory" in health["reload_error"]
+            assert d.engine is first and health["models"]["models"] and health["ok"]
+            sums.rmdir()
+            sums.write_bytes(good)
+            # files copied with mode 600 under the unit's DynamicUser: EACCES on read. These tests
+            # run as root, for whom mode bits do not deny reads, so the read itself is made to fail.
+            real_open = open
+
+            def no_read(path, *a, **kw):  # type: ignore[no-untyped-def]
+                if str(path).endswith(".onnx"):
+                    raise PermissionError(13, "Permission denied", str(path))
+                return real_open(path, *a, **kw)
+
+            monkeypatch.setattr("builtins.open", no_read)
+            reason = "PermissionError"
+            health = await hup_and_wait(1)
+            monkeypatch.undo()
+            assert "Permission denied" in health["reload_error"] and ".onnx" in health["reload_error"]
+            assert d.engine is first
+            # a broken manifest (startup_events on a set that loaded) is a failure too, not a crash
+            reason = "RuntimeError"
+
+            def boom(ms):  # type: ignore[no-untyped-def]
+                raise RuntimeError("manifest has no threat models")
+
+            monkeypatch.setattr(daemon_mod, "startup_events", boom)
+            health = await hup_and_wait(1)
+            monkeypatch.undo()
+            assert "RuntimeError: manifest has no threat models" in health["reload_error"]
+            assert d.engine is first
+            # and once the directory is good again, the next SIGHUP loads it
+            os.kill(os.getpid(), signal.SIGHUP)
+            with trio.fail_after(10):
+                while d.reloads == 0:
+                    await trio.sleep(0.02)
+            assert d.reload_error is None and d.engine is not first
+            metrics = await trio.to_thread.run_sync(_text, port, "/metrics")
+            assert 'phasewatch_reload_failures_total{reason="IsADirectoryError"} 1' in metrics
+            n.cancel_scope.cancel()
+
+    port, reason = 0, ""
+    trio.run(main)
+
+
+def _text(port: int, path: str) -> str:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    c.request("GET", path)
+    body = c.getresponse().read().decode()
+    c.close()
+    return body
