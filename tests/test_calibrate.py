@@ -108,3 +108,15 @@ def test_gbt_folds_the_temperature_into_its_graph(tmp_path) -> None:
         ["probabilities"], {"features": x[:50]}
     )[0]
     assert np.abs(got - model.predict_proba(x[:50])).max() <= 1e-5
+
+
+def test_ece_bootstrap_matches_the_point_estimate_and_sees_the_gain() -> None:
+    from trainer.calibrate import ece_bootstrap
+
+    z, y, sharp = overconfident(3000, seed=4, sharpen=4.0)
+    groups = np.repeat(np.arange(300), 10)  # 300 "episodes" of 10 windows
+    b = ece_bootstrap(sharp, softmax(z), y, groups, n_boot=300, seed=0)
+    assert b["gap"]["diff"] == pytest.approx(ece(softmax(z), y) - ece(sharp, y), abs=1e-9)
+    assert b["before_ci"][0] <= ece(sharp, y) <= b["before_ci"][1]
+    assert b["after_ci"][0] <= ece(softmax(z), y) <= b["after_ci"][1]
+    assert b["gap"]["significant"] and b["gap"]["hi"] < 0 and b["n_groups"] == 300

@@ -125,6 +125,8 @@ def test_run_directory_layout(run) -> None:
         "per-profile-f1.png",
         "model-comparison.png",
         "threat-gap.png",
+        "reliability-realistic.png",
+        "reliability-oracle.png",
     ):
         assert (out / name).stat().st_size > 0, name
     html = (out / "report.html").read_text()
@@ -166,6 +168,32 @@ def test_report_contents(run) -> None:
     assert v["significant"] and v["diff"] > 0.3
     table = summary_table(on_disk)
     assert "realistic vs oracle" in table and "majority" in table and "logreg" in table
+    assert "calibration (held-out ECE" in table
+
+
+def test_calibration_is_reported_before_and_after(run) -> None:
+    """Every model: a validation temperature, held-out ECE/NLL before and after with a paired CI."""
+    out, _report, _ws, _split = run
+    on_disk = json.loads((out / "report.json").read_text())
+    held = np.load(out / "heldout-realistic.npz")
+    for key, m in on_disk["models"].items():
+        c = m["calibration"]
+        assert c["temperature"] > 0 and 0 <= c["ece_after"] <= 1 and 0 <= c["ece_before"] <= 1, key
+        assert c["validation"]["val_nll_after"] <= c["validation"]["val_nll_before"] + 1e-9, key
+        g = c["bootstrap"]["gap"]
+        assert g["lo"] <= g["diff"] <= g["hi"] and g["diff"] == pytest.approx(
+            c["ece_after"] - c["ece_before"]
+        )
+        assert sum(c["reliability_after"]["count"]) == m["n_windows"]
+        model = load_model(out / key, expected_schema_hash=schema_hash())
+        assert model.inverse_temperature == pytest.approx(1 / c["temperature"])
+        if key.endswith("realistic"):
+            from trainer.calibrate import ece
+
+            kind = "summary" if m["input_kind"] == "summary" else "tensor"
+            assert ece(model.predict_proba(held[kind]), held["y"]) == pytest.approx(c["ece_after"])
+    html = (out / "report.html").read_text()
+    assert "ECE before" in html and 'src="reliability-realistic.png"' in html
 
 
 def test_checkpoints_reproduce_the_reported_score(run) -> None:

@@ -99,14 +99,80 @@ def ece(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     return float(reliability(proba, y, bins)["ece"])
 
 
-def calibration_metrics(proba: np.ndarray, y: np.ndarray, beta: float) -> dict[str, Any]:
+def _group_bins(proba: np.ndarray, y: np.ndarray, gidx: np.ndarray, n_groups: int, bins: int) -> np.ndarray:
+    """(G, bins, 3): per episode and bin, windows, summed confidence, summed hits."""
+    p = np.asarray(proba, np.float64)
+    conf, hit = p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
+    cell = gidx * bins + np.minimum((conf * bins).astype(int), bins - 1)
+    out = np.zeros((n_groups * bins, 3))
+    for j, w in enumerate((np.ones_like(conf), conf, hit)):
+        out[:, j] = np.bincount(cell, weights=w, minlength=n_groups * bins)
+    return out.reshape(n_groups, bins, 3)
+
+
+def _ece_of(sums: np.ndarray) -> np.ndarray:
+    """ECE from (..., bins, 3) bin sums."""
+    n, conf, hit = sums[..., 0], sums[..., 1], sums[..., 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = np.where(n > 0, np.abs(hit - conf) / np.where(n > 0, n, 1), 0.0)
+    return (n * gap).sum(axis=-1) / np.maximum(n.sum(axis=-1), 1)
+
+
+def ece_bootstrap(
+    before: np.ndarray,
+    after: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    bins: int = ECE_BINS,
+) -> dict[str, Any]:
+    """ECE before/after with 95% CIs resampling episodes, and the paired gap after - before."""
+    y = np.asarray(y, np.int64)
+    if len(y) == 0:
+        nan = float("nan")
+        return {"before_ci": [nan, nan], "after_ci": [nan, nan], "gap": {"diff": nan, "lo": nan, "hi": nan}}
+    gids, gidx = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    sb = _group_bins(before, y, gidx, len(gids), bins)
+    sa = _group_bins(after, y, gidx, len(gids), bins)
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(len(gids), np.full(len(gids), 1.0 / len(gids)), size=n_boot).astype(np.float64)
+    eb = _ece_of(np.einsum("bg,gkj->bkj", w, sb))
+    ea = _ece_of(np.einsum("bg,gkj->bkj", w, sa))
+    d = ea - eb
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    p = min(1.0, 2 * min(float((d <= 0).mean()), float((d >= 0).mean())))
+    return {
+        "before_ci": [float(v) for v in np.quantile(eb, [0.025, 0.975])],
+        "after_ci": [float(v) for v in np.quantile(ea, [0.025, 0.975])],
+        "gap": {
+            "diff": float(_ece_of(sa.sum(axis=0)) - _ece_of(sb.sum(axis=0))),
+            "lo": float(lo),
+            "hi": float(hi),
+            "p_value": p,
+            "significant": bool(lo > 0 or hi < 0),
+        },
+        "n_groups": int(len(gids)),
+        "n_boot": int(n_boot),
+    }
+
+
+def calibration_metrics(
+    proba: np.ndarray,
+    y: np.ndarray,
+    beta: float,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """What the report shows for one model on held-out windows: ECE and NLL before and after.
 
-    ``proba`` is the calibrated output (what ONNX returns); "before" undoes ``beta``.
+    ``proba`` is the calibrated output (what ONNX returns); "before" undoes ``beta``. With
+    ``groups`` (episodes), CIs and the paired after-minus-before gap by episode bootstrap.
     """
     before = rescale(proba, 1.0 / beta)
     rel_after, rel_before = reliability(proba, y), reliability(before, y)
-    return {
+    out: dict[str, Any] = {
         "temperature": 1.0 / beta,
         "ece_before": rel_before["ece"],
         "ece_after": rel_after["ece"],
@@ -115,3 +181,6 @@ def calibration_metrics(proba: np.ndarray, y: np.ndarray, beta: float) -> dict[s
         "reliability_before": rel_before,
         "reliability_after": rel_after,
     }
+    if groups is not None:
+        out["bootstrap"] = ece_bootstrap(before, proba, y, groups, n_boot=n_boot, seed=seed)
+    return out

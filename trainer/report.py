@@ -83,10 +83,39 @@ def summary_table(report: dict[str, Any]) -> str:
         f"model-vs-model gaps: {len(sig)} of {len(report.get('comparisons', []))} significant "
         "(paired episode bootstrap; all in report.json)"
     )
+    lines += calibration_lines(report)
     untested = report.get("untested_profiles") or []
     if untested:
         lines.append(f"UNTESTED profiles (in train, absent from the held-out side): {', '.join(untested)}")
     return "\n".join(lines)
+
+
+def _calibrated(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(n, t, m["calibration"]) for n, t, m in _rows(report) if n in MODELS and m.get("calibration")]
+
+
+def calibration_lines(report: dict[str, Any]) -> list[str]:
+    """Held-out ECE before -> after the validation temperature, with the paired gap's CI."""
+    rows = _calibrated(report)
+    if not rows:
+        return []
+    lines = [
+        "",
+        "calibration (held-out ECE, 15 bins; temperature fitted on validation; gap = after - before):",
+    ]
+    for name, threat, c in rows:
+        g = (c.get("bootstrap") or {}).get("gap")
+        gap = (
+            f"  gap {g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] "
+            f"{'significant' if g['significant'] else 'not significant'}"
+            if g and g.get("lo") is not None
+            else ""
+        )
+        lines.append(
+            f"  {name + '-' + threat:<22} T={c['temperature']:<7.3g} ECE {_fmt(c['ece_before'])} -> "
+            f"{_fmt(c['ece_after'])}  NLL {_fmt(c['nll_before'])} -> {_fmt(c['nll_after'])}{gap}"
+        )
+    return lines
 
 
 # --- figures ---------------------------------------------------------------------------
@@ -197,6 +226,40 @@ def plot_comparison(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def plot_reliability(report: dict[str, Any], threat: str, path: Path) -> Path | None:
+    """Reliability diagram per model: accuracy against confidence, before and after temperature scaling."""
+    items = [(n, c) for n, t, c in _calibrated(report) if t == threat]
+    if not items:
+        return None
+    plt = _plt()
+    cols = min(4, len(items))
+    rows = math.ceil(len(items) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, c) in zip(axes.flat, items):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=1)
+        for which, style in (("before", dict(color="0.45", ls="--")), ("after", dict(color="tab:blue"))):
+            rel = c[f"reliability_{which}"]
+            pts = [(x, y) for x, y in zip(rel["confidence"], rel["accuracy"]) if x is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", ms=3, label=f"{which}: ECE {_fmt(c[f'ece_{which}'])}", **style)
+        ax.set_title(f"{name} (T={c['temperature']:.3g})", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(items) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"reliability on held-out windows, {threat} (dashed: before temperature scaling)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_threat_gap(report: dict[str, Any], path: Path) -> Path | None:
     gap = report.get("threat_gap", {})
     if not gap:
@@ -263,9 +326,17 @@ def write_report(run: Path, report: dict[str, Any]) -> dict[str, Path]:
     figures["per-profile-f1"] = plot_per_profile(report, run / "per-profile-f1.png")
     figures["model-comparison"] = plot_comparison(report, run / "model-comparison.png")
     figures["threat-gap"] = plot_threat_gap(report, run / "threat-gap.png")
+    for t in THREAT_MODELS:
+        figures[f"reliability-{t}"] = plot_reliability(report, t, run / f"reliability-{t}.png")
     files.update({k: v for k, v in figures.items() if v})
     files["html"] = write_html(run / "report.html", report, [v for v in figures.values() if v])
     return files
+
+
+def _ci_cell(g: dict[str, Any] | None) -> str:
+    if not g or g.get("lo") is None:
+        return ""
+    return f"{g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{' *' if g.get('significant') else ''}"
 
 
 def write_html(path: Path, report: dict[str, Any], images: list[Path]) -> Path:
@@ -285,6 +356,21 @@ def write_html(path: Path, report: dict[str, Any], images: list[Path]) -> Path:
         f'<figure><img src="{esc(p.name)}" alt="{esc(p.stem)}"><figcaption>{esc(p.stem)}</figcaption></figure>'
         for p in images
     )
+    calib = "".join(
+        f"<tr><td>{esc(n)}</td><td>{esc(t)}</td><td>{c['temperature']:.3g}</td>"
+        f"<td>{_fmt(c['ece_before'])}</td><td>{_fmt(c['ece_after'])}</td>"
+        f"<td>{_ci_cell((c.get('bootstrap') or {}).get('gap'))}</td>"
+        f"<td>{_fmt(c['nll_before'])}</td><td>{_fmt(c['nll_after'])}</td></tr>"
+        for n, t, c in _calibrated(report)
+    )
+    calib_table = (
+        "<h2>calibration: temperature scaling on validation, scored on held-out windows</h2>"
+        "<table><tr><th>model</th><th>threat</th><th>T</th><th>ECE before</th><th>ECE after</th>"
+        "<th>after - before [95% CI, paired episode bootstrap]</th><th>NLL before</th><th>NLL after</th></tr>"
+        f"{calib}</table>"
+        if calib
+        else ""
+    )
     untested = report.get("untested_profiles") or []
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>phasewatch training report</title>
@@ -297,6 +383,7 @@ profile {esc(str(report.get("profile", "")))}, seed {esc(str(report.get("seed", 
 {f'<p class="warn">untested profiles (no held-out windows): {esc(", ".join(untested))}</p>' if untested else ""}
 <pre>{esc(summary_table(report))}</pre>
 <h2>held-out macro F1</h2><table><tr><th>model</th><th>threat</th><th>macro F1</th><th>95% CI (episodes)</th><th>accuracy</th><th>windows</th><th>stopped</th></tr>{rows}</table>
+{calib_table}
 {imgs}
 <h2>paired bootstrap: every model-vs-model gap</h2>
 <table><tr><th>a</th><th>b</th><th>F1(a)-F1(b)</th><th>95% CI</th><th>p</th><th>significant</th></tr>{comps}</table>

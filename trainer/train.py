@@ -23,6 +23,7 @@ import numpy as np
 from schema.hashing import schema_hash
 from schema.vocab import INDEX_NAME, MODEL_INPUT, MODELS, THREAT_MODELS
 from trainer import evaluate as ev
+from trainer.calibrate import calibration_metrics
 from trainer.report import summary_table, write_report
 
 SPLITS = ("host", "sample", "time")
@@ -284,6 +285,11 @@ def train_windowset(
                     "best_val_f1": fit.best_val_f1,
                     "stopped": fit.stopped,
                 },
+                # ECE/NLL before and after the validation temperature, on these held-out windows.
+                "calibration": calibration_metrics(
+                    proba, y[te], model.inverse_temperature, meta["episode"], n_boot, seed
+                )
+                | {"validation": fit.calibration},
             }
             test_pred[key] = (te, proba.argmax(axis=1))
         trained = [m for m in models if f"{m}-{threat}" in report["models"]]
