@@ -127,6 +127,9 @@ def test_run_directory_layout(run) -> None:
         "threat-gap.png",
         "reliability-realistic.png",
         "reliability-oracle.png",
+        "ood.png",
+        "ood-realistic.json",
+        "ood-oracle.json",
     ):
         assert (out / name).stat().st_size > 0, name
     html = (out / "report.html").read_text()
@@ -225,3 +228,33 @@ def test_cli_arguments() -> None:
     args = p.parse_args(["--models", "gbt,svm"])
     with pytest.raises(SystemExit, match="unknown svm"):
         cli_train(args)
+
+
+def test_ood_flag_is_fitted_shipped_and_evaluated(run) -> None:
+    """The detector is typed, decodes on the edge side, and its report numbers are reproducible."""
+    from schema.ood import FLAG_AT, read_detector
+    from schema.ood import ood_score as score
+    from trainer.ood import _auroc
+
+    out, _report, ws, split = run
+    on_disk = json.loads((out / "report.json").read_text())
+    for threat in ("realistic", "oracle"):
+        o = on_disk["ood"][threat]
+        det = read_detector(out / o["file"])
+        assert det.threat_model == threat and det.threshold == pytest.approx(o["threshold"])
+        assert len(det.center) == len(det.channels) * 8 and (threat == "oracle") == (len(det.channels) == 46)
+        a = o["auroc_heldout_vs_training_hosts"]
+        assert 0 <= a["lo"] <= a["point"] <= a["hi"] <= 1
+        # Thresholded at the 95 % quantile of unseen training-host windows: about 5 % flagged there.
+        assert o["flagged_share_training_hosts"] <= 0.1
+        held = np.load(out / f"heldout-{threat}.npz")
+        full = ws.view("oracle", "summary")[held["index"]]
+        s = score(det, full)
+        assert ((s >= FLAG_AT).mean()) == pytest.approx(o["flagged_share_heldout"])
+        for key, f in o["accuracy_flagged_vs_unflagged"].items():
+            assert f["n_flagged"] + f["n_unflagged"] == len(held["y"]), key
+            assert key.endswith(threat) and key.split("-")[0] in TRAINED
+    assert _auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert _auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    table = summary_table(on_disk)
+    assert "OOD flag (realistic" in table and "AUROC held-out hosts vs training hosts" in table

@@ -31,6 +31,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "  -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _signed(x: float | None) -> str:
+    return "  -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
+
+
 def _rows(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, threat, metrics) for models then baselines, in a stable order."""
     out = []
@@ -84,6 +88,7 @@ def summary_table(report: dict[str, Any]) -> str:
         "(paired episode bootstrap; all in report.json)"
     )
     lines += calibration_lines(report)
+    lines += ood_lines(report)
     untested = report.get("untested_profiles") or []
     if untested:
         lines.append(f"UNTESTED profiles (in train, absent from the held-out side): {', '.join(untested)}")
@@ -115,6 +120,34 @@ def calibration_lines(report: dict[str, Any]) -> list[str]:
             f"  {name + '-' + threat:<22} T={c['temperature']:<7.3g} ECE {_fmt(c['ece_before'])} -> "
             f"{_fmt(c['ece_after'])}  NLL {_fmt(c['nll_before'])} -> {_fmt(c['nll_after'])}{gap}"
         )
+    return lines
+
+
+def ood_lines(report: dict[str, Any]) -> list[str]:
+    """The OOD flag: AUROC against training-host windows, accuracy flagged vs unflagged."""
+    sec = report.get("ood") or {}
+    lines: list[str] = []
+    for threat, o in sec.items():
+        a, v = o["auroc_heldout_vs_training_hosts"], o["auroc_validation_host_vs_training_hosts"]
+        lines += [
+            "",
+            f"OOD flag ({threat}; ood >= 0.5 = raw score above the {o['quantile']:.0%} quantile of unseen "
+            f"training-host windows):",
+            f"  AUROC held-out hosts vs training hosts {_fmt(a['point'])} [{_fmt(a['lo'])}, {_fmt(a['hi'])}]; "
+            f"validation host vs training hosts {_fmt(v['point'])} [{_fmt(v['lo'])}, {_fmt(v['hi'])}]",
+            f"  flagged: {o['flagged_share_heldout']:.1%} of held-out, {o['flagged_share_validation_host']:.1%} "
+            f"of validation-host, {o['flagged_share_training_hosts']:.1%} of unseen training-host windows",
+        ]
+        for key, f in o.get("accuracy_flagged_vs_unflagged", {}).items():
+            g = f.get("gap") or {}
+            lo, hi = g.get("lo"), g.get("hi")
+            ci = f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "[  -  ]"
+            lines.append(
+                f"  {key:<22} acc flagged {_fmt(f['accuracy_flagged'])} (n={f['n_flagged']}) "
+                f"unflagged {_fmt(f['accuracy_unflagged'])} (n={f['n_unflagged']}) "
+                f"gap {_signed(g.get('diff'))} {ci}"
+                f"{' significant' if g.get('significant') else ''}"
+            )
     return lines
 
 
@@ -260,6 +293,38 @@ def plot_reliability(report: dict[str, Any], threat: str, path: Path) -> Path | 
     return path
 
 
+def plot_ood(report: dict[str, Any], path: Path) -> Path | None:
+    """Per threat model: where the ood score falls for training-host, validation-host and held-out windows."""
+    sec = {t: o for t, o in (report.get("ood") or {}).items() if o.get("histogram")}
+    if not sec:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(sec), figsize=(5.5 * len(sec), 3.6), squeeze=False)
+    for ax, (threat, o) in zip(axes.flat, sec.items()):
+        h = o["histogram"]
+        edges = np.asarray(h["edges"])
+        mids = (edges[:-1] + edges[1:]) / 2
+        for name, colour in (
+            ("training_hosts_unseen", "tab:green"),
+            ("validation_host", "tab:orange"),
+            ("heldout_hosts", "tab:red"),
+        ):
+            counts = np.asarray(h[name], float)
+            share = counts / max(1.0, counts.sum())
+            ax.step(mids, share, where="mid", color=colour, label=name.replace("_", " "))
+            ax.fill_between(mids, share, step="mid", color=colour, alpha=0.12)
+        ax.axvline(0.5, color="k", ls=":", lw=1)
+        a = o["auroc_heldout_vs_training_hosts"]
+        ax.set_title(f"{threat}: AUROC {_fmt(a['point'])} [{_fmt(a['lo'])}, {_fmt(a['hi'])}]", fontsize=9)
+        ax.set_xlabel("ood score (flag at 0.5)")
+        ax.set_ylabel("share of windows")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_threat_gap(report: dict[str, Any], path: Path) -> Path | None:
     gap = report.get("threat_gap", {})
     if not gap:
@@ -328,6 +393,7 @@ def write_report(run: Path, report: dict[str, Any]) -> dict[str, Path]:
     figures["threat-gap"] = plot_threat_gap(report, run / "threat-gap.png")
     for t in THREAT_MODELS:
         figures[f"reliability-{t}"] = plot_reliability(report, t, run / f"reliability-{t}.png")
+    figures["ood"] = plot_ood(report, run / "ood.png")
     files.update({k: v for k, v in figures.items() if v})
     files["html"] = write_html(run / "report.html", report, [v for v in figures.values() if v])
     return files

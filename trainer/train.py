@@ -24,6 +24,7 @@ from schema.hashing import schema_hash
 from schema.vocab import INDEX_NAME, MODEL_INPUT, MODELS, THREAT_MODELS
 from trainer import evaluate as ev
 from trainer.calibrate import calibration_metrics
+from trainer.ood import ood_for_threat
 from trainer.report import summary_table, write_report
 
 SPLITS = ("host", "sample", "time")
@@ -293,6 +294,11 @@ def train_windowset(
             }
             test_pred[key] = (te, proba.argmax(axis=1))
         trained = [m for m in models if f"{m}-{threat}" in report["models"]]
+        # The OOD flag, fitted on this threat model's training windows only (trainer/ood.py);
+        # its detector goes into the run as ood-<threat>.json for export.
+        report.setdefault("ood", {})[threat] = ood_for_threat(
+            ws.view("oracle", "summary"), idx, y, test_pred, ws.episode, ws.profile, threat, out, n_boot, seed
+        )
         if trained:
             report["best"][threat] = max(
                 (f"{m}-{threat}" for m in trained), key=lambda k: report["models"][k]["macro_f1"]
