@@ -48,10 +48,20 @@ def export_random_models(out: Path, seed: int = 0) -> Path:
     import msgspec
     import onnx
 
-    from edge.modelset import Envelope, FileEntry, Manifest, ModelEntry, ProjectorEntry
+    from schema.artifacts import (
+        Envelope,
+        FileEntry,
+        HeldoutMetrics,
+        Manifest,
+        ModelEntry,
+        ProjectorEntry,
+        estimate,
+    )
+    from schema.extract import input_shape
     from schema.channels import CHANNEL_NAMES, SUMMARY_STATS, WINDOW_STEPS, view_channels
     from schema.hashing import schema_hash
     from schema.vocab import MODEL_INPUT, MODELS, PHASES, THREAT_MODELS
+    from trainer.graphs import gather_channels
     from trainer.models import build_model
 
     if (out / "SHA256SUMS").exists():
@@ -72,7 +82,8 @@ def export_random_models(out: Path, seed: int = 0) -> Path:
             model.fit(x[:128], y[:128], x[128:], y[128:])
             path = out / f"{name}-{threat}.onnx"
             model.to_onnx(path)
-            proto = onnx.load(path)
+            # every exported graph reads the full window and gathers its own channels
+            proto = gather_channels(onnx.load(path), view_channels(threat), kind, str(path))
             meta = {
                 "schema_hash": schema_hash(),
                 "model": name,
@@ -91,18 +102,20 @@ def export_random_models(out: Path, seed: int = 0) -> Path:
                     threat_model=threat,
                     input_kind=kind,
                     channels=chans,
-                    input_shape=list(shape),
-                    metrics={"accuracy": 0.2},
+                    input_shape=list(input_shape(kind)),
+                    metrics=HeldoutMetrics(estimate(0.2), estimate(0.2), n_windows=0, n_episodes=0),
                 )
             )
             print(f"  exported {path.name} ({len(files[path.name]) / 1024:.0f} KiB)", file=sys.stderr)
-        files[f"projector-{threat}.onnx"] = _projector(len(chans) * k, chans, threat, schema_hash())
+        proj = onnx.load_from_string(_projector(len(chans) * k, chans, threat, schema_hash()))
+        proj = gather_channels(proj, view_channels(threat), "summary", f"projector-{threat}.onnx")
+        files[f"projector-{threat}.onnx"] = proj.SerializeToString()
         projectors.append(
             ProjectorEntry(
                 file=f"projector-{threat}.onnx",
                 threat_model=threat,
                 channels=chans,
-                input_shape=[len(chans) * k],
+                input_shape=list(input_shape("summary")),
                 n_clusters=6,
                 fitted_on="random",
                 n_fit=0,

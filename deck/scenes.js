@@ -1,5 +1,5 @@
 // DOM renderers, one per live scene. Event data only ever reaches the page as text nodes.
-import { PHASES, PROFILES, MODELS, STATUSES } from "./vocab.js";
+import { PHASES, PROFILES, MODELS, STATUSES, OOD_FLAG_AT } from "./vocab.js";
 import { phaseVar, modelVar, statusVar } from "./palette.js";
 import { WINDOWS, BASELINE_MS, hostRows, totals, prunePhases } from "./state.js";
 
@@ -196,9 +196,12 @@ export function renderChunking(state) {
       if (!c) { kids.push(h("div", { class: "cell none", "data-idx": i }, "\u2014")); return; }
       const shown = c.predicted ?? c.actual;
       const wrong = c.predicted !== null && c.actual !== null && c.predicted !== c.actual;
-      const cls = ["cell", c.predicted === null ? "actual-only" : null, wrong ? "wrong" : null].filter(Boolean).join(" ");
+      // flagged out of distribution: the window looks unlike every training host
+      const ood = c.ood !== null && c.ood >= OOD_FLAG_AT;
+      const cls = ["cell", c.predicted === null ? "actual-only" : null, wrong ? "wrong" : null, ood ? "ood" : null].filter(Boolean).join(" ");
       const sub = wrong ? `actual ${c.actual}` : c.confidence !== null ? `${(c.confidence * 100).toFixed(0)} %` : c.predicted === null ? "label" : "";
-      kids.push(h("div", { class: cls, "data-idx": i, "data-phase": shown, style: { "--c": phaseVar(shown) } },
+      const title = c.ood !== null ? `out-of-distribution score ${c.ood.toFixed(2)}${ood ? " (flagged)" : ""}` : null;
+      kids.push(h("div", { class: cls, "data-idx": i, "data-phase": shown, "data-ood": c.ood, title, style: { "--c": phaseVar(shown) } },
         shown.replace("_", " "), sub ? h("small", {}, sub) : null));
     });
   }

@@ -132,6 +132,7 @@ export function applyEvent(state, ev, now) {
         actual: optStr(ev.actual) ?? prev.actual ?? null,
         confidence: isNum(ev.confidence) ? ev.confidence : prev.confidence ?? null,
         window_no: Number.isInteger(ev.window_no) ? ev.window_no : prev.window_no ?? null,
+        ood: isNum(ev.ood) ? ev.ood : prev.ood ?? null,
       };
       if (isStr(ev.model)) tl.model = ev.model;
       state.timelines.set(ev.episode_id, tl);

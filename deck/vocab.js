@@ -3,3 +3,5 @@ export const PHASES = Object.freeze(["clean", "armed", "infecting", "infected_ru
 export const PROFILES = Object.freeze(["cpu-saturate", "bursty-c2", "scan-and-dial", "exfil-trickle", "disk-encrypt", "mem-inflate"]);
 export const MODELS = Object.freeze(["gbt", "mlp", "cnn", "gru", "lstm", "transformer", "rocket"]);
 export const STATUSES = Object.freeze(["accepted", "degraded", "rejected", "errored"]);
+// schema/ood.py FLAG_AT: a prediction whose ood is at least this is flagged out of distribution.
+export const OOD_FLAG_AT = 0.5;

@@ -62,7 +62,8 @@ _EVENT_CLASSES: Final = (*get_args(Event), NodeStatus)  # a node's status only r
 STATE_KEYS: Final[Mapping[str, Callable[[Event], str]]] = {
     "snapshot": lambda e: "",
     "attack_profile": lambda e: e.name if isinstance(e, AttackProfile) else "",
-    "model_metric": lambda e: e.model if isinstance(e, ModelMetric) else "",
+    # per (model, threat model): a reconnecting deck gets both twins, realistic last as published
+    "model_metric": lambda e: f"{e.model}\0{e.threat_model or ''}" if isinstance(e, ModelMetric) else "",
     "model_perf": lambda e: e.model if isinstance(e, ModelPerf) else "",
     "status": lambda e: "",  # one per node (the node is part of every key below)
 }

@@ -16,11 +16,10 @@ episode into the same six cells, so only the primary's are published by default
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,55 +28,26 @@ import numpy as np
 
 from edge.modelset import LoadedModel, ModelSet
 from edge.tail import WindowJob
-from schema.events import AttackProfile, Embedding, Event, ModelMetric, ModelPerf, PhaseEvent, Prediction
-from schema.extract import Window, extract_window, summarize, window_centre_ns
+from schema.artifacts import BENCH_FILE, ArtifactError, BenchDoc, perf_events, read_doc
+from schema.events import AttackProfile, Embedding, Event, ModelMetric, PhaseEvent, Prediction
+from schema.extract import Window, extract_window, input_shape, summarize, window_centre_ns
+from schema.ood import FLAG_AT, ood_score
 from schema.vocab import PHASES
 
 log = logging.getLogger("edge.infer")
 
 TIMELINE_CELLS = 6  # the deck's chunking timeline: window_idx = window_no % 6
-_ACCURACY_KEYS = ("accuracy", "acc", "balanced_accuracy", "macro_f1")
+DRIFT_ALPHA = 0.01  # the drift gauge's moving average weighs the last ~100 windows
 
 
-def metric_value(
-    metrics: Mapping[str, Any], names: Sequence[str] = _ACCURACY_KEYS
-) -> tuple[float, float | None, float | None] | None:
-    """(value, ci_low, ci_high) of the first metric present; accepts a number or a dict/list form."""
-    for name in names:
-        m = metrics.get(name)
-        if m is None:
-            held = metrics.get("heldout") or metrics.get("test")
-            m = held.get(name) if isinstance(held, Mapping) else None
-        if m is None:
-            continue
-        lo = hi = None
-        if isinstance(m, Mapping):
-            ci = m.get("ci") or m.get("ci95")
-            lo, hi = m.get("ci_low", m.get("low")), m.get("ci_high", m.get("high"))
-            if isinstance(ci, (list, tuple)) and len(ci) == 2:
-                lo, hi = ci
-            m = m.get("value", m.get("mean", m.get("point")))
-        else:
-            lo = metrics.get(f"{name}_ci_low")
-            hi = metrics.get(f"{name}_ci_high")
-            ci = metrics.get(f"{name}_ci")
-            if isinstance(ci, (list, tuple)) and len(ci) == 2:
-                lo, hi = ci
-        if isinstance(m, (int, float)) and math.isfinite(m):
-            return float(m), _unit(lo), _unit(hi)
-    return None
-
-
-def _unit(x: Any) -> float | None:
-    if isinstance(x, (int, float)) and math.isfinite(x):
-        return min(1.0, max(0.0, float(x)))
-    return None
+def _accuracy(m: LoadedModel) -> float:
+    return m.metrics.accuracy.value if m.metrics is not None else -1.0
 
 
 def pick_primary(models: Sequence[LoadedModel]) -> LoadedModel:
     """The realistic model with the best held-out accuracy (ties: model order); any model as fallback."""
     realistic = [m for m in models if m.threat_model == "realistic"] or list(models)
-    scored = [((metric_value(m.metrics) or (-1.0,))[0], -i, m) for i, m in enumerate(realistic)]
+    scored = [(_accuracy(m), -i, m) for i, m in enumerate(realistic)]
     return max(scored, key=lambda t: (t[0], t[1]))[2]
 
 
@@ -104,6 +74,7 @@ class Batch:
     tensors: np.ndarray
     summaries: np.ndarray
     primary_pred: dict[int, str] = field(default_factory=dict)
+    ood: dict[str, np.ndarray] = field(default_factory=dict)  # threat model -> (N,) ood score
 
 
 class Engine:
@@ -120,6 +91,7 @@ class Engine:
         )
         self.embed = embed and self.embed_threat is not None
         self._batchable: dict[str, bool] = {}
+        self.drift: dict[str, float] = {}  # threat model -> moving share of flagged windows
 
     def score(self, jobs: Sequence[WindowJob]) -> list[Scored]:
         """Extract each window, run every model on the usable ones, build all their events."""
@@ -134,16 +106,19 @@ class Engine:
         the projector, so the timeline's latency is one model's, not twelve."""
         out = [Scored(job) for job in jobs]
         wins: list[Window] = [extract_window(j.streams, j.t0_ns, j.w) for j in jobs]
-        tensors = np.stack([w.tensor for w in wins]) if wins else np.zeros((0, 46, 100), np.float32)
-        summaries = summarize(tensors) if len(wins) else np.zeros((0, 0), np.float32)
+        tensors = (
+            np.stack([w.tensor for w in wins]) if wins else np.zeros((0, *input_shape("tensor")), np.float32)
+        )
+        summaries = summarize(tensors) if len(wins) else np.zeros((0, *input_shape("summary")), np.float32)
         batch = Batch(out, wins, tensors, summaries)
+        self._score_ood(batch)
         for s, job in zip(out, jobs):
             if job.actual is not None:
                 s.events.append(
                     PhaseEvent(
-                        phase=job.actual,
+                        phase=job.actual,  # type: ignore[arg-type]  # a label the tailer decoded
                         episode_id=job.episode_id,
-                        host=job.host,  # type: ignore[arg-type]
+                        host=job.host,
                         t_ns=window_centre_ns(job.t0_ns, job.w),
                     )
                 )
@@ -180,6 +155,24 @@ class Engine:
                         )
                     )
 
+    def _score_ood(self, batch: Batch) -> None:
+        """Each threat model's OOD score of every window, and the drift gauge it moves."""
+        for threat, det in self.modelset.ood.items():
+            idx = [i for i, w in enumerate(batch.wins) if w.usable(threat)]
+            score = np.full(len(batch.wins), np.nan)
+            if idx:
+                score[idx] = ood_score(det, batch.summaries[idx])
+            batch.ood[threat] = score
+            flagged = score[idx] >= FLAG_AT
+            d = self.drift.get(threat)
+            for f in flagged:  # one step per window: the average forgets at the same pace at any rate
+                d = float(f) if d is None else d + DRIFT_ALPHA * (float(f) - d)
+            if d is not None:
+                self.drift[threat] = d
+            if self.metrics is not None and idx:
+                self.metrics.windows_flagged.inc(int(flagged.sum()), threat_model=threat)
+                self.metrics.ood_drift.set(self.drift[threat], threat_model=threat)
+
     def _score_model(self, model: LoadedModel, batch: Batch) -> None:
         idx = [i for i, w in enumerate(batch.wins) if w.usable(model.threat_model)]
         if not idx:
@@ -187,6 +180,7 @@ class Engine:
         x = batch.tensors[idx] if model.input_kind == "tensor" else batch.summaries[idx]
         probs = self._run(model, x)
         is_primary = model is self.primary
+        ood = batch.ood.get(model.threat_model)
         for i, p in zip(idx, probs):
             k = int(np.argmax(p))
             s = batch.scored[i]
@@ -201,6 +195,10 @@ class Engine:
                 actual=s.job.actual,
                 model=model.key,
                 confidence=min(1.0, max(0.0, float(p[k]))) if math.isfinite(float(p[k])) else None,
+                # 6 decimals: a batch and a lone window agree on the wire (numpy's SIMD may not to the ulp)
+                ood=round(min(1.0, max(0.0, float(ood[i]))), 6)
+                if ood is not None and math.isfinite(ood[i])
+                else None,
             )
             (s.events if is_primary else s.others).append(pred)
 
@@ -238,74 +236,31 @@ def _ordered(models: Iterable[LoadedModel]) -> list[LoadedModel]:
 def startup_events(modelset: ModelSet, bench_file: Path | None = None) -> list[Event]:
     """model_metric per model, attack_profile envelopes, model_perf from bench.json if present."""
     events: list[Event] = []
-    accuracy: dict[str, float] = {}
     for m in _ordered(modelset.models):
-        got = metric_value(m.metrics)
-        if got is None:
+        if m.metrics is None:
             continue
-        acc, lo, hi = got
-        accuracy[m.key] = acc
+        acc = m.metrics.accuracy
+        lo, hi = acc.ci if acc.ci is not None else (None, None)
         events.append(
-            ModelMetric(
-                model=m.name,
-                accuracy=min(1.0, max(0.0, acc)),
-                ci_low=lo,
-                ci_high=hi,
-                threat_model=m.threat_model,
-            )
+            ModelMetric(model=m.name, accuracy=acc.value, ci_low=lo, ci_high=hi, threat_model=m.threat_model)
         )
     for env in modelset.manifest.envelopes:
-        curve = [float(v) for v in env.curve if isinstance(v, (int, float)) and math.isfinite(v)]
+        curve = [float(v) for v in env.curve if math.isfinite(v)]
         if curve:
             events.append(AttackProfile(name=env.name, curve=curve, shape=env.shape or None))
-    bench_file = bench_file if bench_file is not None else modelset.directory / "bench.json"
-    events.extend(bench_events(bench_file, modelset, accuracy))
+    bench_file = bench_file if bench_file is not None else modelset.directory / BENCH_FILE
+    events.extend(bench_events(bench_file))
     return events
 
 
-def bench_events(path: Path, modelset: ModelSet, accuracy: Mapping[str, float]) -> list[Event]:
-    """model_perf points from ``bench.json``; a missing or odd file gives none, and says why."""
+def bench_events(path: Path) -> list[Event]:
+    """model_perf points from ``bench.json`` (``schema.artifacts.perf_events``); a missing file
+    gives none, a file that does not decode gives none and a warning naming it and the field."""
     try:
-        doc = json.loads(path.read_text())
+        doc = read_doc(path, BenchDoc)
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as e:
-        log.warning("%s: ignored: %s", path, e)
+    except (OSError, ArtifactError) as e:
+        log.warning("%s: ignored (rerun `phasewatch bench`): %s", path, e)
         return []
-    rows: list[Any] = doc.get("models", doc.get("results", [])) if isinstance(doc, dict) else doc
-    if isinstance(rows, dict):
-        rows = [{"key": k, **v} for k, v in rows.items() if isinstance(v, dict)]
-    known = {m.key: m for m in modelset.models}
-    events: list[tuple[bool, Event]] = []
-    for r in rows if isinstance(rows, list) else []:
-        if not isinstance(r, dict):
-            continue
-        name, threat = r.get("model"), r.get("threat_model")
-        key = r.get("key") or (f"{name}-{threat}" if name and threat else name)
-        if key in known:
-            name, threat = known[key].name, known[key].threat_model
-        lat = next(
-            (
-                r[k]
-                for k in ("latency_us", "mean_us", "p50_us", "median_us")
-                if isinstance(r.get(k), (int, float))
-            ),
-            None,
-        )
-        acc = r.get("accuracy") if isinstance(r.get("accuracy"), (int, float)) else accuracy.get(str(key))
-        if not name or lat is None or acc is None or not math.isfinite(lat) or lat < 0:
-            continue
-        p99 = r.get("p99_us")
-        events.append(
-            (
-                threat == "realistic",
-                ModelPerf(
-                    model=str(name),
-                    latency_us=float(lat),
-                    accuracy=min(1.0, max(0.0, float(acc))),
-                    p99_us=float(p99) if isinstance(p99, (int, float)) and p99 >= 0 else None,
-                    threat_model=str(threat) if threat else None,
-                ),
-            )
-        )
-    return [e for _, e in sorted(events, key=lambda t: t[0])]
+    return list(perf_events(doc))

@@ -22,99 +22,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 
-from schema.channels import CHANNEL_NAMES, N_CHANNELS, SUMMARY_STATS, WINDOW_STEPS
+from schema.artifacts import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MODEL_INPUT_NAME,
+    MODEL_OUTPUT_NAME,
+    PROJECTOR_OUTPUTS,
+    SUMS_FILE,
+    ArtifactError,
+    HeldoutMetrics,
+    Manifest,
+    read_doc,
+)
+from schema.channels import CHANNEL_NAMES, N_CHANNELS
+from schema.extract import input_shape
 from schema.hashing import schema_hash as current_schema_hash
+from schema.ood import OodDetector, OodError, read_detector
 from schema.vocab import PHASES
 
 log = logging.getLogger(__name__)
 
-SUMS_FILE = "SHA256SUMS"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 1
 # onnxruntime versions the exported graphs are made for (opset <= 20, IR <= 9: what 1.17
 # runs). 1.21.x dies with SIGILL on a Pi 4 (Cortex-A72), so it is excluded.
 ONNXRUNTIME_RANGE = ">=1.17,!=1.21.*"
-MODEL_INPUT_NAME = "features"
-MODEL_OUTPUT_NAME = "probabilities"
-PROJECTOR_OUTPUTS = ("xyz", "cluster")
-_K = len(SUMMARY_STATS)
 
 
 class ModelSetError(RuntimeError):
     """A models directory that must not be served; the message says which file and why."""
-
-
-# --- the manifest (written by trainer/export.py, read here: one definition) -----------------
-
-
-class FileEntry(msgspec.Struct, omit_defaults=True):
-    path: str
-    sha256: str
-    bytes: int
-    kind: str  # "model" | "projector"
-
-
-class Parity(msgspec.Struct, omit_defaults=True):
-    windows: int
-    max_abs_diff: float
-    argmax_agreement: float  # exact ties in the native output count as agreeing
-    argmax_agreement_raw: float = 1.0  # plain argmax equality
-    ties: int = 0  # windows whose top two native classes tie
-
-
-class ModelEntry(msgspec.Struct, omit_defaults=True):
-    file: str
-    model: str
-    threat_model: str
-    input_kind: str  # "summary" | "tensor"
-    channels: list[str]
-    input_shape: list[int]  # per window, without the batch axis
-    metrics: dict[str, Any] = {}
-    parity: Parity | None = None
-
-
-class ProjectorEntry(msgspec.Struct, omit_defaults=True):
-    file: str
-    threat_model: str
-    channels: list[str]
-    input_shape: list[int]
-    n_clusters: int
-    fitted_on: str  # which windows the PCA / k-means saw
-    n_fit: int
-    explained_variance_ratio: list[float] = []
-
-
-class Envelope(msgspec.Struct, omit_defaults=True):
-    """One attack_profile event's payload, plus where it came from."""
-
-    name: str
-    curve: list[float]
-    shape: str
-    channel: str = ""
-    unit: str = ""
-    episodes: int = 0
-
-
-class Manifest(msgspec.Struct, omit_defaults=True):
-    schema_hash: str
-    created: str
-    classes: list[str]
-    window_s: int
-    stride_s: int
-    rate_hz: int
-    opset: int
-    onnxruntime: str
-    files: list[FileEntry]
-    models: list[ModelEntry]
-    projectors: list[ProjectorEntry] = []
-    envelopes: list[Envelope] = []
-    split: dict[str, Any] = {}
-    run: dict[str, Any] = {}
-    exporter: dict[str, str] = {}
-    format: int = MANIFEST_FORMAT
 
 
 # --- SHA256SUMS ------------------------------------------------------------------------------
@@ -201,21 +137,17 @@ def _channel_indices(names: list[str], where: Path) -> tuple[int, ...]:
     return tuple(index[n] for n in names)
 
 
-def _view(x: np.ndarray, input_kind: str, channels: tuple[int, ...]) -> np.ndarray:
-    """The slice of the full 46-channel window (or batch) that one graph reads."""
+def _full(x: np.ndarray, input_kind: str) -> np.ndarray:
+    """A full-width window (or batch) as every graph reads it: float32 (N, 46, 100) or (N, 46 * k)."""
     x = np.asarray(x, dtype=np.float32)
-    if input_kind == "tensor":
-        if x.ndim == 2:
-            x = x[None]
-        if x.shape[1:] != (N_CHANNELS, WINDOW_STEPS):
-            raise ValueError(f"tensor input must be ({N_CHANNELS}, {WINDOW_STEPS}) per window, got {x.shape}")
-        return np.ascontiguousarray(x[:, channels, :])
-    if x.ndim == 1:
+    want = input_shape(input_kind)
+    if x.ndim == len(want):
         x = x[None]
-    if x.shape[1] != N_CHANNELS * _K:
-        raise ValueError(f"summary input must be {N_CHANNELS * _K} features per window, got {x.shape}")
-    # summaries are channel-major (c * k + s), so a channel subset is a block gather
-    return np.ascontiguousarray(x.reshape(len(x), N_CHANNELS, _K)[:, channels, :].reshape(len(x), -1))
+    if tuple(x.shape[1:]) != want:
+        raise ValueError(
+            f"{input_kind} input must be {want} per window (all {N_CHANNELS} channels), got {x.shape}"
+        )
+    return np.ascontiguousarray(x)
 
 
 @dataclass
@@ -223,9 +155,9 @@ class LoadedModel:
     name: str
     threat_model: str
     input_kind: str
-    channels: tuple[int, ...]  # indices on the 46-channel axis, in graph input order
+    channels: tuple[int, ...]  # indices on the 46-channel axis the graph gathers, in its order
     session: Any  # onnxruntime.InferenceSession
-    metrics: dict[str, Any]
+    metrics: HeldoutMetrics | None
     file: str
     sha256: str
     metadata: dict[str, str] = field(default_factory=dict)
@@ -236,7 +168,7 @@ class LoadedModel:
 
     def predict_proba(self, full: np.ndarray) -> np.ndarray:
         """Full-width window(s) (tensor [46,100] or summary [46*k]) -> (N, 5) probabilities."""
-        x = _view(full, self.input_kind, self.channels)
+        x = _full(full, self.input_kind)
         return self.session.run([MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: x})[0]
 
 
@@ -250,7 +182,7 @@ class LoadedProjector:
 
     def project(self, summary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Full-width summary (or batch) -> (xyz (N, 3) in 0-1, cluster (N,) int64)."""
-        x = _view(summary, "summary", self.channels)
+        x = _full(summary, "summary")
         xyz, cluster = self.session.run(list(PROJECTOR_OUTPUTS), {MODEL_INPUT_NAME: x})
         return xyz, cluster
 
@@ -262,11 +194,12 @@ class ModelSet:
     models: list[LoadedModel]
     projectors: dict[str, LoadedProjector]
     sha256: dict[str, str]  # every verified file
+    ood: dict[str, OodDetector] = field(default_factory=dict)  # threat model -> detector (schema/ood.py)
 
     def run(self, tensor: np.ndarray, summary: np.ndarray) -> dict[str, np.ndarray]:
         """One window's (or a batch's) full-width views -> {"<model>-<threat>": probabilities}.
 
-        The daemon extracts one 46-channel window; each graph gets its own slice of it.
+        The daemon extracts one 46-channel window; each graph gathers its own channels of it.
         """
         return {m.key: m.predict_proba(tensor if m.input_kind == "tensor" else summary) for m in self.models}
 
@@ -279,6 +212,7 @@ class ModelSet:
             "files": dict(sorted(self.sha256.items())),
             "models": [m.key for m in self.models],
             "projectors": sorted(self.projectors),
+            "ood": sorted(self.ood),
         }
 
 
@@ -350,10 +284,11 @@ def _check_io(path: Path, session: Any, outputs: tuple[str, ...], width: tuple[i
             f"{path}: expected one input named {MODEL_INPUT_NAME!r}, got {[i.name for i in ins]}"
         )
     shape = list(ins[0].shape[1:])
-    # symbolic dims are fine; a fixed dim must match what the channels metadata implies
+    # symbolic dims are fine; a fixed dim must be the full width (the graph gathers its channels)
     if len(shape) != len(width) or any(isinstance(d, int) and d != w for d, w in zip(shape, width)):
         raise ModelSetError(
-            f"{path}: input shape per window is {shape}, the metadata's channels need {list(width)}"
+            f"{path}: input shape per window is {shape}, expected the full width {list(width)}; "
+            f"re-export the models with this code version"
         )
     names = [o.name for o in session.get_outputs()]
     missing = [o for o in outputs if o not in names]
@@ -364,13 +299,11 @@ def _check_io(path: Path, session: Any, outputs: tuple[str, ...], width: tuple[i
 def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_FILE
     try:
-        return msgspec.json.decode(path.read_bytes(), type=Manifest)
+        return read_doc(path, Manifest)
     except FileNotFoundError:
         raise ModelSetError(f"{path}: missing") from None
-    except msgspec.ValidationError as e:
-        raise ModelSetError(f"{path}: {e}") from None
-    except msgspec.DecodeError as e:
-        raise ModelSetError(f"{path}: not valid JSON: {e}") from None
+    except ArtifactError as e:
+        raise ModelSetError(str(e)) from None
 
 
 def load_models(
@@ -388,7 +321,8 @@ def load_models(
     manifest = read_manifest(directory)
     if manifest.format != MANIFEST_FORMAT:
         raise ModelSetError(
-            f"{directory / MANIFEST_FILE}: format {manifest.format}, this daemon reads {MANIFEST_FORMAT}"
+            f"{directory / MANIFEST_FILE}: format {manifest.format}, this daemon reads {MANIFEST_FORMAT}; "
+            f"re-export the models with this code version"
         )
     if manifest.schema_hash != expected:
         raise ModelSetError(
@@ -400,11 +334,11 @@ def load_models(
             f"{directory / MANIFEST_FILE}: classes {manifest.classes} are not the phase order {list(PHASES)}"
         )
     # The manifest is itself covered by SHA256SUMS; its per-file hashes must agree too.
-    for entry in manifest.files:
-        listed = sums.get(entry.path)
-        if listed != entry.sha256:
+    for listing in manifest.files:
+        listed = sums.get(listing.path)
+        if listing.sha256 != listed:
             raise ModelSetError(
-                f"{directory / entry.path}: manifest.json says sha256 {entry.sha256}, "
+                f"{directory / listing.path}: manifest.json says sha256 {listing.sha256}, "
                 f"SHA256SUMS says {listed or 'nothing (not listed)'}"
             )
 
@@ -419,8 +353,9 @@ def load_models(
         names = json.loads(meta.get("channels", "null") or "null") or entry.channels
         channels = _channel_indices(list(names), path)
         kind = meta.get("input_kind", entry.input_kind)
-        width = (len(channels), WINDOW_STEPS) if kind == "tensor" else (len(channels) * _K,)
-        _check_io(path, session, (MODEL_OUTPUT_NAME,), width)
+        if kind not in ("tensor", "summary"):
+            raise ModelSetError(f"{path}: input_kind {kind!r} is neither 'tensor' nor 'summary'")
+        _check_io(path, session, (MODEL_OUTPUT_NAME,), input_shape(kind))
         classes = json.loads(meta.get("classes", "null") or "null")
         if classes is not None and list(classes) != list(PHASES):
             raise ModelSetError(f"{path}: classes {classes} are not the phase order {list(PHASES)}")
@@ -431,7 +366,7 @@ def load_models(
                 input_kind=kind,
                 channels=channels,
                 session=session,
-                metrics=dict(entry.metrics),
+                metrics=entry.metrics,
                 file=entry.file,
                 sha256=sums[entry.file],
                 metadata=meta,
@@ -447,8 +382,18 @@ def load_models(
         meta = dict(session.get_modelmeta().custom_metadata_map)
         _check_schema(path, meta, expected)
         channels = _channel_indices(p.channels, path)
-        _check_io(path, session, PROJECTOR_OUTPUTS, (len(channels) * _K,))
+        _check_io(path, session, PROJECTOR_OUTPUTS, input_shape("summary"))
         projectors[p.threat_model] = LoadedProjector(p.threat_model, channels, session, p.file, sums[p.file])
+
+    ood: dict[str, OodDetector] = {}
+    for o in manifest.ood:
+        path = directory / o.file
+        if o.file not in sums:
+            raise ModelSetError(f"{path}: in manifest.json but not in SHA256SUMS")
+        try:
+            ood[o.threat_model] = read_detector(path)
+        except OodError as e:
+            raise ModelSetError(str(e)) from None
 
     if not models:
         raise ModelSetError(f"{directory / MANIFEST_FILE}: lists no models")
@@ -459,4 +404,4 @@ def load_models(
         directory,
         expected[:12],
     )
-    return ModelSet(directory, manifest, models, projectors, dict(sums))
+    return ModelSet(directory, manifest, models, projectors, dict(sums), ood)

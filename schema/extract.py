@@ -300,8 +300,38 @@ def extract_episode(ep) -> EpisodeWindows:  # ep: schema.reader.EpisodeData
 
 def view(x: np.ndarray, threat_model: str, kind: str) -> np.ndarray:
     """A threat model's channels of a tensor batch (N, 46, T) or a summary batch (N, 46*k)."""
-    chans = list(view_channels(threat_model))
+    return select(x, view_channels(threat_model), kind)
+
+
+# --- channel subsets of full-width windows: the one gather -----------------------------------
+
+
+def input_shape(kind: str) -> tuple[int, ...]:
+    """One full-width window of a view, without the batch axis: what every graph reads."""
     if kind == "tensor":
-        return x[:, chans, :]
-    k = len(SUMMARY_STATS)
-    return x.reshape(len(x), N_CHANNELS, k)[:, chans, :].reshape(len(x), len(chans) * k)
+        return (N_CHANNELS, WINDOW_STEPS)
+    if kind == "summary":
+        return (N_CHANNELS * len(SUMMARY_STATS),)
+    raise ValueError(f"unknown input kind {kind!r}: 'tensor' or 'summary'")
+
+
+def gather_indices(channels: Sequence[int], kind: str) -> np.ndarray:
+    """Indices on axis 1 of a full-width batch that hold ``channels`` (indices on the 46 axis).
+
+    A tensor's axis 1 is the channel; a summary is channel-major (feature c*k + s), so a
+    channel is a block of k columns. Exported graphs start with a Gather of exactly these."""
+    chans = np.asarray(channels, dtype=np.int64)
+    if kind == "tensor":
+        return chans
+    if kind == "summary":
+        k = len(SUMMARY_STATS)
+        return (chans[:, None] * k + np.arange(k, dtype=np.int64)).reshape(-1)
+    raise ValueError(f"unknown input kind {kind!r}: 'tensor' or 'summary'")
+
+
+def select(x: np.ndarray, channels: Sequence[int], kind: str) -> np.ndarray:
+    """``channels`` of a full-width tensor batch (N, 46, T) or summary batch (N, 46*k), in that order."""
+    x = np.asarray(x)
+    if x.shape[1:2] != input_shape(kind)[:1]:
+        raise ValueError(f"select: expected a full-width {kind} batch {input_shape(kind)}, got {x.shape[1:]}")
+    return np.take(x, gather_indices(channels, kind), axis=1)

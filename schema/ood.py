@@ -1,13 +1,14 @@
 """Out-of-distribution score of a live window: how unlike the training hosts its summary looks.
 
-The trainer fits an :class:`OodDetector` per threat model (``trainer/ood.py``) and export
-ships it as ``ood-<threat>.json`` in the models directory; the daemon decodes it with
-:func:`read_detector` and scores every window with :func:`ood_score`. Both sides run this
-module's code, so the live score is the one the report evaluated.
+The trainer fits an :class:`~schema.artifacts.OodDetector` per threat model
+(``trainer/ood.py``) and export ships it as ``ood-<threat>.json`` in the models directory;
+the daemon decodes it with :func:`read_detector` and scores every window with
+:func:`ood_score`. Both sides run this module's code, so the live score is the one the
+report evaluated.
 
 The score: each summary feature of the threat model's channels goes through the models'
 ``sign(x) * log(1 + |x|)``, then a robust z against the training windows (median, and
-1.4826 * MAD floored at ``min_scale``), clipped at ``clip``; the raw score is the root mean
+1.4826 * MAD, floored), clipped at ``clip``; the raw score is the root mean
 square of those z. ``ood = s^2 / (s^2 + threshold^2)`` maps it into 0-1 with 0.5 exactly at
 the threshold, which is the ``quantile`` of the raw score on training-host windows that the
 statistics never saw. A window at ``ood >= 0.5`` is flagged.
@@ -18,60 +19,37 @@ Pi-safe: numpy and msgspec only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-import msgspec
 import numpy as np
 
+from schema.artifacts import (
+    OOD_FORMAT,
+    ArtifactError,
+    OodDetector,
+    OodEvaluation,
+    encode_doc,
+    ood_file,
+    read_doc,
+)
 from schema.channels import CHANNEL_NAMES, SUMMARY_STATS
 
-OOD_FORMAT: Final = 1
+__all__ = ["FLAG_AT", "OodDetector", "OodError", "OodEvaluation", "ood_file", "ood_score", "read_detector"]
+
 FLAG_AT: Final = 0.5  # ood >= FLAG_AT: the window is flagged
 _K = len(SUMMARY_STATS)
-
-
-def ood_file(threat_model: str) -> str:
-    return f"ood-{threat_model}.json"
-
-
-class OodEvaluation(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """How well the score did on the run's own windows (see trainer/ood.py)."""
-
-    auroc: float | None = None  # held-out-host windows vs training-host windows unseen by the fit
-    auroc_ci: list[float] = []
-    flagged_share_heldout: float | None = None
-    flagged_share_training_hosts: float | None = None
-
-
-class OodDetector(msgspec.Struct, kw_only=True, omit_defaults=True):
-    threat_model: str
-    channels: list[str]  # whose summary features are scored, in this order
-    stats: list[str]  # SUMMARY_STATS at fit time: feature c*k + s
-    center: list[float]  # per feature: median of the signed-log value on training windows
-    scale: list[float]  # per feature: 1.4826 * MAD, floored at min_scale
-    threshold: float  # raw score at which ood = 0.5
-    quantile: float  # share of unseen training-host windows below the threshold
-    clip: float = 8.0
-    min_scale: float = 0.05
-    fitted_on: str = ""
-    n_fit: int = 0
-    evaluation: OodEvaluation | None = None
-    format: int = OOD_FORMAT
 
 
 class OodError(ValueError):
     """An ood file that cannot be used; the message names the file and the field."""
 
 
-_decoder = msgspec.json.Decoder(OodDetector)
-
-
 def read_detector(path: Path | str) -> OodDetector:
     path = Path(path)
     try:
-        det = _decoder.decode(path.read_bytes())
-    except (OSError, msgspec.DecodeError) as e:
-        raise OodError(f"{path}: not a readable OOD detector ({e})") from None
+        det = read_doc(path, OodDetector)
+    except (OSError, ArtifactError) as e:
+        raise OodError(f"{path}: not a usable OOD detector ({e})") from None
     check_detector(det, str(path))
     return det
 
@@ -122,8 +100,4 @@ def ood_score(det: OodDetector, summary: np.ndarray) -> np.ndarray:
 
 
 def encode(det: OodDetector) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(det), indent=1) + b"\n"
-
-
-def to_builtins(det: OodDetector) -> dict[str, Any]:
-    return msgspec.to_builtins(det)
+    return encode_doc(det)

@@ -20,9 +20,22 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from schema import extract
+from schema.artifacts import (
+    MODEL_INPUT_NAME,
+    MODEL_OUTPUT_NAME,
+    REPORT_FILE,
+    RUN_FILE,
+    HeldoutMetrics,
+    RunDoc,
+    SplitDoc,
+    encode_doc,
+    estimate,
+    heldout_file,
+)
 from schema.channels import CHANNEL_NAMES, N_CHANNELS, WINDOW_STEPS
 from schema.hashing import schema_hash
 from schema.vocab import MODEL_INPUT, PHASE_INDEX, PROFILES, THREAT_MODELS
+from trainer.heldout import save_heldout
 
 WINDOWS_PER_EPISODE = 16
 SIGNAL = {
@@ -127,20 +140,24 @@ class StandIn:
             numpy_helper.from_array(w.astype(np.float32), "W"),
         ]
         nodes = [
-            helper.make_node("Abs", ["features"], ["a"]),
+            helper.make_node("Abs", [MODEL_INPUT_NAME], ["a"]),
             helper.make_node("Add", ["a", "one"], ["a1"]),
             helper.make_node("Log", ["a1"], ["l"]),
-            helper.make_node("Sign", ["features"], ["s"]),
+            helper.make_node("Sign", [MODEL_INPUT_NAME], ["s"]),
             helper.make_node("Mul", ["s", "l"], ["sl"]),
             helper.make_node("Flatten", ["sl"], ["flat"], axis=1),
             helper.make_node("MatMul", ["flat", "W"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+            helper.make_node("Softmax", ["logits"], [MODEL_OUTPUT_NAME], axis=-1),
         ]
         graph = helper.make_graph(
             nodes,
             self.name,
-            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", *self.input_shape])],
-            [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 5])],
+            [
+                helper.make_tensor_value_info(
+                    MODEL_INPUT_NAME, TensorProto.FLOAT, ["batch", *self.input_shape]
+                )
+            ],
+            [helper.make_tensor_value_info(MODEL_OUTPUT_NAME, TensorProto.FLOAT, ["batch", 5])],
             initializer=inits,
         )
         opsets = [helper.make_opsetid("", opset)]
@@ -194,14 +211,20 @@ def make_run(
     seed: int = 0,
     onnx_skew: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write a run directory; returns the corpus arrays it was made from."""
+    """Write a run directory; returns the corpus arrays it was made from (all full width)."""
     arrays = synthetic_windows(seed=seed)
     train, test = _split(arrays, "h2")
     sh = schema_hash()
     run.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"models": {}}
+    metrics: dict[str, HeldoutMetrics] = {}
     for threat in threats:
-        np.savez(run / f"heldout-{threat}.npz", **{k: v[test] for k, v in arrays.items()})
+        save_heldout(
+            run / heldout_file(threat),
+            **{k: v[test] for k, v in arrays.items()},
+            sample=arrays["profile"][test],
+            index=test,
+        )
         for name in models:
             kind = MODEL_INPUT[name]
             x = extract.view(arrays[kind], threat, kind)
@@ -225,18 +248,23 @@ def make_run(
                 "accuracy": 0.6,
                 "n_windows": int(len(test)),
             }
-    (run / "run.json").write_text(
-        json.dumps(
-            {
-                "schema_hash": sh,
-                "split": {"kind": "host", "test_groups": ["h2"]},
-                "profile": "demo",
-                "seed": seed,
-                "models": [f"{m}-{t}" for t in threats for m in models],
-            }
-        )
+            metrics[f"{name}-{threat}"] = HeldoutMetrics(
+                accuracy=estimate(0.6),
+                macro_f1=estimate(0.5, 0.4, 0.6),
+                n_windows=int(len(test)),
+                n_episodes=len(set(arrays["episode"][test])),
+            )
+    doc = RunDoc(
+        schema_hash=sh,
+        split=SplitDoc(kind="host", test_groups=["h2"]),
+        profile="demo",
+        seed=seed,
+        models=[f"{m}-{t}" for t in threats for m in models],
+        threat_models=list(threats),
+        metrics=metrics,
     )
-    (run / "report.json").write_text(json.dumps(report))
+    (run / RUN_FILE).write_bytes(encode_doc(doc))
+    (run / REPORT_FILE).write_text(json.dumps(report))
     return arrays
 
 

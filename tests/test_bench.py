@@ -10,12 +10,15 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
+import msgspec
 import numpy as np
 import pytest
 from archive_kit import episode_members, make_store
 from export_kit import Corpus, make_run
 
+from schema.artifacts import BenchDoc
 from schema.events import ModelPerf, decode_events
 from trainer import bench
 from trainer.export import export_run
@@ -47,6 +50,25 @@ def doc(tiny: dict[str, Path]) -> dict:
     rc = bench.cli_bench(_args(["--models", str(tiny["models"]), "--store", str(tiny["store"]), *FAST]))
     assert rc == 0
     return json.loads((tiny["models"] / bench.BENCH_FILE).read_text())
+
+
+def _typed(doc: dict) -> BenchDoc:
+    return msgspec.convert(doc, BenchDoc)
+
+
+def test_bench_json_decodes_with_its_struct_and_a_wrong_field_is_refused(
+    doc: dict, tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    from schema.artifacts import ArtifactError, read_doc
+
+    typed = read_doc(tiny["models"] / bench.BENCH_FILE, BenchDoc)
+    assert [r.model for r in typed.models] == [r["model"] for r in doc["models"]]
+    assert typed.machine.peak_gflops == doc["machine"]["peak_gflops"] > 0
+    bad = json.loads(json.dumps(doc))
+    bad["models"][1]["ort_p50_us"] = "fast"
+    (tmp_path / "bench.json").write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match=r"bench\.json.*\$\.models\[1\]\.ort_p50_us"):
+        read_doc(tmp_path / "bench.json", BenchDoc)
 
 
 def test_bench_json_has_every_model_with_sane_numbers(doc: dict, tiny: dict[str, Path]) -> None:
@@ -98,10 +120,13 @@ def test_heldout_accuracy_is_the_graphs_own(doc: dict, tiny: dict[str, Path]) ->
     held = np.load(tiny["run"] / "heldout-realistic.npz")
     row = next(r for r in doc["models"] if r["model"] == "mlp")
     from schema import extract
+    from schema.artifacts import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME
 
-    x = extract.view(held["summary"], "realistic", "summary")
+    # the graph reads the full-width summary and gathers its own channels
+    x = held["summary"]
+    assert x.shape[1] == 46 * 8 and extract.view(x, "realistic", "summary").shape[1] == 30 * 8
     s = ort.InferenceSession(str(tiny["models"] / row["file"]), providers=["CPUExecutionProvider"])
-    pred = s.run(["probabilities"], {"features": x})[0].argmax(1)
+    pred = s.run([MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: x})[0].argmax(1)
     assert row["accuracy"] == pytest.approx(float((pred == held["y"]).mean()))
 
 
@@ -111,7 +136,7 @@ def test_png_is_written(doc: dict, tiny: dict[str, Path]) -> None:
 
 
 def test_table_names_every_model_and_the_path(doc: dict) -> None:
-    table = bench.format_table(doc)
+    table = bench.format_table(_typed(doc))
     lines = table.splitlines()
     assert lines[0].startswith("| model | threat | ORT p50 µs")
     for m in MODELS:
@@ -120,7 +145,7 @@ def test_table_names_every_model_and_the_path(doc: dict) -> None:
 
 
 class _Sink(BaseHTTPRequestHandler):
-    bodies: list[bytes] = []
+    bodies: ClassVar[list[bytes]] = []
 
     def do_POST(self) -> None:
         n = int(self.headers["Content-Length"])
@@ -148,7 +173,7 @@ def endpoint() -> Iterator[str]:
 
 
 def test_publish_posts_one_model_perf_per_model(doc: dict, endpoint: str) -> None:
-    assert bench.publish(doc, endpoint) == len(MODELS)
+    assert bench.publish(_typed(doc), endpoint) == len(MODELS)
     assert len(_Sink.bodies) == 1
     events = decode_events(_Sink.bodies[0])
     assert all(isinstance(e, ModelPerf) for e in events)
@@ -219,8 +244,8 @@ def test_pin_sets_the_affinity_and_is_recorded(tiny: dict[str, Path]) -> None:
             progress=lambda _: None,
         )
         assert os.sched_getaffinity(0) == {core}
-        assert got["machine"]["pinned"] == core
-        assert got["extractor_us"] is None and any("no readable archives" in n for n in got["notes"])
+        assert got.machine.pinned == core
+        assert got.extractor_us is None and any("no readable archives" in n for n in got.notes)
     finally:
         os.sched_setaffinity(0, before)
     try:
@@ -242,10 +267,10 @@ def test_without_the_run_it_benches_ort_alone_and_says_so(tiny: dict[str, Path],
         method=bench.Method(warmup=2, repeats=2, calls=10),
         progress=lambda _: None,
     )
-    (r,) = got["models"]
-    assert r["native"] is None and r["native_p50_us"] is None and r["ratio"] is None
-    assert r["ort_p50_us"] > 0 and r["accuracy_source"] == "manifest" and r["accuracy"] == pytest.approx(0.6)
-    assert any("no run directory" in n for n in got["notes"])
+    (r,) = got.models
+    assert r.native is None and r.native_p50_us is None and r.ratio is None
+    assert r.ort_p50_us > 0 and r.accuracy_source == "manifest" and r.accuracy == pytest.approx(0.6)
+    assert any("no run directory" in n for n in got.notes)
     assert "— (no checkpoint)" in bench.format_table(got)
 
 

@@ -120,3 +120,17 @@ def test_ece_bootstrap_matches_the_point_estimate_and_sees_the_gain() -> None:
     assert b["before_ci"][0] <= ece(sharp, y) <= b["before_ci"][1]
     assert b["after_ci"][0] <= ece(softmax(z), y) <= b["after_ci"][1]
     assert b["gap"]["significant"] and b["gap"]["hi"] < 0 and b["n_groups"] == 300
+
+
+def test_ood_holdback_keeps_whole_episodes_and_every_multi_episode_profile() -> None:
+    from trainer.ood import _holdback_episodes
+
+    ep = np.array([f"e{i}" for i in range(10) for _ in range(3)])
+    prof = np.array(["a"] * 15 + ["b"] * 12 + ["c"] * 3)  # a: 5 episodes, b: 4, c: 1
+    held = _holdback_episodes(ep, prof, 0.2, seed=0)
+    assert {e for e in held if e in {"e0", "e1", "e2", "e3", "e4"}} and {
+        e for e in held if e in {"e5", "e6", "e7", "e8"}
+    }
+    assert "e9" not in held  # a lone episode of its profile stays in the fit
+    only_singles = _holdback_episodes(np.array(["x", "y", "z"]), np.array(["p", "q", "r"]), 0.2, seed=0)
+    assert len(only_singles) == 1

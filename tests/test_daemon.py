@@ -96,9 +96,14 @@ def test_live_episode_to_websocket_client(tmp_path: Path, models_dir: Path) -> N
     types = [e["type"] for e in got]
     # the sticky state (what the models directory knows) comes first; the deck keys bars by
     # model name, and the realistic figure (published last) is the one that stays
-    sticky = got[:13]
-    assert [e["type"] for e in sticky] == ["attack_profile"] + ["model_metric"] * 6 + ["model_perf"] * 6
-    assert {e["threat_model"] for e in sticky[1:]} == {"realistic"}
+    # (model_metric is kept per (model, threat_model): the oracle twin replays first, then the
+    # realistic one, so "latest wins" per name still ends on the realistic figure)
+    sticky = got[:19]
+    assert [e["type"] for e in sticky] == ["attack_profile"] + ["model_metric"] * 12 + ["model_perf"] * 6
+    last = {e["model"]: e["threat_model"] for e in sticky[1:]}
+    assert len(last) == 6 and set(last.values()) == {"realistic"}
+    assert {e["threat_model"] for e in sticky[1:13]} == {"realistic", "oracle"}
+    assert {e["threat_model"] for e in sticky[13:]} == {"realistic"}
     preds = [e for e in got if e["type"] == "prediction"]
     assert [p["window_no"] for p in preds] == list(range(7))  # 40 s: windows 0..6
     assert all(p["model"] == "gru-realistic" and p["window_idx"] == p["window_no"] % 6 for p in preds)

@@ -17,6 +17,7 @@ from export_kit import SIGNAL, Corpus, load_standin, make_run, synthetic_windows
 from onnx import helper
 
 from schema import extract
+from schema.artifacts import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME
 from schema.channels import CHANNEL_NAMES, REALISTIC_CHANNELS, view_channels
 from schema.hashing import schema_hash
 from schema.vocab import MODELS, PHASES, PROFILES, THREAT_MODELS
@@ -69,7 +70,7 @@ def test_export_real_models_parity_and_contents(tmp_path: Path) -> None:
         assert (meta["model"], meta["threat_model"]) == (entry.model, entry.threat_model)
         assert json.loads(meta["classes"]) == list(PHASES)
         assert json.loads(meta["channels"]) == [CHANNEL_NAMES[c] for c in view_channels(entry.threat_model)]
-        assert json.loads(meta["metrics"])["macro_f1_ci"] == [0.4, 0.6]
+        assert json.loads(meta["metrics"])["macro_f1"]["ci"] == [0.4, 0.6]
         assert json.loads(meta["split"])["kind"] == "host"
         assert {"window_s", "stride_s", "rate_hz", "input_kind", "opset", "created"} <= set(meta)
 
@@ -79,7 +80,10 @@ def test_export_real_models_parity_and_contents(tmp_path: Path) -> None:
     held = np.load(tmp_path / "run" / "heldout-realistic.npz")
     native = load_model(tmp_path / "run" / "lstm-realistic", expected_schema_hash=schema_hash())
     x = extract.view(held["tensor"], "realistic", "tensor")
-    got = ort.InferenceSession(str(out / "lstm-realistic.onnx")).run(["probabilities"], {"features": x})[0]
+    # the graph takes the full 46-channel window and gathers its own channels
+    got = ort.InferenceSession(str(out / "lstm-realistic.onnx")).run(
+        [MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: held["tensor"]}
+    )[0]
     assert np.abs(got - native.predict_proba(x)).max() <= 1e-4
 
     assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=out).returncode == 0
@@ -116,7 +120,7 @@ def test_manifest_and_sums_describe_every_file(standin_run: Path, tmp_path: Path
         "gbt-oracle.onnx",
         "cnn-oracle.onnx",
     }
-    assert doc["models"][0]["metrics"]["accuracy"] == 0.6
+    assert doc["models"][0]["metrics"]["accuracy"]["value"] == 0.6
     assert {p["threat_model"] for p in doc["projectors"]} == set(THREAT_MODELS)
     # the held-out host h2 carries one infected episode of every profile
     assert [e["name"] for e in doc["envelopes"]] == list(PROFILES)
@@ -126,6 +130,36 @@ def test_manifest_and_sums_describe_every_file(standin_run: Path, tmp_path: Path
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_manifest_decodes_with_its_struct_and_every_graph_reads_the_full_window(
+    standin_run: Path, tmp_path: Path
+) -> None:
+    from onnx import numpy_helper
+
+    from schema.artifacts import MANIFEST_FILE, ArtifactError, Manifest, read_doc
+    from schema.extract import gather_indices, input_shape
+
+    out = tmp_path / "models"
+    written = export_run(standin_run, out, loader=load_standin, progress=False)
+    m = read_doc(out / MANIFEST_FILE, Manifest)
+    assert m == written
+    graphs = [(e.file, e.threat_model, e.input_kind, e.input_shape) for e in m.models]
+    graphs += [(p.file, p.threat_model, "summary", p.input_shape) for p in m.projectors]
+    for file, threat, kind, shape in graphs:
+        assert shape == list(input_shape(kind)), file
+        proto = onnx.load(str(out / file))
+        (inp,) = proto.graph.input
+        assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == shape, file
+        first = proto.graph.node[0]
+        assert first.op_type == "Gather" and first.input[0] == MODEL_INPUT_NAME, file
+        cols = next(t for t in proto.graph.initializer if t.name == first.input[1])
+        assert numpy_helper.to_array(cols).tolist() == gather_indices(view_channels(threat), kind).tolist()
+    doc = json.loads((out / MANIFEST_FILE).read_text())
+    doc["files"][2]["bytes"] = "big"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match=r"bad\.json: .*\$\.files\[2\]\.bytes"):
+        read_doc(tmp_path / "bad.json", Manifest)
 
 
 def test_parity_failure_aborts_and_names_model(tmp_path: Path) -> None:
@@ -254,11 +288,11 @@ def test_check_graph_limits() -> None:
     assert check_graph(proto, "x.onnx") == {"ai.onnx": 17}
     assert proto.ir_version == MAX_IR_VERSION
     onnx.checker.check_model(proto, full_check=True)
-    with pytest.raises(ExportError, match="opset ai.onnx 21 is above 20"):
+    with pytest.raises(ExportError, match=r"opset ai\.onnx 21 is above 20"):
         check_graph(_tiny([("", 21)]), "x.onnx")
-    with pytest.raises(ExportError, match="'com.microsoft'"):
+    with pytest.raises(ExportError, match=r"'com\.microsoft'"):
         check_graph(_tiny([("", 17), ("com.microsoft", 1)], domain="com.microsoft"), "x.onnx")
-    with pytest.raises(ExportError, match="ai.onnx.ml 5"):
+    with pytest.raises(ExportError, match=r"ai\.onnx\.ml 5"):
         check_graph(_tiny([("", 17), ("ai.onnx.ml", 5)]), "x.onnx")
 
 
@@ -339,3 +373,30 @@ def test_envelopes_on_a_channel_subset_and_length_checks() -> None:
     assert [e.name for e in envs] == list(PROFILES)  # every signature channel is host-side
     with pytest.raises(ValueError, match="disagree in length"):
         compute_envelopes(real, a["y"][:-1], a["episode"], a["profile"], a["window"], names)
+
+
+def test_ood_detectors_of_the_run_are_shipped_listed_and_loaded(standin_run: Path, tmp_path: Path) -> None:
+    """ood-<threat>.json fitted on the run's windows: copied, in the manifest and SHA256SUMS, decoded."""
+    from edge.modelset import load_models
+    from schema.artifacts import ood_file
+    from schema.ood import encode
+    from trainer.ood import fit_detector
+
+    arrays = synthetic_windows(seed=0)
+    train = np.flatnonzero(arrays["host"] != "h2")
+    for threat in THREAT_MODELS:
+        det, _ = fit_detector(arrays["summary"], train, arrays["episode"], arrays["profile"], threat)
+        (standin_run / ood_file(threat)).write_bytes(encode(det))
+    out = tmp_path / "models"
+    m = export_run(standin_run, out, loader=load_standin, progress=False)
+    assert sorted(o.threat_model for o in m.ood) == sorted(THREAT_MODELS)
+    kinds = {f.path: f.kind for f in m.files}
+    assert all(kinds[ood_file(t)] == "ood" for t in THREAT_MODELS)
+    assert ood_file("oracle") in (out / "SHA256SUMS").read_text()
+    ms = load_models(out, schema_hash())
+    by_threat = {o.threat_model: o for o in m.ood}
+    assert ms.ood["realistic"].threshold == pytest.approx(by_threat["realistic"].threshold)
+    # a broken detector in the run stops the export with the file named
+    (standin_run / ood_file("oracle")).write_text('{"threat_model": "oracle"}')
+    with pytest.raises(ValueError, match=r"ood-oracle\.json"):
+        export_run(standin_run, tmp_path / "models2", loader=load_standin, progress=False)

@@ -18,6 +18,7 @@ from export_kit import make_run, synthetic_windows
 
 from edge.modelset import ModelSetError, check_runtime, load_models, sha256_file
 from schema import extract
+from schema.artifacts import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME
 from schema.hashing import schema_hash
 from schema.vocab import PHASES
 from trainer.export import export_run
@@ -70,11 +71,12 @@ def test_good_directory_loads_and_runs(models: Path, run_dir: Path) -> None:
     assert all(p.shape == (1, len(PHASES)) and abs(float(p.sum()) - 1) < 1e-5 for p in out.values())
     # each graph got its own threat model's slice of the full window
     cnn = next(m for m in ms.models if m.key == "cnn-realistic")
+    # (the graph takes the full window and gathers its 30 channels itself)
     direct = ort.InferenceSession(str(models / "cnn-realistic.onnx")).run(
-        ["probabilities"], {"features": extract.view(a["tensor"][:1], "realistic", "tensor")}
+        [MODEL_OUTPUT_NAME], {MODEL_INPUT_NAME: a["tensor"][:1]}
     )[0]
     assert np.allclose(out["cnn-realistic"], direct, atol=1e-6)  # thread count may round differently
-    assert len(cnn.channels) == 30 and cnn.input_kind == "tensor" and cnn.metrics["accuracy"] == 0.6
+    assert len(cnn.channels) == 30 and cnn.input_kind == "tensor" and cnn.metrics.accuracy.value == 0.6
     # and equals the native model the run trained, fed the same raw features
     from trainer.models import load_model
 
@@ -99,6 +101,29 @@ def test_good_directory_loads_and_runs(models: Path, run_dir: Path) -> None:
     assert desc["schema_hash"] == schema_hash()
     assert desc["files"] == _sums(models)
     assert [e.name for e in ms.manifest.envelopes]
+
+
+def test_each_graph_gathers_its_channels_from_the_full_window(exported: Path) -> None:
+    from onnx import numpy_helper
+
+    from schema.channels import view_channels
+    from schema.extract import gather_indices
+
+    for threat in ("realistic", "oracle"):
+        cols = set(gather_indices(view_channels(threat), "summary").tolist())
+        # the tree ensemble has the gather folded into its feature ids: no Gather node, and
+        # every feature it reads is one of its threat model's columns of the full summary
+        gbt = onnx.load(str(exported / f"gbt-{threat}.onnx"))
+        assert gbt.graph.node[0].op_type.startswith("TreeEnsemble")
+        (ids,) = [a.ints for n in gbt.graph.node for a in n.attribute if a.name == "nodes_featureids"]
+        assert set(ids) <= cols and gbt.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 46 * 8
+        for name in ("mlp", "cnn", "gru"):
+            proto = onnx.load(str(exported / f"{name}-{threat}.onnx"))
+            first = proto.graph.node[0]
+            assert first.op_type == "Gather" and first.input[0] == MODEL_INPUT_NAME
+            kind = "summary" if name == "mlp" else "tensor"
+            got = next(t for t in proto.graph.initializer if t.name == first.input[1])
+            assert numpy_helper.to_array(got).tolist() == gather_indices(view_channels(threat), kind).tolist()
 
 
 def test_tampered_byte_is_refused(models: Path) -> None:

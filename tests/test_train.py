@@ -14,6 +14,7 @@ from schema.channels import CHANNEL_NAMES, N_CHANNELS, SOURCE_SLICE, WINDOW_STEP
 from schema.hashing import schema_hash
 from schema.vocab import PHASE_INDEX, SOURCES
 from trainer.dataset import WindowSet, make_split
+from trainer.errors import TrainerError
 from trainer.models import load_model
 from trainer.report import summary_table
 from trainer.train import add_train_arguments, cli_train, train_windowset
@@ -136,12 +137,35 @@ def test_run_directory_layout(run) -> None:
     assert 'src="confusion-realistic.png"' in html and "threat-gap" in html
 
 
+def test_run_json_decodes_with_its_struct_and_carries_the_heldout_metrics(run, tmp_path: Path) -> None:
+    from schema.artifacts import ArtifactError, RunDoc, read_doc
+
+    out, report, _ws, _split = run
+    doc = read_doc(out / "run.json", RunDoc)
+    assert sorted(doc.metrics) == sorted(doc.models) == sorted(report["models"])
+    for key, m in doc.metrics.items():
+        assert m.macro_f1.value == pytest.approx(report["models"][key]["macro_f1"])
+        assert m.macro_f1.ci == pytest.approx(tuple(report["models"][key]["macro_f1_ci"]))
+        assert m.accuracy.value == pytest.approx(report["models"][key]["accuracy"])
+    bad = json.loads((out / "run.json").read_text())
+    bad["metrics"]["gbt-oracle"]["n_windows"] = "many"
+    (tmp_path / "run.json").write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match=r"run\.json: .*\$\.metrics\[\.\.\.\]\.n_windows"):
+        read_doc(tmp_path / "run.json", RunDoc)
+
+
 def test_heldout_windows_are_the_test_side_in_each_view(run) -> None:
     out, report, ws, split = run
     real = np.load(out / "heldout-realistic.npz")
     orac = np.load(out / "heldout-oracle.npz")
-    assert real["tensor"].shape[1:] == (30, 100) and real["summary"].shape[1] == 30 * 8
-    assert orac["tensor"].shape[1:] == (46, 100)
+    # full width on disk (every array crossing a file boundary has all 46 channels)
+    assert real["tensor"].shape[1:] == (46, 100) and real["summary"].shape[1] == 46 * 8
+    real_view = extract.view(real["tensor"], "realistic", "tensor")
+    assert (
+        real_view.shape[1:] == (30, 100)
+        and extract.view(real["summary"], "realistic", "summary").shape[1] == 30 * 8
+    )
+    assert orac["tensor"].shape[1:] == (46, 100) and np.isfinite(real_view).all()
     # No episode on both sides; oracle drops the guest-less windows that realistic keeps.
     assert not set(real["episode"]) & set(ws.episode[split.train])
     assert set(real["index"]) == set(split.test)
@@ -194,7 +218,8 @@ def test_calibration_is_reported_before_and_after(run) -> None:
             from trainer.calibrate import ece
 
             kind = "summary" if m["input_kind"] == "summary" else "tensor"
-            assert ece(model.predict_proba(held[kind]), held["y"]) == pytest.approx(c["ece_after"])
+            x = extract.view(held[kind], "realistic", kind)
+            assert ece(model.predict_proba(x), held["y"]) == pytest.approx(c["ece_after"])
     html = (out / "report.html").read_text()
     assert "ECE before" in html and 'src="reliability-realistic.png"' in html
 
@@ -206,7 +231,7 @@ def test_checkpoints_reproduce_the_reported_score(run) -> None:
     held = np.load(out / "heldout-realistic.npz")
     for name, kind in (("gbt", "summary"), ("cnn", "tensor"), ("rocket", "tensor")):
         model = load_model(out / f"{name}-realistic", expected_schema_hash=schema_hash())
-        pred = model.predict_proba(held[kind]).argmax(axis=1)
+        pred = model.predict_proba(extract.view(held[kind], "realistic", kind)).argmax(axis=1)
         assert macro_f1(held["y"], pred) == pytest.approx(report["models"][f"{name}-realistic"]["macro_f1"])
 
 
@@ -226,7 +251,7 @@ def test_cli_arguments() -> None:
         Path("runs/latest"),
     )
     args = p.parse_args(["--models", "gbt,svm"])
-    with pytest.raises(SystemExit, match="unknown svm"):
+    with pytest.raises(TrainerError, match="unknown svm"):
         cli_train(args)
 
 
@@ -236,7 +261,7 @@ def test_ood_flag_is_fitted_shipped_and_evaluated(run) -> None:
     from schema.ood import ood_score as score
     from trainer.ood import _auroc
 
-    out, _report, ws, split = run
+    out, _report, _ws, _split = run
     on_disk = json.loads((out / "report.json").read_text())
     for threat in ("realistic", "oracle"):
         o = on_disk["ood"][threat]
@@ -248,8 +273,7 @@ def test_ood_flag_is_fitted_shipped_and_evaluated(run) -> None:
         # Thresholded at the 95 % quantile of unseen training-host windows: about 5 % flagged there.
         assert o["flagged_share_training_hosts"] <= 0.1
         held = np.load(out / f"heldout-{threat}.npz")
-        full = ws.view("oracle", "summary")[held["index"]]
-        s = score(det, full)
+        s = score(det, held["summary"])  # full width, as the daemon scores it
         assert ((s >= FLAG_AT).mean()) == pytest.approx(o["flagged_share_heldout"])
         for key, f in o["accuracy_flagged_vs_unflagged"].items():
             assert f["n_flagged"] + f["n_unflagged"] == len(held["y"]), key
@@ -258,3 +282,14 @@ def test_ood_flag_is_fitted_shipped_and_evaluated(run) -> None:
     assert _auroc(np.array([1.0]), np.array([1.0])) == 0.5
     table = summary_table(on_disk)
     assert "OOD flag (realistic" in table and "AUROC held-out hosts vs training hosts" in table
+
+
+def test_cli_turns_a_trainer_error_into_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import main
+
+    assert main(["train", "--models", "gbt,svm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("phasewatch train: --models: unknown svm; choose from")
+    assert "Traceback" not in err
+    assert main(["--debug", "train", "--models", "gbt,svm"]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -2,6 +2,10 @@
 
 Each subcommand lives in its own module with ``add_<name>_arguments`` and ``cli_<name>``;
 they are imported only when used, so ``phasewatch validate`` never pays for torch.
+
+Errors: library code raises ``trainer.errors.TrainerError`` (never ``SystemExit``); this is
+the one place that turns one into an exit: one line on stderr naming the file and the fix,
+exit code ``e.exit_code`` (2; 1 for a refused export), the traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
+
+from trainer.errors import TrainerError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Only the chosen subcommand's module is imported to build its arguments.
     parser = argparse.ArgumentParser(prog="phasewatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = chosen if chosen in COMMANDS else None
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
@@ -34,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(getattr(module, f"cli_{args.command}")(args) or 0)
+    except TrainerError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"phasewatch {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("phasewatch: interrupted", file=sys.stderr)
         return 130

@@ -27,6 +27,7 @@ from schema.hashing import schema_hash
 from schema.reader import read_episode
 from schema.validation import read_index
 from schema.vocab import INDEX_NAME, SOURCES, THREAT_SOURCES
+from trainer.errors import DatasetError
 
 # Episodes the trainer learns from; rejected and errored never reach it.
 USABLE_STATUSES = ("accepted", "degraded")
@@ -140,7 +141,7 @@ def load_windows(
     index = Path(index) if index else store / INDEX_NAME
     records = _records(store, index)
     if not records:
-        raise SystemExit(
+        raise DatasetError(
             f"{index}: no accepted or degraded episodes to learn from (run `phasewatch validate` first)"
         )
     cache = (Path(cache_dir) if cache_dir else index.parent / "cache") / f"windows-{cache_key(records)}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.modelset import Envelope
+from schema.artifacts import Envelope
 from schema.channels import CHANNEL_NAMES, CHANNELS, STRIDE_STEPS, WINDOW_STEPS
 from schema.vocab import PHASE_INDEX, PROFILES
 

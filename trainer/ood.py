@@ -21,17 +21,20 @@ from typing import Any
 
 import numpy as np
 
+from schema.artifacts import OodEntry
 from schema.channels import CHANNEL_NAMES, N_CHANNELS, SUMMARY_STATS
 from schema.extract import view_channels
 from schema.ood import (
     FLAG_AT,
     OodDetector,
+    OodError,
     OodEvaluation,
     encode,
     feature_index,
     ood_file,
     ood_score,
     raw_score,
+    read_detector,
     signed_log,
 )
 
@@ -47,10 +50,19 @@ def _holdback_episodes(episode: np.ndarray, profile: np.ndarray, share: float, s
     for e, p in sorted(set(zip(episode.astype(str), profile.astype(str)))):
         by_profile.setdefault(p, []).append(e)
     held: set[str] = set()
+    singles: list[str] = []
     for eps in by_profile.values():
         rng.shuffle(eps)
-        k = max(1, round(len(eps) * share)) if len(eps) > 1 else 0
-        held.update(eps[:k])
+        if len(eps) > 1:
+            held.update(eps[: max(1, round(len(eps) * share))])
+        else:
+            singles.append(eps[0])
+    # Profiles with one training episode: hold back the same share of them, as a group.
+    rng.shuffle(singles)
+    k = round(len(singles) * share)
+    if k == 0 and not held and len(singles) > 1:
+        k = 1
+    held.update(singles[:k])
     return held
 
 
@@ -195,8 +207,15 @@ def ood_for_threat(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Fit, write ``ood-<threat>.json`` into the run and return the report section."""
-    det, unseen = fit_detector(summary, idx["train"], episode, profile, threat, seed=seed)
+    """Fit, write ``ood-<threat>.json`` into the run and return the report section.
+
+    A training side too small to fit and hold back episodes gets no detector (its
+    predictions carry no ``ood``) and a ``skipped`` reason in the report, not a failed run.
+    """
+    try:
+        det, unseen = fit_detector(summary, idx["train"], episode, profile, threat, seed=seed)
+    except ValueError as e:
+        return {"skipped": str(e)}
     te, va = idx["test"], idx["val"]
     s_unseen, s_test, s_val = (ood_score(det, summary[i]) for i in (unseen, te, va))
     auc, lo, hi = auroc_ci(s_test, episode[te], s_unseen, episode[unseen], n_boot, seed)
@@ -239,3 +258,25 @@ def ood_for_threat(
             "heldout_hosts": np.histogram(s_test, HIST_BINS, (0, 1))[0].tolist(),
         },
     }
+
+
+def ship_detectors(run: Path, dest: Path, threats: list[str]) -> list[OodEntry]:
+    """Copy each threat model's checked detector from the run into a models directory being built.
+
+    A run from before the OOD flag has no ``ood-<threat>.json``: its predictions carry no
+    ``ood`` and nothing fails. A detector that does not decode stops the export (the
+    message names the file), as a bad checkpoint does.
+    """
+    out: list[OodEntry] = []
+    for threat in threats:
+        src = Path(run) / ood_file(threat)
+        if not src.exists():
+            continue
+        det = read_detector(src)
+        if det.threat_model != threat:
+            raise OodError(f"{src}: threat_model {det.threat_model!r}, expected {threat!r}")
+        (Path(dest) / src.name).write_bytes(encode(det))
+        out.append(
+            OodEntry(file=src.name, threat_model=threat, threshold=det.threshold, evaluation=det.evaluation)
+        )
+    return out

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from schema.artifacts import MODEL_INPUT_NAME, PROJECTOR_CLUSTER, PROJECTOR_XYZ
 from schema.channels import CHANNEL_NAMES, SUMMARY_STATS
 from schema.vocab import PHASES
 
@@ -86,25 +87,25 @@ class Projector:
             numpy_helper.from_array(c_sq.astype(np.float32), "c2"),
         ]
         nodes = [
-            helper.make_node("Abs", ["features"], ["abs"]),
+            helper.make_node("Abs", [MODEL_INPUT_NAME], ["abs"]),
             helper.make_node("Add", ["abs", "one"], ["abs1"]),
             helper.make_node("Log", ["abs1"], ["log"]),
-            helper.make_node("Sign", ["features"], ["sign"]),
+            helper.make_node("Sign", [MODEL_INPUT_NAME], ["sign"]),
             helper.make_node("Mul", ["sign", "log"], ["slog"]),
             helper.make_node("MatMul", ["slog", "W"], ["proj"]),
             helper.make_node("Add", ["proj", "b"], ["box"]),
-            helper.make_node("Clip", ["box", "zero", "one"], ["xyz"]),
-            helper.make_node("MatMul", ["xyz", "Ct"], ["cross"]),
+            helper.make_node("Clip", ["box", "zero", "one"], [PROJECTOR_XYZ]),
+            helper.make_node("MatMul", [PROJECTOR_XYZ, "Ct"], ["cross"]),
             helper.make_node("Add", ["cross", "c2"], ["dist"]),
-            helper.make_node("ArgMin", ["dist"], ["cluster"], axis=1, keepdims=0),
+            helper.make_node("ArgMin", ["dist"], [PROJECTOR_CLUSTER], axis=1, keepdims=0),
         ]
         graph = helper.make_graph(
             nodes,
             f"projector_{self.threat_model}",
-            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", self.n_features])],
+            [helper.make_tensor_value_info(MODEL_INPUT_NAME, TensorProto.FLOAT, ["batch", self.n_features])],
             [
-                helper.make_tensor_value_info("xyz", TensorProto.FLOAT, ["batch", 3]),
-                helper.make_tensor_value_info("cluster", TensorProto.INT64, ["batch"]),
+                helper.make_tensor_value_info(PROJECTOR_XYZ, TensorProto.FLOAT, ["batch", 3]),
+                helper.make_tensor_value_info(PROJECTOR_CLUSTER, TensorProto.INT64, ["batch"]),
             ],
             initializer=inits,
         )

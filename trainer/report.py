@@ -128,6 +128,9 @@ def ood_lines(report: dict[str, Any]) -> list[str]:
     sec = report.get("ood") or {}
     lines: list[str] = []
     for threat, o in sec.items():
+        if "skipped" in o:
+            lines += ["", f"OOD flag ({threat}): not fitted: {o['skipped']}"]
+            continue
         a, v = o["auroc_heldout_vs_training_hosts"], o["auroc_validation_host_vs_training_hosts"]
         lines += [
             "",
@@ -295,7 +298,7 @@ def plot_reliability(report: dict[str, Any], threat: str, path: Path) -> Path | 
 
 def plot_ood(report: dict[str, Any], path: Path) -> Path | None:
     """Per threat model: where the ood score falls for training-host, validation-host and held-out windows."""
-    sec = {t: o for t, o in (report.get("ood") or {}).items() if o.get("histogram")}
+    sec = {t: o for t, o in (report.get("ood") or {}).items() if o.get("histogram")}  # not "skipped"
     if not sec:
         return None
     plt = _plt()

@@ -2,9 +2,10 @@
 
     phasewatch train --store data/store --out runs/latest --split host --profile quick
 
-Writes the run directory of docs/ARCHITECTURE.md: run.json, one checkpoint per
-``<model>-<threat>/``, ``heldout-<threat>.npz`` (the test windows in the threat model's
-view, for export parity and the benchmark) and report.json / report.html / *.png.
+Writes the run directory of docs/ARCHITECTURE.md: run.json (``schema.artifacts.RunDoc``,
+with every model's held-out metrics), one checkpoint per ``<model>-<threat>/``,
+``heldout-<threat>.npz`` (the test windows at full width, for export parity and the
+benchmark; ``trainer.heldout``) and report.json / report.html / *.png.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
 import os
 import time
 from pathlib import Path
@@ -20,10 +20,23 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from schema.artifacts import (
+    RUN_FILE,
+    GroupMetrics,
+    HeldoutMetrics,
+    RunDoc,
+    SplitDoc,
+    encode_doc,
+    estimate,
+    heldout_file,
+)
 from schema.hashing import schema_hash
 from schema.vocab import INDEX_NAME, MODEL_INPUT, MODELS, THREAT_MODELS
 from trainer import evaluate as ev
 from trainer.calibrate import calibration_metrics
+from trainer.errors import DatasetError, TrainerError
+from trainer.heldout import save_heldout
+from trainer.models.base import BUDGETS
 from trainer.ood import ood_for_threat
 from trainer.report import summary_table, write_report
 
@@ -33,6 +46,8 @@ SPLITS = ("host", "sample", "time")
 class Windows(Protocol):
     """The corner of trainer.dataset.WindowSet that training reads."""
 
+    tensor: np.ndarray
+    summary: np.ndarray
     y: np.ndarray
     episode: np.ndarray
     host: np.ndarray
@@ -61,7 +76,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--profile",
-        choices=("demo", "quick", "full"),
+        choices=BUDGETS,
         default="quick",
         help="model sizes and epochs: demo (~3 min), quick (default, <= ~12 min), full",
     )
@@ -88,7 +103,9 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     picked = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in picked if s not in allowed]
     if bad or not picked:
-        raise SystemExit(f"--{what}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(allowed)}")
+        raise TrainerError(
+            f"--{what}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(allowed)}"
+        )
     return [s for s in allowed if s in picked]
 
 
@@ -238,11 +255,22 @@ def train_windowset(
         dropped[threat] = {part: int(len(getattr(split, part)) - len(idx[part])) for part in idx}
         te = idx["test"]
         if min(len(v) for v in idx.values()) == 0:
-            raise SystemExit(
+            raise DatasetError(
                 f"{threat}: split leaves an empty side after dropping unusable windows "
                 f"({ {k: len(v) for k, v in idx.items()} }); need more episodes"
             )
-        _save_heldout(out / f"heldout-{threat}.npz", ws, views, te)
+        save_heldout(
+            out / heldout_file(threat),
+            tensor=np.asarray(ws.tensor)[te],
+            summary=np.asarray(ws.summary)[te],
+            y=y[te],
+            episode=np.asarray(ws.episode)[te],
+            host=np.asarray(ws.host)[te],
+            profile=np.asarray(ws.profile)[te],
+            sample=np.asarray(ws.sample)[te],
+            window=np.asarray(ws.window)[te],
+            index=te,
+        )
         meta = {"episode": ws.episode[te], "host": ws.host[te], "profile": ws.profile[te]}
 
         # Baselines on the same windows: what "the model learnt something" is measured against.
@@ -297,7 +325,7 @@ def train_windowset(
         # The OOD flag, fitted on this threat model's training windows only (trainer/ood.py);
         # its detector goes into the run as ood-<threat>.json for export.
         report.setdefault("ood", {})[threat] = ood_for_threat(
-            ws.view("oracle", "summary"), idx, y, test_pred, ws.episode, ws.profile, threat, out, n_boot, seed
+            np.asarray(ws.summary), idx, y, test_pred, ws.episode, ws.profile, threat, out, n_boot, seed
         )
         if trained:
             report["best"][threat] = max(
@@ -322,20 +350,21 @@ def train_windowset(
 
     report["dropped_unusable_windows"] = dropped
     report["seconds"] = round(time.perf_counter() - started, 1)
-    run_doc = {
-        "schema_hash": sh,
-        "split": split.to_json(),
-        "profile": profile,
-        "seed": seed,
-        "threads": threads,
+    run_doc = RunDoc(
+        schema_hash=sh,
+        split=SplitDoc(**split.to_json()),
+        profile=profile,
+        seed=seed,
+        threads=threads,
         **(run_info or {}),
-        "models": list(report["models"]),
-        "threat_models": list(threats),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": report["seconds"],
-        "cpu_count": os.cpu_count(),
-    }
-    (out / "run.json").write_text(json.dumps(run_doc, indent=2) + "\n")
+        models=list(report["models"]),
+        threat_models=list(threats),
+        metrics={k: heldout_metrics(m) for k, m in report["models"].items()},
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        seconds=report["seconds"],
+        cpu_count=os.cpu_count(),
+    )
+    (out / RUN_FILE).write_bytes(encode_doc(run_doc))
     write_report(out, report)
     if progress:
         print(summary_table(report))
@@ -352,6 +381,19 @@ def _metrics(
     ci = m.pop("macro_f1")
     # Flat macro_f1 + macro_f1_ci: the shape export and the deck read.
     return {"macro_f1": ci["point"], "macro_f1_ci": [ci["lo"], ci["hi"]], **m}
+
+
+def heldout_metrics(m: dict[str, Any]) -> HeldoutMetrics:
+    """A report.json model entry (``_metrics``) -> what run.json and the manifest carry."""
+    lo, hi = m["macro_f1_ci"]
+    return HeldoutMetrics(
+        accuracy=estimate(m["accuracy"]),
+        macro_f1=estimate(m["macro_f1"], lo, hi),
+        n_windows=int(m["n_windows"]),
+        n_episodes=int(m["n_episodes"]),
+        per_class_f1=dict(m.get("per_class_f1", {})),
+        per_profile={k: GroupMetrics(**v) for k, v in m.get("per_profile", {}).items()},
+    )
 
 
 def _paired(
@@ -377,20 +419,3 @@ def _paired(
         "f1_b": ev.macro_f1(y[common], pb[jb]),
         **gap.as_dict(),
     }
-
-
-def _save_heldout(path: Path, ws: Windows, views: dict[str, np.ndarray], te: np.ndarray) -> None:
-    """The test windows in this threat model's view (what its ONNX models read) plus who they are."""
-    arrays = {kind: np.ascontiguousarray(x[te], np.float32) for kind, x in views.items()}
-    arrays.update(
-        y=np.asarray(ws.y)[te],
-        episode=np.asarray(ws.episode)[te].astype(str),
-        host=np.asarray(ws.host)[te].astype(str),
-        profile=np.asarray(ws.profile)[te].astype(str),
-        sample=np.asarray(ws.sample)[te].astype(str),
-        window=np.asarray(ws.window)[te],
-        index=te,
-    )
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROFILES: tuple[str, ...] = ("demo", "quick", "full")
+BUDGETS: tuple[str, ...] = ("demo", "quick", "full")  # training budgets (not schema.vocab.PROFILES)
 CONFIG_FILE = "model.json"
 
 # What a model reports after every epoch (torch) or every boosting checkpoint (gbt):
@@ -86,8 +86,8 @@ class Model(ABC):
         seed: int = 0,
         **overrides: Any,
     ) -> None:
-        if profile not in PROFILES:
-            raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        if profile not in BUDGETS:
+            raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(BUDGETS)}")
         want = 1 if self.input_kind == "summary" else 2
         if len(input_shape) != want:
             raise ValueError(
@@ -141,13 +141,13 @@ class Model(ABC):
         Fits beta on the log loss of ``softmax(beta * log p)``, where p is the uncalibrated
         output, i.e. ``softmax(beta * logits)``; accuracy and F1 do not move.
         """
-        from trainer.calibrate import ece, fit_inverse_temperature, log_probs, nll
+        from trainer.calibrate import ece, fit_inverse_temperature, log_probs, nll, rescale
 
         self.config["inverse_temperature"] = 1.0
         p = self.predict_proba(x_val)
         beta = fit_inverse_temperature(log_probs(p), y_val)
         self.config["inverse_temperature"] = beta
-        q = self.predict_proba(x_val)
+        q = rescale(p, beta)  # what predict_proba now returns, without a second pass
         cal = {
             "temperature": 1.0 / beta,
             "val_nll_before": nll(p, y_val),

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
+from schema.artifacts import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME
 from trainer.evaluate import macro_f1
 from trainer.loop import class_weights
 from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels
@@ -182,9 +183,7 @@ class GBT(Model):
         self.booster.set_param({"nthread": self.config.get("threads") or os.cpu_count() or 1})
 
     def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
-        """onnxmltools' converter (a Booster gives a plain float tensor, no ZipMap).
-
-        Output ``probabilities`` only."""
+        """onnxmltools' converter (a Booster gives a plain float tensor, no ZipMap); one output."""
         import onnx
         from onnx import helper
         from onnxmltools import convert_xgboost
@@ -196,7 +195,8 @@ class GBT(Model):
         # there); the graph it emits lives in ai.onnx.ml, so convert at its maximum and
         # declare the default domain (for our Identity rename) at the requested opset.
         model = convert_xgboost(
-            self._need_booster(), initial_types=[("features", FloatTensorType([None, self.input_shape[0]]))]
+            self._need_booster(),
+            initial_types=[(MODEL_INPUT_NAME, FloatTensorType([None, self.input_shape[0]]))],
         )
         default = [imp for imp in model.opset_import if imp.domain in ("", "ai.onnx")]
         if default:
@@ -206,7 +206,7 @@ class GBT(Model):
         graph = model.graph
         prob_out = next(o for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT)
         source = prob_out.name
-        if self.inverse_temperature != 1.0 and source == "probabilities":
+        if self.inverse_temperature != 1.0 and source == MODEL_OUTPUT_NAME:
             # The converter's own output takes the name; calibration's Softmax gets it instead.
             source = "uncalibrated_probabilities"
             for node in graph.node:
@@ -232,12 +232,14 @@ class GBT(Model):
                 ]
             )
             source = "calibration_p"
-        if source != "probabilities":
-            graph.node.append(helper.make_node("Identity", [source], ["probabilities"], name="probabilities"))
+        if source != MODEL_OUTPUT_NAME:
+            graph.node.append(
+                helper.make_node("Identity", [source], [MODEL_OUTPUT_NAME], name=MODEL_OUTPUT_NAME)
+            )
         # One output, as for the torch models: the class label is argmax(probabilities).
         del graph.output[:]
         graph.output.append(
-            helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [None, self.n_classes])
+            helper.make_tensor_value_info(MODEL_OUTPUT_NAME, onnx.TensorProto.FLOAT, [None, self.n_classes])
         )
         onnx.checker.check_model(model)
         path.write_bytes(model.SerializeToString())

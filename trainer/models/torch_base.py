@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from schema.artifacts import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME
 from schema.channels import SUMMARY_STATS
 from trainer.loop import LoopConfig, predict_logits, train_loop
 from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels
@@ -153,9 +154,9 @@ def export_onnx(
             wrapped,
             (example,),
             buf,
-            input_names=["features"],
-            output_names=["probabilities"],
-            dynamic_axes={"features": {0: "batch"}, "probabilities": {0: "batch"}},
+            input_names=[MODEL_INPUT_NAME],
+            output_names=[MODEL_OUTPUT_NAME],
+            dynamic_axes={MODEL_INPUT_NAME: {0: "batch"}, MODEL_OUTPUT_NAME: {0: "batch"}},
             opset_version=opset,
             dynamo=False,
             do_constant_folding=True,
