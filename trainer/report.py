@@ -6,7 +6,8 @@ The report dict is built by :mod:`trainer.train`; this module only renders it. L
      "models":    {"<model>-<threat>": ModelMetrics},      # what export reads
      "baselines": {"majority-<threat>" | "logreg-<threat>": ModelMetrics},
      "comparisons": [{"a", "b", "threat_model", "diff", "lo", "hi", "p_value", "significant"}],
-     "threat_gap":  {"<model>": {"realistic", "oracle", "diff", "lo", "hi", "p_value", "significant", "n_windows"}},
+     "threat_gap":  {"<model>": {"realistic", "oracle", "diff", "lo", "hi", "p_value", "significant",
+                                 "n_windows"}},
      "best": {"<threat>": "<model>-<threat>"},
      "verdict": {"best_vs_majority": {...}, "best_vs_logreg": {...}}}
 
@@ -52,11 +53,14 @@ def summary_table(report: dict[str, Any]) -> str:
     split = report.get("split", {})
     lines = [
         f"held-out split: {split.get('kind', '?')} — {split.get('description', '')}",
-        f"macro F1 on {split.get('windows', {}).get('test', '?')} held-out windows; 95% CI resamples episodes "
-        f"({report.get('n_boot', '?')} resamples)",
+        f"macro F1 on {split.get('windows', {}).get('test', '?')} held-out windows; "
+        f"95% CI resamples episodes ({report.get('n_boot', '?')} resamples)",
         "",
     ]
-    head = f"{'model':<12} {'threat':<10} {'macro F1':>8}  {'95% CI':<15} {'acc':>6} {'windows':>8} {'fit s':>7}  stopped"
+    head = (
+        f"{'model':<12} {'threat':<10} {'macro F1':>8}  {'95% CI':<15} {'acc':>6} {'windows':>8} "
+        f"{'fit s':>7}  stopped"
+    )
     lines += [head, "-" * len(head)]
     best = set(report.get("best", {}).values())
     for name, threat, m in _rows(report):
@@ -79,8 +83,9 @@ def summary_table(report: dict[str, Any]) -> str:
             )
     for key, v in report.get("verdict", {}).items():
         lines.append(
-            f"{key.replace('_', ' ')}: {v['a']} - {v['b']} = {v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}] "
-            f"p={v['p_value']:.3f} {'(significant)' if v['significant'] else '(NOT significant)'}"
+            f"{key.replace('_', ' ')}: {v['a']} - {v['b']} = {v['diff']:+.3f} "
+            f"[{v['lo']:+.3f}, {v['hi']:+.3f}] p={v['p_value']:.3f} "
+            f"{'(significant)' if v['significant'] else '(NOT significant)'}"
         )
     sig = [c for c in report.get("comparisons", []) if c["significant"]]
     lines.append(
@@ -136,10 +141,12 @@ def ood_lines(report: dict[str, Any]) -> list[str]:
             "",
             f"OOD flag ({threat}; ood >= 0.5 = raw score above the {o['quantile']:.0%} quantile of unseen "
             f"training-host windows):",
-            f"  AUROC held-out hosts vs training hosts {_fmt(a['point'])} [{_fmt(a['lo'])}, {_fmt(a['hi'])}]; "
-            f"validation host vs training hosts {_fmt(v['point'])} [{_fmt(v['lo'])}, {_fmt(v['hi'])}]",
-            f"  flagged: {o['flagged_share_heldout']:.1%} of held-out, {o['flagged_share_validation_host']:.1%} "
-            f"of validation-host, {o['flagged_share_training_hosts']:.1%} of unseen training-host windows",
+            f"  AUROC held-out hosts vs training hosts {_fmt(a['point'])} "
+            f"[{_fmt(a['lo'])}, {_fmt(a['hi'])}]; validation host vs training hosts "
+            f"{_fmt(v['point'])} [{_fmt(v['lo'])}, {_fmt(v['hi'])}]",
+            f"  flagged: {o['flagged_share_heldout']:.1%} of held-out, "
+            f"{o['flagged_share_validation_host']:.1%} of validation-host, "
+            f"{o['flagged_share_training_hosts']:.1%} of unseen training-host windows",
         ]
         for key, f in o.get("accuracy_flagged_vs_unflagged", {}).items():
             g = f.get("gap") or {}
@@ -408,21 +415,34 @@ def _ci_cell(g: dict[str, Any] | None) -> str:
     return f"{g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{' *' if g.get('significant') else ''}"
 
 
+_CSS = (
+    "body{font:14px system-ui,sans-serif;margin:2em;max-width:1200px}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    "td:first-child,td:nth-child(2){text-align:left}"
+    "img{max-width:100%}figure{margin:1em 0}pre{background:#f6f6f6;padding:1em;overflow:auto}"
+    ".warn{color:#b00}"
+)
+
+
 def write_html(path: Path, report: dict[str, Any], images: list[Path]) -> Path:
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(n)}</td><td>{esc(t)}</td><td>{_fmt(m['macro_f1'])}</td>"
-        f"<td>[{_fmt(m['macro_f1_ci'][0])}, {_fmt(m['macro_f1_ci'][1])}]</td><td>{_fmt(m.get('accuracy'))}</td>"
-        f"<td>{m.get('n_windows', '')}</td><td>{esc(str((m.get('fit') or {}).get('stopped', 'baseline')))}</td></tr>"
+        f"<td>[{_fmt(m['macro_f1_ci'][0])}, {_fmt(m['macro_f1_ci'][1])}]</td>"
+        f"<td>{_fmt(m.get('accuracy'))}</td><td>{m.get('n_windows', '')}</td>"
+        f"<td>{esc(str((m.get('fit') or {}).get('stopped', 'baseline')))}</td></tr>"
         for n, t, m in _rows(report)
     )
     comps = "".join(
         f"<tr><td>{esc(c['a'])}</td><td>{esc(c['b'])}</td><td>{c['diff']:+.3f}</td>"
-        f"<td>[{c['lo']:+.3f}, {c['hi']:+.3f}]</td><td>{c['p_value']:.3f}</td><td>{'yes' if c['significant'] else 'no'}</td></tr>"
+        f"<td>[{c['lo']:+.3f}, {c['hi']:+.3f}]</td><td>{c['p_value']:.3f}</td>"
+        f"<td>{'yes' if c['significant'] else 'no'}</td></tr>"
         for c in report.get("comparisons", [])
     )
     imgs = "".join(
-        f'<figure><img src="{esc(p.name)}" alt="{esc(p.stem)}"><figcaption>{esc(p.stem)}</figcaption></figure>'
+        f'<figure><img src="{esc(p.name)}" alt="{esc(p.stem)}">'
+        f"<figcaption>{esc(p.stem)}</figcaption></figure>"
         for p in images
     )
     calib = "".join(
@@ -441,21 +461,31 @@ def write_html(path: Path, report: dict[str, Any], images: list[Path]) -> Path:
         else ""
     )
     untested = report.get("untested_profiles") or []
+    split = report.get("split", {})
+    warn = (
+        f'<p class="warn">untested profiles (no held-out windows): {esc(", ".join(untested))}</p>'
+        if untested
+        else ""
+    )
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("model", "threat", "macro F1", "95% CI (episodes)", "accuracy", "windows", "stopped")
+    )
+    comp_head = "".join(f"<th>{h}</th>" for h in ("a", "b", "F1(a)-F1(b)", "95% CI", "p", "significant"))
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>phasewatch training report</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}
-img{{max-width:100%}}figure{{margin:1em 0}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}.warn{{color:#b00}}</style></head>
+<style>{_CSS}</style></head>
 <body><h1>phasewatch training report</h1>
-<p>split: <b>{esc(str(report.get("split", {}).get("kind", "")))}</b> — {esc(str(report.get("split", {}).get("description", "")))};
-profile {esc(str(report.get("profile", "")))}, seed {esc(str(report.get("seed", "")))}, schema hash <code>{esc(str(report.get("schema_hash", ""))[:16])}…</code></p>
-{f'<p class="warn">untested profiles (no held-out windows): {esc(", ".join(untested))}</p>' if untested else ""}
+<p>split: <b>{esc(str(split.get("kind", "")))}</b> — {esc(str(split.get("description", "")))};
+profile {esc(str(report.get("profile", "")))}, seed {esc(str(report.get("seed", "")))},
+schema hash <code>{esc(str(report.get("schema_hash", ""))[:16])}…</code></p>
+{warn}
 <pre>{esc(summary_table(report))}</pre>
-<h2>held-out macro F1</h2><table><tr><th>model</th><th>threat</th><th>macro F1</th><th>95% CI (episodes)</th><th>accuracy</th><th>windows</th><th>stopped</th></tr>{rows}</table>
+<h2>held-out macro F1</h2><table><tr>{head}</tr>{rows}</table>
 {calib_table}
 {imgs}
 <h2>paired bootstrap: every model-vs-model gap</h2>
-<table><tr><th>a</th><th>b</th><th>F1(a)-F1(b)</th><th>95% CI</th><th>p</th><th>significant</th></tr>{comps}</table>
+<table><tr>{comp_head}</tr>{comps}</table>
 </body></html>
 """
     path.write_text(doc)
