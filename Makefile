@@ -14,7 +14,7 @@ PROFILE ?= quick
 PORT    ?= 8080
 SPEED   ?= 2
 
-.PHONY: help venv data validate train export bench demo test clean browser lint
+.PHONY: help venv data validate train export bench bench-fleet demo test clean browser mosquitto lint
 
 help:
 	@echo "make demo      # venv, synthetic store, train, export, daemon + deck on http://localhost:$(PORT)"
@@ -29,9 +29,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian's Chromium for the deck's browser tests (playwright never downloads a browser here).
-browser:
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+# Debian packages the tests drive for real, installed in one apt-get call when any is missing:
+# Chromium for the deck (playwright never downloads a browser here), Mosquitto and its clients
+# for the fleet (tests start a broker per test on a free 127.0.0.1 port).
+TEST_DEBS = $(if $(shell command -v chromium),,chromium) \
+	$(if $(wildcard /usr/sbin/mosquitto),,mosquitto) \
+	$(if $(shell command -v mosquitto_passwd),,mosquitto-clients)
+browser mosquitto:
+	@missing="$(strip $(TEST_DEBS))"; [ -z "$$missing" ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing)
 
 $(STORE)/.done: $(STAMP)
 	$(BIN)/phasewatch synth --out $(STORE) --episodes $(EPISODES) --hosts $(HOSTS) --seed $(SEED)
@@ -56,12 +62,18 @@ bench: $(STAMP)
 	@mkdir -p out
 	$(BIN)/python benchmarks/bench_daemon.py --models $(MODELS) --out out/bench-daemon.json
 
+# The fleet: N simulated nodes (1, 10, 50) x 30 live episodes through one local Mosquitto into
+# one --fleet daemon and a WebSocket client; and a node's inference p99 with the broker stopped.
+bench-fleet: $(STAMP) mosquitto
+	@mkdir -p out
+	$(BIN)/python benchmarks/bench_fleet.py --models $(MODELS) --out out/bench-fleet.json
+
 demo: $(STAMP)
 	$(MAKE) train export PROFILE=demo
 	@echo "deck: http://localhost:$(PORT)  (replaying $(STORE) at $(SPEED)x; Ctrl-C stops)"
 	$(BIN)/edge-daemon --models $(MODELS) --replay $(STORE) --store $(STORE) --port $(PORT) --speed $(SPEED)
 
-test: $(STAMP) browser
+test: $(STAMP) browser mosquitto
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,17 +1,24 @@
 // Deck entry: scene navigation, the live connection, and routing events to scenes.
-import { emptyState, applyEvent } from "./state.js";
+import { emptyState, applyEvent, emptyFleet, applyFleet } from "./state.js";
 import { Connection } from "./ws.js";
-import { Scatter } from "./knn.js";
+import { Scatter, MAX_POINTS } from "./knn.js";
 import * as S from "./scenes.js";
 
+// A fleet deck (edge-daemon --fleet) appends the fleet scene once a node has spoken.
 const SCENES = ["title", "stack", "collect", "hosts", "db", "baseline", "attacks", "chunking", "models", "training-code", "knn", "perf"];
 const RENDER = {
   title: S.renderTitle, collect: S.renderCollect, hosts: S.renderHosts, db: S.renderDb,
   baseline: (st) => S.renderBaseline(st, performance.now()), attacks: S.renderAttacks, chunking: S.renderChunking,
   models: S.renderModels, perf: S.renderPerf, knn: () => scatter.requestDraw(),
+  fleet: () => S.renderFleet(fleet, picked, pick),
 };
 
-let state = emptyState();
+let state = emptyState();      // every event (all nodes)
+let byNode = new Map();        // node -> its own state, for the picker
+let fleet = emptyFleet();
+let fleetMode = false;
+let picked = new URLSearchParams(location.search).get("node") ?? ""; // "" = all nodes
+let embeddings = [];           // what the scatter holds, to redraw it for another node
 let current = 0;
 const dirty = new Set(Object.keys(RENDER));
 let frame = 0;
@@ -21,17 +28,37 @@ const scatter = new Scatter(document.getElementById("knn-canvas"), document.getE
 function schedule() {
   if (!frame) frame = requestAnimationFrame(paint);
 }
+const shown = () => (picked ? byNode.get(picked) ?? emptyState() : state);
+
 function paint() {
   frame = 0;
-  for (const id of dirty) RENDER[id](state);
+  const st = shown();
+  for (const id of dirty) RENDER[id](st);
   dirty.clear();
-  document.getElementById("events-count").textContent = `${state.events.toLocaleString("en-US")} events`;
+  document.getElementById("events-count").textContent = `${st.events.toLocaleString("en-US")} events`;
+  if (fleetMode) renderPicker();
 }
 
 function onEvent(ev) {
-  const scenes = applyEvent(state, ev, performance.now());
+  const node = ev !== null && typeof ev === "object" && typeof ev.node === "string" && ev.node ? ev.node : null;
+  if (node) {
+    if (!fleetMode) enterFleet();
+    if (applyFleet(fleet, ev)) dirty.add("fleet");
+    if (ev.type === "status") { schedule(); return; } // the fleet scene's alone
+  }
+  const now = performance.now();
+  const scenes = applyEvent(state, ev, now);
+  if (node) {
+    let mine = byNode.get(node);
+    if (!mine) byNode.set(node, (mine = emptyState()));
+    applyEvent(mine, ev, now);
+  }
   if (!scenes) return;
-  if (ev.type === "embedding") scatter.add(ev);
+  if (ev.type === "embedding") {
+    if (fleetMode) { embeddings.push(ev); if (embeddings.length > MAX_POINTS) embeddings.splice(0, embeddings.length - MAX_POINTS); }
+    if (!picked || node === picked) scatter.add(ev);
+  }
+  if (picked && node !== picked) return;
   for (const id of scenes) dirty.add(id);
   dirty.add("title");
   schedule();
@@ -40,9 +67,43 @@ function onEvent(ev) {
 function onOpen() {
   // Whatever we drew came from a connection that is gone; the replay that follows is the truth.
   state = emptyState();
+  byNode = new Map();
+  fleet = emptyFleet();
+  embeddings = [];
   scatter.clear();
   for (const id of Object.keys(RENDER)) dirty.add(id);
   schedule();
+}
+
+// --- the fleet: its scene, and the node picker in the status bar ---
+function enterFleet() {
+  fleetMode = true;
+  SCENES.push("fleet");
+  document.getElementById("fleet").hidden = false;
+  document.getElementById("node-pick").hidden = false;
+  renderDots();
+  show(indexFromHash());
+}
+
+function pick(node) {
+  picked = node;
+  scatter.clear();
+  for (const ev of embeddings) if (!picked || ev.node === picked) scatter.add(ev);
+  for (const id of Object.keys(RENDER)) dirty.add(id);
+  schedule();
+}
+
+function renderPicker() {
+  const sel = document.getElementById("node-picker");
+  const names = [...fleet.nodes.keys()].sort();
+  if (picked && !names.includes(picked)) names.unshift(picked);
+  const want = ["", ...names].join("\u0000");
+  if (sel.dataset.options !== want) {
+    sel.replaceChildren(S.h("option", { value: "" }, `all nodes (${fleet.nodes.size})`),
+      ...names.map((n) => S.h("option", { value: n }, n)));
+    sel.dataset.options = want;
+  }
+  sel.value = picked;
 }
 
 function onStatus(st, inS) {
@@ -90,7 +151,7 @@ window.addEventListener("keydown", (e) => {
 });
 window.addEventListener("resize", () => { for (const id of ["models", "perf", "knn"]) dirty.add(id); schedule(); });
 // The baseline's five minutes roll on even when no event arrives.
-setInterval(() => { dirty.add("baseline"); dirty.add("hosts"); schedule(); }, 5000);
+setInterval(() => { dirty.add("baseline"); dirty.add("hosts"); if (fleetMode) dirty.add("fleet"); schedule(); }, 5000);
 
 // --- knn controls ---
 document.querySelectorAll("#knn-mode button").forEach((b) => b.addEventListener("click", () => {
@@ -98,6 +159,7 @@ document.querySelectorAll("#knn-mode button").forEach((b) => b.addEventListener(
   document.querySelectorAll("#knn-mode button").forEach((o) => o.setAttribute("aria-pressed", String(o === b)));
 }));
 document.getElementById("knn-reset").addEventListener("click", () => scatter.reset());
+document.getElementById("node-picker").addEventListener("change", (e) => pick(e.target.value));
 
 // --- static bits ---
 function highlight(pre) {
@@ -114,12 +176,15 @@ function highlight(pre) {
   code.innerHTML = lines.join("\n"); // static text from this page, never event data
 }
 document.querySelectorAll("pre.code").forEach(highlight);
-document.getElementById("dots").replaceChildren(...SCENES.map((id) => {
-  const a = document.createElement("a");
-  a.href = `#${id}`;
-  a.title = id;
-  return a;
-}));
+function renderDots() {
+  document.getElementById("dots").replaceChildren(...SCENES.map((id) => {
+    const a = document.createElement("a");
+    a.href = `#${id}`;
+    a.title = id;
+    return a;
+  }));
+}
+renderDots();
 S.renderStatic();
 
 const params = new URLSearchParams(location.search);
@@ -132,11 +197,17 @@ schedule();
 window.__deck = {
   scenes: SCENES,
   get current() { return SCENES[current]; },
-  get state() { return state; },
+  get state() { return shown(); }, // what the scenes draw: every node, or the picked one
   get connection() { return conn.state; },
   go: (name) => go(typeof name === "number" ? name : SCENES.indexOf(name)),
   drop: () => conn.drop(),
   inject: (ev) => onEvent(ev), // what a frame from the socket would do, minus the socket
+  fleet: {
+    get on() { return fleetMode; },
+    get picked() { return picked; },
+    pick: (node) => pick(node),
+    nodes: () => [...fleet.nodes.keys()].sort(),
+  },
   knn: {
     count: () => scatter.n,
     mode: () => scatter.mode,

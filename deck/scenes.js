@@ -1,7 +1,7 @@
 // DOM renderers, one per live scene. Event data only ever reaches the page as text nodes.
 import { PHASES, PROFILES, MODELS, STATUSES, OOD_FLAG_AT } from "./vocab.js";
 import { phaseVar, modelVar, statusVar } from "./palette.js";
-import { WINDOWS, BASELINE_MS, hostRows, totals, prunePhases } from "./state.js";
+import { WINDOWS, BASELINE_MS, hostRows, totals, prunePhases, fleetRows } from "./state.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
@@ -190,8 +190,10 @@ export function renderChunking(state) {
   for (let i = 0; i < WINDOWS; i++) kids.push(h("div", { class: "hdr" }, `window ${i}`));
   const eps = [...state.timelines.entries()].reverse();
   if (!eps.length) kids.push(h("div", { class: "empty", style: { "grid-column": "1 / -1" } }, "waiting for predictions\u2026"));
-  for (const [id, tl] of eps) {
-    kids.push(h("div", { class: "ep", "data-episode": id }, id, h("small", {}, tl.model ?? "")));
+  for (const [key, tl] of eps) {
+    const id = tl.episode_id ?? key;
+    kids.push(h("div", { class: "ep", "data-episode": id, "data-node": tl.node }, id,
+      h("small", {}, [tl.node, tl.model].filter(Boolean).join(" \u00b7 "))));
     tl.cells.forEach((c, i) => {
       if (!c) { kids.push(h("div", { class: "cell none", "data-idx": i }, "\u2014")); return; }
       const shown = c.predicted ?? c.actual;
@@ -315,4 +317,29 @@ export function renderPerf(state) {
     g.append(s("text", { x: box.x0, y: box.y0 + 36, "text-anchor": "start" }, sub));
     svg.append(g);
   }
+}
+
+// 13 fleet (only on a fleet deck): every node, its state and what it runs
+export function renderFleet(fleet, picked, onPick) {
+  const rows = fleetRows(fleet);
+  const online = rows.filter((r) => r.state === "online").length;
+  const hashes = new Set(rows.map((r) => r.schemaHash).filter(Boolean));
+  $("fleet-summary").textContent = rows.length
+    ? `${rows.length} node${rows.length === 1 ? "" : "s"} \u00b7 ${online} online \u00b7 ${hashes.size} schema hash${hashes.size === 1 ? "" : "es"}`
+    : "no node has spoken yet";
+  const body = $("fleet-table").tBodies[0];
+  if (!rows.length) { body.replaceChildren(h("tr", {}, h("td", { colspan: "7", class: "empty" }, "waiting for nodes\u2026"))); return; }
+  body.replaceChildren(...rows.map((r) => {
+    const tr = h("tr", { "data-node": r.node, "data-state": r.state, class: [r.hashDiffers ? "mismatch" : null, r.node === picked ? "picked" : null].filter(Boolean).join(" ") || null },
+      h("td", { class: "mono" }, r.node),
+      h("td", {}, h("span", { class: "badge", style: { "--c": r.state === "online" ? "var(--good)" : r.state === "offline" ? "var(--bad)" : "var(--muted)" } }, r.state)),
+      h("td", { class: "r" }, fmtAgo(r.lastSeenNs)),
+      h("td", { class: "r" }, fmtInt(r.live)),
+      h("td", { class: "r" }, r.windowsPerS === null ? "\u2014" : r.windowsPerS.toFixed(1)),
+      h("td", { class: "mono" }, r.primary ?? "\u2014"),
+      h("td", { class: "mono hash", title: r.schemaHash ?? "" }, r.schemaHash ? r.schemaHash.slice(0, 12) : "\u2014",
+        r.hashDiffers ? h("span", { class: "differs" }, "\u2260 differs") : null));
+    tr.addEventListener("click", () => onPick(r.node === picked ? "" : r.node));
+    return tr;
+  }));
 }

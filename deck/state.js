@@ -123,9 +123,10 @@ export function applyEvent(state, ev, now) {
     case "prediction": {
       const i = ev.window_idx;
       if (!isStr(ev.episode_id) || !Number.isInteger(i) || i < 0 || i >= WINDOWS) break;
-      let tl = state.timelines.get(ev.episode_id);
-      if (tl) state.timelines.delete(ev.episode_id); // re-insert: most recently touched last
-      else tl = { cells: new Array(WINDOWS).fill(null), model: null };
+      const key = isStr(ev.node) ? `${ev.node}\u0000${ev.episode_id}` : ev.episode_id; // a fleet's nodes apart
+      let tl = state.timelines.get(key);
+      if (tl) state.timelines.delete(key); // re-insert: most recently touched last
+      else tl = { cells: new Array(WINDOWS).fill(null), model: null, episode_id: ev.episode_id, node: optStr(ev.node) };
       const prev = tl.cells[i] ?? {};
       tl.cells[i] = {
         predicted: optStr(ev.predicted) ?? prev.predicted ?? null,
@@ -135,7 +136,7 @@ export function applyEvent(state, ev, now) {
         ood: isNum(ev.ood) ? ev.ood : prev.ood ?? null,
       };
       if (isStr(ev.model)) tl.model = ev.model;
-      state.timelines.set(ev.episode_id, tl);
+      state.timelines.set(key, tl);
       while (state.timelines.size > MAX_TIMELINES) state.timelines.delete(state.timelines.keys().next().value);
       return ["chunking"];
     }
@@ -155,4 +156,58 @@ export function applyEvent(state, ev, now) {
   }
   state.ignored++;
   return null;
+}
+
+// --- the fleet (edge-daemon --fleet): one row per node, from its status events and its traffic ---
+export const FLEET_EPISODE_MS = 30 * 1000; // an episode predicted this recently counts as live
+
+export function emptyFleet() {
+  return { nodes: new Map() }; // node -> row (see nodeRow)
+}
+
+function nodeRow() {
+  return { state: "unknown", lastSeenNs: null, version: null, schemaHash: null, models: [], primary: null,
+    liveEpisodes: null, windowsPerS: null, dropped: null, events: 0, recent: new Map() };
+}
+
+// Apply one event to the fleet table; returns true when the fleet scene should repaint.
+// Only status events say online/offline: a dead node's retained state replayed on connect
+// must not make it look alive, so its traffic refreshes "last seen" only while online.
+export function applyFleet(fleet, ev, nowMs = Date.now()) {
+  if (ev === null || typeof ev !== "object" || !isStr(ev.node)) return false;
+  let n = fleet.nodes.get(ev.node);
+  if (!n) fleet.nodes.set(ev.node, (n = nodeRow()));
+  n.events++;
+  if (ev.type === "status") {
+    if (ev.state === "online" || ev.state === "offline") n.state = ev.state;
+    n.version = optStr(ev.version) ?? n.version;
+    n.schemaHash = optStr(ev.schema_hash) ?? n.schemaHash;
+    if (Array.isArray(ev.models)) n.models = ev.models.filter(isStr);
+    n.primary = optStr(ev.primary_model) ?? n.primary;
+    n.liveEpisodes = isNum(ev.live_episodes) ? ev.live_episodes : n.liveEpisodes;
+    n.windowsPerS = isNum(ev.windows_per_s) ? ev.windows_per_s : n.windowsPerS;
+    n.dropped = isNum(ev.dropped) ? ev.dropped : n.dropped;
+    if (isNum(ev.t_ns) && ev.state === "online") n.lastSeenNs = Math.max(n.lastSeenNs ?? 0, ev.t_ns);
+    if (ev.state === "offline" && isNum(ev.t_ns)) n.lastSeenNs = Math.max(n.lastSeenNs ?? 0, ev.t_ns);
+    return true;
+  }
+  if (n.state !== "offline") n.lastSeenNs = nowMs * 1e6;
+  if (ev.type === "prediction" && isStr(ev.episode_id)) {
+    n.recent.set(ev.episode_id, nowMs);
+    if (!n.primary && isStr(ev.model)) n.primary = ev.model;
+  }
+  return ev.type === "prediction";
+}
+
+// The rows as drawn: node, live episodes (heartbeat, or what it predicted lately), and whether
+// its schema hash differs from the one most nodes run.
+export function fleetRows(fleet, nowMs = Date.now()) {
+  const votes = new Map();
+  for (const n of fleet.nodes.values()) if (n.schemaHash) votes.set(n.schemaHash, (votes.get(n.schemaHash) ?? 0) + 1);
+  const common = [...votes.entries()].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1))[0]?.[0] ?? null;
+  return [...fleet.nodes.entries()].sort((a, b) => a[0].localeCompare(b[0])).map(([node, n]) => {
+    for (const [ep, t] of n.recent) if (nowMs - t > FLEET_EPISODE_MS) n.recent.delete(ep);
+    const live = Math.max(n.liveEpisodes ?? 0, n.state === "offline" ? 0 : n.recent.size);
+    return { node, ...n, live, hashDiffers: votes.size > 1 && n.schemaHash !== null && n.schemaHash !== common };
+  });
 }

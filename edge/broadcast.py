@@ -110,6 +110,7 @@ class Client:
         self.id = id
         self.replay = replay
         self.dropped = 0
+        self.overflowed = 0  # overflow drops not yet added to events_dropped
         self.closed_reason: str | None = None
         self._policy = policy
         self._metrics = metrics
@@ -176,7 +177,7 @@ class Client:
             self._drop_one()
             self.dropped += 1
             self._drops_since_take += 1
-            self._metrics.events_dropped.inc(reason="overflow")
+            self.overflowed += 1  # the broadcaster counts these once per publish, not per client
             if self._drops_since_take >= self._policy.stall_drops:
                 q.append(frame)  # so that close() counts it with the rest
                 self.close("stalled")
@@ -235,7 +236,15 @@ class Broadcaster:
         self._remember(event, frame)
         for tap in self.taps:
             tap(event)
-        return sum(client._offer(frame) for client in self._clients)
+        delivered = overflowed = 0
+        for client in self._clients:
+            delivered += client._offer(frame)
+            if client.overflowed:
+                overflowed += client.overflowed
+                client.overflowed = 0
+        if overflowed:  # one metrics update per event, however many clients overflowed
+            self.metrics.events_dropped.inc(overflowed, reason="overflow")
+        return delivered
 
     def publish_many(self, events: Iterable[Event]) -> int:
         """Publish in order; returns how many clients got them (the most any one event reached)."""

@@ -15,6 +15,7 @@ reload that fails keeps the old set serving and shows the error on ``/healthz``.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NoReturn
 
 import trio
 
@@ -211,7 +212,7 @@ class Daemon:
         while True:
             batch = self.tailer.poll(trio.current_time())
             self._handle(batch)
-            await trio.sleep(self.poll_s)
+            await self.tailer.wait(self.poll_s)  # inotify: until something changes; polling: a tick
 
     def _handle(self, batch: TailBatch) -> None:
         for ep, p in batch.problems:
@@ -365,8 +366,15 @@ class Daemon:
                 log.info("listening on %s:%d", self.bind, self.listeners[0].socket.getsockname()[1])
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming the fix, as every other refusal of ``main``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-daemon", description="Live malware-phase detection for the deck.")
+    ap = _OneLineParser(prog="edge-daemon", description="Live malware-phase detection for the deck.")
     ap.add_argument("--models", type=Path, help="models directory from `phasewatch export`")
     ap.add_argument(
         "--live",
@@ -434,7 +442,40 @@ def _parser() -> argparse.ArgumentParser:
         "--fleet", metavar="URL", help="serve the deck for every node on this broker (no models needed)"
     )
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a fatal error")
     return ap
+
+
+# The directories main checks before anything starts, and what to do when one is unusable.
+_DIR_FIXES: Final = {
+    "--models": "point it at the directory `phasewatch export` wrote",
+    "--store": "point it at the receiver store (<store>/<host>/*.tar.zst)",
+    "--replay": "point it at a receiver store (<store>/<host>/*.tar.zst)",
+    "--live": "point it at the live episodes root (<live>/<host>/<episode>/)",
+}
+
+
+def _unusable_dir(flag: str, path: Path) -> str | None:
+    """Why ``path`` cannot be listed (one line with the fix), or None when it can."""
+    try:
+        with os.scandir(path):
+            return None
+    except FileNotFoundError:
+        why = "no such directory"
+    except NotADirectoryError:
+        why = "not a directory"
+    except PermissionError:
+        why = f"not readable by this user (uid {os.getuid()}); fix its permissions or the unit's User="
+    except OSError as e:
+        why = e.strerror or str(e)
+    return f"{flag} {path}: {why}; {_DIR_FIXES[flag]}"
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (trio's nurseries)."""
+    while (inner := getattr(exc, "exceptions", None)) and len(inner) == 1:
+        exc = inner[0]
+    return exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -455,9 +496,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(str(e))
     if args.speed <= 0:
         ap.error("--speed must be > 0")
-    for d in args.live:
-        if not d.is_dir():
-            ap.error(f"--live {d}: not a directory")
+    dirs = [("--models", args.models), ("--store", args.store), ("--replay", args.replay)]
+    for flag, path in [*dirs, *(("--live", d) for d in args.live)]:
+        if path is not None and (why := _unusable_dir(flag, path)):
+            print(f"edge-daemon: {why}", file=sys.stderr)
+            return 2
     state = os.environ.get("STATE_DIRECTORY")  # systemd's StateDirectory=
     daemon = Daemon(
         args.models,
@@ -482,18 +525,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             daemon.load()
-        except ModelSetError as e:
+        except (ModelSetError, OSError) as e:
+            if args.debug:
+                raise
             print(f"edge-daemon: refusing to start: {e}", file=sys.stderr)
             return 2
         log.info("models ready in %.2f s", time.perf_counter() - t)
     try:
         trio.run(daemon.run)
-    except KeyboardInterrupt:
-        return 0
-    except OSError as e:
-        print(f"edge-daemon: {e}", file=sys.stderr)
+    except BaseException as group:  # trio hands errors back inside exception groups
+        if _interrupted(group):  # Ctrl-C: a clean stop (the MQTT bridge has said offline), no traceback
+            return 0
+        err = _leaf(group)
+        if not isinstance(err, Exception):
+            raise
+        if args.debug:
+            raise err from group  # its own traceback, the group as its cause
+        if isinstance(err, OSError) and err.errno == errno.EADDRINUSE:
+            why = f"{args.bind}:{args.port}: {err.strerror}; stop the other server or pick another --port"
+        elif isinstance(err, OSError):
+            why = str(err)
+        else:
+            why = f"{type(err).__name__}: {err} (--debug shows the traceback)"
+        print(f"edge-daemon: {why}", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(e: BaseException) -> bool:
+    """KeyboardInterrupt, alone or inside the nursery's exception group."""
+    inner: Sequence[BaseException] = getattr(e, "exceptions", None) or ()
+    return isinstance(e, KeyboardInterrupt) or (bool(inner) and all(_interrupted(x) for x in inner))
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from schema.events import EVENT_TYPES, Event, NodeStatus, decode_fleet_event, event_type
 
-from .broadcast import Broadcaster
+from .broadcast import Broadcaster, StickyLimits
 from .metrics import Metrics
-from .mqtt import DEFAULT_CONFIG, STATUS, TOPIC_ROOT, BrokerURL, MqttConfig, check_topic_part
+from .mqtt import DEFAULT_CONFIG, STATUS, TOPIC_ROOT, BrokerURL, MqttConfig, check_topic_part, nodelay
 
 log = logging.getLogger("edge.fleet")
 
@@ -49,7 +49,12 @@ REJECT_REASONS: Final[Mapping[str, str]] = {
     "bad_payload": "not a valid event of its type",
     "type_mismatch": "the payload's type is not the topic's",
     "node_mismatch": "the payload names another node than its topic (relabelled, still relayed)",
+    "internal": "relaying it failed (a bug; logged with its traceback)",
 }
+
+# A fleet's deck remembers more than one daemon's: latest-wins state per node and key (50 nodes x
+# 12 models is 600 model_metric keys), and the prediction timelines of more episodes.
+FLEET_STICKY: Final = StickyLimits(max_state_keys=8192, max_prediction_episodes=512, max_embeddings=5000)
 
 
 @dataclass
@@ -114,6 +119,7 @@ class FleetReader:
             ca = str(self.config.ca_file) if self.config.ca_file else None
             c.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
         c.reconnect_delay_set(min_delay=self.config.reconnect_min_s, max_delay=self.config.reconnect_max_s)  # type: ignore[arg-type]
+        c.on_socket_open = nodelay
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -135,9 +141,10 @@ class FleetReader:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self.stats.connected = False
-        self.stats.last_error = f"disconnected: {rc}"
         self.m_connected.set(0)
-        log.warning("fleet: lost %s (%s); reconnecting", self.broker, rc)
+        if self._token is not None:  # not our own stop
+            self.stats.last_error = f"disconnected: {rc}"
+            log.warning("fleet: lost %s (%s); reconnecting", self.broker, rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         got = parse_message(msg.topic, bytes(msg.payload))
@@ -158,6 +165,13 @@ class FleetReader:
     # --- the trio thread ---
 
     def _deliver(self, event: Event | NodeStatus) -> None:
+        try:
+            self._relay(event)
+        except Exception:  # a callback that raised would end the trio run: one message must not
+            log.exception("fleet: relaying a %s from %s failed", event_type(event), event.node)
+            self.m_rejected.inc(reason="internal")
+
+    def _relay(self, event: Event | NodeStatus) -> None:
         node = event.node or ""
         view = self.stats.nodes.get(node)
         if view is None:

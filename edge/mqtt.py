@@ -138,6 +138,15 @@ def topic_for(node: str, event: Event | NodeStatus) -> str:
     return f"{base}/{_key_part(key)}" if key else base
 
 
+def nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's on_socket_open: small events go out at once, not after Nagle waits for an ACK that
+    the broker delays (~40 ms a hop)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def version() -> str:
     try:
         return metadata.version("phasewatch")
@@ -190,7 +199,8 @@ class Outbox:
                 dropped = self._evict()
             self._q.append(item)
             self._qos0 += item.qos == 0
-            self.cond.notify()
+            if len(self._q) == 1:  # the pump waits only on an empty box (or for a connection)
+                self.cond.notify()
         return dropped
 
     def _evict(self) -> Item:
@@ -282,7 +292,9 @@ class MqttPublisher:
         c.reconnect_delay_set(min_delay=self.config.reconnect_min_s, max_delay=self.config.reconnect_max_s)  # type: ignore[arg-type]
         offline = self._stamp(NodeStatus(state="offline"))
         c.will_set(f"{TOPIC_ROOT}/{self.node}/{STATUS}", encode_event(offline), qos=1, retain=True)
+        c.on_socket_open = nodelay
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         return c
@@ -322,6 +334,9 @@ class MqttPublisher:
             "MQTT connected to %s as %s (session present: %s)", self.broker, self.node, flags.session_present
         )
 
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self.stats.last_error = f"cannot reach {self.broker} (refused, unreachable or TLS failed); retrying"
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         with self.outbox.cond:
             self._connected = False
@@ -343,7 +358,9 @@ class MqttPublisher:
     def offer(self, event: Event) -> None:
         """Called for every event the daemon publishes; never blocks on the broker."""
         kind = event_type(event)
-        if kind == "prediction" and getattr(event, "model", None) in (None, self._primary):
+        if kind == "prediction" and (
+            self._primary is None or getattr(event, "model", None) in (None, self._primary)
+        ):
             self.stats.predictions += 1
         dropped = self.outbox.put(Item(kind, DELIVERY[kind].qos, event))
         if dropped is not None:
@@ -471,10 +488,17 @@ class CliSettings:
             bridge.attach(daemon.broadcaster)  # before run(): the startup events go out too
             daemon.mqtt = bridge
         if self.fleet is not None:
-            from .fleet import FleetReader
+            from .fleet import FLEET_STICKY, FleetReader
 
+            # a fleet deck remembers every node's state: a broadcaster with room for it
+            daemon.broadcaster = Broadcaster(metrics=daemon.metrics, sticky=FLEET_STICKY)
             daemon.fleet = FleetReader(
-                self.fleet, broadcaster=daemon.broadcaster, metrics=daemon.metrics, config=self.config
+                self.fleet,
+                broadcaster=daemon.broadcaster,
+                metrics=daemon.metrics,
+                # stable across restarts (the broker keeps this session), distinct per fleet deck
+                client_id=f"phasewatch-fleet-{default_node_id()}-{daemon.port}",
+                config=self.config,
             )
 
 

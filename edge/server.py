@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import logging
 import mimetypes
+import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class Limits:
     ws_incoming_burst: int = 32  # client messages per ws_incoming_window s; more is a flood (1008)
     ws_incoming_window: float = 1.0
     ws_close_timeout: float = 2.0
+    ws_send_buffer: int = 32 << 10  # SO_SNDBUF of a WebSocket: a client that stops reading blocks soon
     max_drain: int = 16 << 20  # an over-limit body up to this size is read before the 413 (see drain_body)
 
 
@@ -374,6 +376,7 @@ class Server:
             with trio.fail_after(self.limits.request_timeout):
                 await send_reply(stream, conn, refused)
             return
+        _set_send_buffer(stream, self.limits.ws_send_buffer)
         # trio-websocket does the handshake itself: hand it the request exactly as received.
         replay = ReplayStream(stream, request_head(request) + conn.trailing_data[0])
         async with trio.open_nursery() as nursery:
@@ -461,6 +464,17 @@ class Server:
                     return "ws_flood"
         except ConnectionClosed as exc:
             return "ws_too_big" if exc.reason is not None and exc.reason.code == 1009 else "closed"
+
+
+def _set_send_buffer(stream: trio.abc.Stream, size: int) -> None:
+    """Without a cap the kernel grows a socket's send buffer to megabytes, all of which a client
+    that never reads makes the server fill, frame by frame, before its send blocks."""
+    sock = getattr(stream, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError:
+            pass
 
 
 def _peer(stream: trio.abc.Stream) -> str | None:

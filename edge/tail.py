@@ -21,18 +21,18 @@ followed from offset 0.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 import numpy as np
+import trio
 
+from edge.follow import FD_ERRNOS, FdPressure, FileFollower, TailCounters
+from edge.watch import PollWatch, Watch, open_watch
 from schema.channels import LOOKBACK_NS, STEP_NS, STRIDE_STEPS
 from schema.columns import ColumnBuilder, StreamColumns
 from schema.extract import window_centre_ns, window_last_step_ns, window_start_ns
@@ -44,217 +44,6 @@ log = logging.getLogger("edge.tail")
 
 _SIG_BYTES = 64  # how much of what was read last is compared to spot a rewrite
 _STRIDE_NS = STRIDE_STEPS * STEP_NS
-
-
-@dataclass
-class TailCounters:
-    """Everything the tailer survived, by kind; exported as ``phasewatch_tail_<name>_total``."""
-
-    lines: int = 0
-    bytes: int = 0
-    parse_errors: int = 0
-    oversized_lines: int = 0
-    truncations: int = 0
-    rotations: int = 0
-    deletions: int = 0
-    late_files: int = 0
-    clock_steps: int = 0  # rows whose t_wall_ns went backwards (the extractor drops them)
-    rows_overflowed: int = 0  # rows dropped because a stream ran too far ahead of the windows
-    meta_errors: int = 0
-    episodes_started: int = 0
-    episodes_finished: int = 0
-    windows_ready: int = 0
-    windows_forced: int = 0  # extracted after the grace period without every stream caught up
-    windows_backlog_skipped: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-# --- one file -------------------------------------------------------------------------
-
-
-class FileFollower:
-    """Follows one append-only file by path across truncation, rotation and deletion.
-
-    ``poll()`` returns complete lines only, as ``(first_line_no, data)`` chunks whose data
-    ends in a newline; line numbers count from 1 in each generation of the file (a new
-    file after rotation or a truncation starts again at 1).
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        counters: TailCounters,
-        *,
-        max_line_bytes: int = 1 << 20,
-        read_chunk: int = 1 << 20,
-        seen_at_start: bool = True,
-    ) -> None:
-        self.path = path
-        self.counters = counters
-        self.max_line_bytes = max_line_bytes
-        self.read_chunk = read_chunk
-        self._fd: int | None = None
-        self._dev_ino: tuple[int, int] | None = None
-        self._followed: deque[tuple[int, int]] = deque(maxlen=8)  # generations already read
-        self.offset = 0
-        self._partial = bytearray()
-        self._sig = b""
-        self._skip_to_newline = False
-        self._line_no = 0
-        # A file missing when the episode was first seen that shows up later is "late".
-        self._expect_late = not seen_at_start
-        self.last_growth = False
-
-    @property
-    def is_open(self) -> bool:
-        return self._fd is not None
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def poll(self, check_path: bool, *, final: bool = False) -> list[tuple[int, bytes]]:
-        """New complete lines; ``check_path`` also looks for rotation, deletion and a late file."""
-        out: list[tuple[int, bytes]] = []
-        self.last_growth = False
-        if self._fd is None:
-            if check_path or final:
-                self._open_current(out, final)
-            return out
-        self._drain(out, final)
-        if check_path or final:
-            try:
-                st = os.stat(self.path)
-                now = (st.st_dev, st.st_ino)
-            except FileNotFoundError:
-                now = None
-            if now != self._dev_ino:
-                self._retire(out, now)
-                if now is not None:
-                    self._open_current(out, final)
-        return out
-
-    # -- internals --
-
-    def _open_current(self, out: list[tuple[int, bytes]], final: bool) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            self._expect_late = True
-            return
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EISDIR):
-                log.warning("%s: cannot follow: %s", self.path, e)
-                return
-            raise
-        st = os.fstat(fd)
-        if self._expect_late:
-            self.counters.late_files += 1
-            self._expect_late = False
-        self._fd, self._dev_ino = fd, (st.st_dev, st.st_ino)
-        self._followed.append(self._dev_ino)
-        self._reset_generation()
-        self._drain(out, final)
-
-    def _reset_generation(self) -> None:
-        self.offset = 0
-        self._partial.clear()
-        self._sig = b""
-        self._skip_to_newline = False
-        self._line_no = 0
-
-    def _retire(self, out: list[tuple[int, bytes]], now: tuple[int, int] | None) -> None:
-        """The path no longer names our file: finish it through the open descriptor."""
-        old = self._dev_ino
-        self._drain(out, final=True)
-        if self._partial:  # a last line that never got its newline is lost, and counted
-            self.counters.parse_errors += 1
-        self.close()
-        rotated = self.path.with_name(self.path.name + ".1")
-        try:
-            st1 = os.stat(rotated)
-            r = (st1.st_dev, st1.st_ino)
-        except FileNotFoundError:
-            r = None
-        if r == old:
-            self.counters.rotations += 1
-        elif r is not None and r != now and now is not None and r not in self._followed:
-            # Rotated twice between two checks: the middle generation now sits at .1.
-            self.counters.rotations += 2
-            mid = FileFollower(rotated, self.counters, max_line_bytes=self.max_line_bytes)
-            mid._open_current(out, final=True)
-            mid._retire_quietly(out)
-        else:  # deleted, or replaced by a new file (a stale .1 is one we read already)
-            self.counters.deletions += 1
-        self._dev_ino = None
-        self._reset_generation()
-
-    def _retire_quietly(self, out: list[tuple[int, bytes]]) -> None:
-        self._drain(out, final=True)
-        self.close()
-
-    def _drain(self, out: list[tuple[int, bytes]], final: bool) -> None:
-        while self._fd is not None:
-            size = os.fstat(self._fd).st_size
-            if size < self.offset:
-                self._truncated()
-            if size == self.offset:
-                return
-            # Re-read the last bytes we consumed: if they changed, the file was rewritten.
-            back = len(self._sig)
-            want = min(size - self.offset, self.read_chunk)
-            data = os.pread(self._fd, want + back, self.offset - back)
-            if back and data[:back] != self._sig:
-                self._truncated()
-                continue
-            data = data[back:]
-            if not data:
-                return
-            self.offset += len(data)
-            self._sig = (self._sig + data)[-_SIG_BYTES:]
-            self.counters.bytes += len(data)
-            self.last_growth = True
-            self._split(data, out)
-            if not final and want == self.read_chunk:
-                return  # bounded work per tick; the rest comes next tick
-
-    def _truncated(self) -> None:
-        self.counters.truncations += 1
-        self._reset_generation()
-
-    def _split(self, data: bytes, out: list[tuple[int, bytes]]) -> None:
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            self._partial += data
-            if len(self._partial) > self.max_line_bytes:
-                # A runaway line: drop it, and the rest of it up to its newline.
-                self.counters.oversized_lines += 1
-                self._partial.clear()
-                self._skip_to_newline = True
-            return
-        if self._partial:
-            chunk = bytes(self._partial) + data[: cut + 1]
-            self._partial.clear()
-        else:
-            chunk = data[: cut + 1]
-        self._partial += data[cut + 1 :]
-        if self._skip_to_newline:
-            nl = chunk.index(b"\n")
-            chunk = chunk[nl + 1 :]
-            self._line_no += 1
-            self._skip_to_newline = False
-        if len(self._partial) > self.max_line_bytes:
-            self.counters.oversized_lines += 1
-            self._partial.clear()
-            self._skip_to_newline = True
-        if chunk:
-            n = chunk.count(b"\n")
-            out.append((self._line_no + 1, chunk))
-            self._line_no += n
-            self.counters.lines += n
 
 
 # --- one stream's rows ------------------------------------------------------------------
@@ -323,13 +112,23 @@ class TailConfig:
     max_line_bytes: int = 1 << 20
     read_chunk: int = 256 << 10  # per file per tick: a backlog is read over several ticks
     max_labels: int = 256
+    backend: str = "auto"  # "inotify", "poll" (stat every tick: the fallback) or "auto"
+    safety_s: float = 5.0  # with inotify: a full stat pass this often, in case an event was lost
+    park_s: float = 10.0  # a file that has not grown for this long is closed until it changes
 
 
 class EpisodeTail:
     """One live episode: its followers, its bounded row buffers, its labels and next window."""
 
     def __init__(
-        self, path: Path, host: str, episode_id: str, counters: TailCounters, cfg: TailConfig, now: float
+        self,
+        path: Path,
+        host: str,
+        episode_id: str,
+        counters: TailCounters,
+        cfg: TailConfig,
+        now: float,
+        pressure: FdPressure | None = None,
     ) -> None:
         self.path = path
         self.host = host
@@ -342,6 +141,8 @@ class EpisodeTail:
         self.finished = False
         self.last_activity = now
         self._last_path_check = -1e18
+        self.due = -1e18  # when a timer (grace, idle, parking) next needs a look without any event
+        self.pressure = pressure or FdPressure(counters)
         self.buffers = {s: ColumnBuffer(s, cfg.max_rows) for s in SOURCES}
         self.label_t: list[int] = []
         self.label_phase: list[str] = []
@@ -354,7 +155,9 @@ class EpisodeTail:
                 max_line_bytes=cfg.max_line_bytes,
                 read_chunk=cfg.read_chunk,
                 seen_at_start=p.exists(),
+                pressure=self.pressure,
             )
+        self._grew_at = {m: now for m in self.followers}
         self._member_source = MEMBER_SOURCE
 
     @property
@@ -365,28 +168,46 @@ class EpisodeTail:
         for f in self.followers.values():
             f.close()
 
-    def poll(self, now: float) -> EpisodeUpdate:
+    def poll(self, now: float, changed: set[str] | None = None) -> EpisodeUpdate:
+        """One look. ``changed`` None: stat everything (polling, or inotify's safety net);
+        a set: only the entries inotify named since the last look (empty: timers only)."""
         up = EpisodeUpdate()
         if self.finished:
             return up
-        check = now - self._last_path_check >= self.cfg.path_check_s
-        if check:
-            self._last_path_check = now
-        done = check and (self.path / DONE_MEMBER).exists()
+        if changed is None:
+            check = now - self._last_path_check >= self.cfg.path_check_s
+            if check:
+                self._last_path_check = now
+            done = check and (self.path / DONE_MEMBER).exists()
+            gone = check and not self.path.exists()
+            members: list[str] = list(self.followers)
+        else:
+            retry = [m for m, f in self.followers.items() if f.refused or f.behind]
+            check = bool(changed) or bool(retry)
+            done = DONE_MEMBER in changed and (self.path / DONE_MEMBER).exists()
+            gone = "" in changed and not self.path.exists()
+            members = (
+                list(self.followers) if done else [m for m in self.followers if m in changed or m in retry]
+            )
         if self.meta is None and (check or done):
             self._read_meta(now)
         grew = False
-        for member, f in self.followers.items():
+        for member in members:
+            f = self.followers[member]
             for first, data in f.poll(check, final=done):
                 self._ingest(member, first, data, up, now)
-            grew |= f.last_growth
+            if f.last_growth:
+                grew = True
+                self._grew_at[member] = now
+        for member, f in self.followers.items():
+            if f.is_open and now - self._grew_at[member] >= self.cfg.park_s:
+                f.park()  # idle: its descriptor goes back until the file changes
         if grew:
             self.last_activity = now
-        idle = now - self.last_activity >= self.cfg.idle_s
-        if check and not self.path.exists():
-            idle = True  # the directory went away: nothing more will come
+        idle = now - self.last_activity >= self.cfg.idle_s or gone  # a gone directory sends nothing more
         final = done or idle
         self._windows(now, up, final)
+        self.due = self._next_due(now)
         if final:
             self.finished = True
             up.finished = True
@@ -395,6 +216,23 @@ class EpisodeTail:
             log.info("%s/%s finished (%s)", self.host, self.episode_id, "done.marker" if done else "idle")
         return up
 
+    def _next_due(self, now: float) -> float:
+        """The earliest time a look without new data could change something: a stream's grace
+        running out, the idle timeout, an idle file to park, a refused open to retry."""
+        cfg = self.cfg
+        due = [self.last_activity + cfg.idle_s]
+        due += [
+            b.last_append + cfg.grace_s for b in self.buffers.values() if b.last_append + cfg.grace_s > now
+        ]
+        due += [self._grew_at[m] + cfg.park_s for m, f in self.followers.items() if f.is_open]
+        if self.meta is None:
+            due.append(now + cfg.path_check_s)
+        if any(f.refused for f in self.followers.values()):
+            due.append(now + FdPressure.RETRY_S)  # descriptors come back as idle files are parked
+        if any(f.behind for f in self.followers.values()):
+            due.append(now)  # a backlog: read on at the next tick
+        return min(due)
+
     def _read_meta(self, now: float) -> None:
         try:
             raw = (self.path / META_MEMBER).read_bytes()
@@ -402,6 +240,9 @@ class EpisodeTail:
         except FileNotFoundError:
             return
         except (msgspec.DecodeError, OSError) as e:
+            if isinstance(e, OSError) and e.errno in FD_ERRNOS:
+                self.pressure.hit()  # tried again on the next look
+                return
             # The collector may be mid-write: only a meta.json that stays bad is an error.
             if self._meta_bad_since is None:
                 self._meta_bad_since = now
@@ -521,11 +362,18 @@ class LiveTailer:
     """All live episodes under one or more ``<live>`` roots."""
 
     def __init__(
-        self, roots: list[Path], cfg: TailConfig = TailConfig(), counters: TailCounters | None = None
+        self,
+        roots: list[Path],
+        cfg: TailConfig = TailConfig(),
+        counters: TailCounters | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self.roots = list(roots)
         self.cfg = cfg
         self.counters = counters or TailCounters()
+        self.pressure = FdPressure(self.counters)
+        self.watch: Watch = watch if watch is not None else open_watch(cfg.backend)
+        self._last_full = -1e18
         self.episodes: dict[tuple[str, str], EpisodeTail] = {}
         self._done: set[Path] = set()  # finished episode dirs: never reopened
         self._mtimes: dict[Path, int] = {}
@@ -534,20 +382,54 @@ class LiveTailer:
 
     def add_root(self, root: Path) -> None:
         self.roots.append(root)
+        self._last_scan = -1e18  # list the new root on the next pass
+
+    @property
+    def backend(self) -> str:
+        return "poll" if self.watch.fileno() is None else "inotify"
+
+    def fileno(self) -> int | None:
+        """The inotify descriptor to wait on (``trio.lowlevel.wait_readable``); None when polling."""
+        return self.watch.fileno()
+
+    async def wait(self, tick_s: float) -> None:
+        """Until the next pass is due: one tick (so a burst of writes is read in one pass),
+        then, with inotify, until something changes or the timers (grace, idle) need a look."""
+        await trio.sleep(tick_s)
+        fd = self.fileno()
+        if fd is None:
+            return
+        with trio.move_on_after(max(self.cfg.path_check_s - tick_s, 0.0)):
+            await trio.lowlevel.wait_readable(fd)
 
     def poll(self, now: float) -> TailBatch:
         batch = TailBatch()
-        if now - self._last_scan >= self.cfg.scan_s:
+        ch = self.watch.drain()
+        full = ch.everything or now - self._last_full >= self.cfg.safety_s
+        if full:
+            self._last_full = now
+        listed = bool(ch.listed & ({*self.roots} | set(self._mtimes)))
+        if (full or listed) and now - self._last_scan >= (0.0 if listed else self.cfg.scan_s):
             self._last_scan = now
             self._scan(now, batch)
+        polling = isinstance(self.watch, PollWatch)
         for key, ep in list(self.episodes.items()):
-            up = ep.poll(now)
+            if polling or full:
+                up = ep.poll(now)  # stat everything: the polling backend, or the safety net
+            else:
+                names = ch.names.get(ep.path)
+                if ep.path in ch.listed or ep.path.parent in ch.listed:
+                    names = (names or set()) | {""}
+                if names is None and now < ep.due:
+                    continue  # nothing changed and no timer due
+                up = ep.poll(now, names or set())
             batch.jobs.extend(up.jobs)
             batch.labels.extend((ep, lab) for lab in up.labels)
             batch.problems.extend((ep, p) for p in up.problems)
             if up.finished:
                 batch.finished.append(ep)
                 self._done.add(ep.path)
+                self.watch.forget(ep.path)
                 del self.episodes[key]
         return batch
 
@@ -555,6 +437,7 @@ class LiveTailer:
         for ep in self.episodes.values():
             ep.close()
         self.episodes.clear()
+        self.watch.close()
 
     def _changed(self, d: Path, now_ns: int) -> bool:
         """Re-list a directory only when its mtime moved (or moved very recently: coarse clocks)."""
@@ -570,14 +453,16 @@ class LiveTailer:
     def _scan(self, now: float, batch: TailBatch) -> None:
         now_ns = time.time_ns()
         for root in self.roots:
+            self.watch.watch(root)
             if not self._changed(root, now_ns) and not self._first_scan:
                 hosts = [Path(p) for p in self._mtimes if Path(p).parent == root]
             else:
-                hosts = [Path(e.path) for e in _scandir(root) if e.is_dir(follow_symlinks=False)]
+                hosts = [Path(e.path) for e in self._scandir(root) if e.is_dir(follow_symlinks=False)]
             for host in hosts:
+                self.watch.watch(host)
                 if not self._changed(host, now_ns):
                     continue
-                entries = [e for e in _scandir(host) if e.is_dir(follow_symlinks=False)]
+                entries = [e for e in self._scandir(host) if e.is_dir(follow_symlinks=False)]
                 # forget finished episodes whose directories are gone (bounded over months)
                 present = {Path(e.path) for e in entries}
                 self._done -= {p for p in self._done if p.parent == host and p not in present}
@@ -589,17 +474,24 @@ class LiveTailer:
                     if self._first_scan and (path / DONE_MEMBER).exists():
                         self._done.add(path)  # finished before we started: not live
                         continue
-                    ep = EpisodeTail(path, host.name, e.name, self.counters, self.cfg, now)
+                    self.watch.watch(path)  # before its files are first read: no write is missed
+                    ep = EpisodeTail(path, host.name, e.name, self.counters, self.cfg, now, self.pressure)
                     self.episodes[key] = ep
                     self.counters.episodes_started += 1
                     batch.started.append(ep)
                     log.info("following %s", path)
         self._first_scan = False
 
-
-def _scandir(d: Path) -> Iterator[os.DirEntry[str]]:
-    try:
-        with os.scandir(d) as it:
-            yield from sorted(it, key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return
+    def _scandir(self, d: Path) -> list[os.DirEntry[str]]:
+        if not self.pressure.allowed():
+            return []
+        try:
+            with os.scandir(d) as it:
+                return sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            if e.errno in FD_ERRNOS:
+                self.pressure.hit()  # listed again on a later scan
+                return []
+            raise

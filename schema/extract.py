@@ -63,11 +63,42 @@ def _columns_of(source: str, kind: str) -> np.ndarray:
     )
 
 
-# Per source: which columns each transform applies to (netflow's interval_ms follows its channels).
-_BY_TRANSFORM = {
-    s: {k: _columns_of(s, k) for k in ("rate", "interval_rate", "kb_to_mb", "identity")} for s in SOURCES
-}
+def _index(cols: np.ndarray) -> slice | np.ndarray:
+    """A slice where the columns are contiguous (a view, not a gather), else the indices."""
+    if cols.size and int(cols[-1]) - int(cols[0]) + 1 == cols.size:
+        return slice(int(cols[0]), int(cols[-1]) + 1)
+    return cols
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Per source, precomputed once: how row fields become channels (``Transform``)."""
+
+    n_ch: int
+    scale: np.ndarray  # (n_ch,) 1 for identity (and rates, overwritten), 1/1024 for kb -> MB
+    rate: slice | np.ndarray | None  # counters -> per-second rates
+    interval: slice | np.ndarray | None  # netflow: counts per interval_ms -> per second
+    hold_ns: int
+
+
+def _plan(source: str) -> _Plan:
+    n_ch = SOURCE_SLICE[source].stop - SOURCE_SLICE[source].start
+    scale = np.ones(n_ch)
+    # x * 2**-10 and x / 1024 are the same real number, so the same correctly rounded double.
+    scale[_columns_of(source, "kb_to_mb")] = 1.0 / 1024.0
+    rate, interval = _columns_of(source, "rate"), _columns_of(source, "interval_rate")
+    return _Plan(
+        n_ch,
+        scale,
+        _index(rate) if rate.size else None,
+        _index(interval) if interval.size else None,
+        HOLD_NS[source],
+    )
+
+
+_PLANS = {s: _plan(s) for s in SOURCES}
 _STEP_OFFSETS = np.arange(WINDOW_STEPS, dtype=np.int64) * STEP_NS
+_INT64_MIN = np.iinfo(np.int64).min
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,90 +130,120 @@ def n_windows(t0_ns: int, end_ns: int) -> int:
     return 0 if span < 0 else int(span // (STRIDE_STEPS * STEP_NS)) + 1
 
 
-def _transform(source: str, t: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Row fields (n, fields) -> channel values (n, channels) for one source, float64."""
-    n_ch = _N_FIELDS[source]
-    cols = _BY_TRANSFORM[source]
-    out = np.empty((len(t), n_ch), dtype=np.float64)
-    if cols["rate"].size:
-        out[0, cols["rate"]] = np.nan  # no previous row in the span
+def _transform(source: str, t: np.ndarray, v: np.ndarray, increasing: bool = False) -> np.ndarray:
+    """Row fields (n, fields) -> channel values (n, channels) for one source, float64.
+
+    Rates are between rows adjacent in arrival order (a counter that went down restarted
+    from zero: its delta is its new value); a pair that does not move forward has none."""
+    p = _PLANS[source]
+    out = v[:, : p.n_ch] * p.scale
+    if p.rate is not None:
+        out[0, p.rate] = np.nan  # no previous row in the span
         if len(t) > 1:
-            dt_s = np.diff(t).astype(np.float64) / 1e9
-            dt_s[dt_s <= 0] = np.nan
-            cum = v[:, cols["rate"]]
-            delta = np.diff(cum, axis=0)
-            reset = delta < 0
-            delta[reset] = cum[1:][reset]  # the counter restarted from zero
-            out[1:, cols["rate"]] = delta / dt_s[:, None]
-    if cols["interval_rate"].size:
-        interval_s = v[:, n_ch] / 1000.0
+            dt_s = (t[1:] - t[:-1]).astype(np.float64) / 1e9
+            if not increasing:
+                dt_s[dt_s <= 0] = np.nan
+            cum = v[:, p.rate]
+            delta = cum[1:] - cum[:-1]
+            np.copyto(delta, cum[1:], where=delta < 0)  # the counter restarted from zero
+            out[1:, p.rate] = delta / dt_s[:, None]
+    if p.interval is not None:
+        interval_s = v[:, p.n_ch] / 1000.0
         with np.errstate(divide="ignore", invalid="ignore"):
-            out[:, cols["interval_rate"]] = np.where(
-                (interval_s > 0)[:, None], v[:, cols["interval_rate"]] / interval_s[:, None], np.nan
+            out[:, p.interval] = np.where(
+                (interval_s > 0)[:, None], v[:, p.interval] / interval_s[:, None], np.nan
             )
-    out[:, cols["kb_to_mb"]] = v[:, cols["kb_to_mb"]] / 1024.0
-    out[:, cols["identity"]] = v[:, cols["identity"]]
     return out
 
 
 def _fill_holes(block: np.ndarray) -> np.ndarray:
-    """Hold the previous finite value along time, then back-fill the leading gap. (C, T)."""
-    t_idx = np.arange(block.shape[1])
+    """Hold the previous finite value along time, then back-fill the leading gap. (T, C)."""
+    n = block.shape[0]
+    t_idx = np.arange(n)[:, None]
     ok = np.isfinite(block)
     prev = np.where(ok, t_idx, -1)
-    np.maximum.accumulate(prev, axis=1, out=prev)
-    nxt = np.where(ok, t_idx, block.shape[1])
-    nxt = np.minimum.accumulate(nxt[:, ::-1], axis=1)[:, ::-1]
+    np.maximum.accumulate(prev, axis=0, out=prev)
+    nxt = np.where(ok, t_idx, n)
+    nxt = np.minimum.accumulate(nxt[::-1], axis=0)[::-1]
     src = np.where(prev >= 0, prev, nxt)
-    src = np.minimum(src, block.shape[1] - 1)
-    return np.take_along_axis(block, src, axis=1)
+    np.minimum(src, n - 1, out=src)
+    return np.take_along_axis(block, src, axis=0)
 
 
-def _source_grid(source: str, cols: Columns, lo: int, steps: np.ndarray) -> tuple[np.ndarray, float]:
-    """One source's channels on the window's grid, (C, 100) float64, and its coverage."""
-    n_ch = _N_FIELDS[source]
+def _rows_in(cols: Columns, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """The rows with ``lo <= t_wall_ns <= hi``, in arrival order (views when contiguous), and
+    whether their clock strictly increases (then no row is dropped after a step back)."""
     t_all = cols.t_wall_ns
-    sel = np.flatnonzero((t_all >= lo) & (t_all <= steps[-1]))
-    grid = np.full((n_ch, WINDOW_STEPS), np.nan)
+    n = len(t_all)
+    # The daemon hands over exactly a window's rows (ColumnBuilder.window), the trainer a
+    # window's slice of a sorted stream (extract_streams): both are whole and, nearly
+    # always, increasing, which two scalar reads and one comparison confirm.
+    whole = bool(n) and int(t_all[0]) >= lo and int(t_all[n - 1]) <= hi
+    if whole and (n == 1 or bool((t_all[1:] > t_all[:-1]).all())):
+        return t_all, cols.values, True
+    sel = np.flatnonzero((t_all >= lo) & (t_all <= hi))
     if sel.size == 0:
-        return grid, 0.0
-    t = t_all[sel]
-    # Rates between rows adjacent in arrival order, so a row after a clock step still
-    # pairs with its true predecessor; a pair that goes back in time has no rate.
-    ch = _transform(source, t, cols.values[sel])
+        return None
+    a, b = int(sel[0]), int(sel[-1]) + 1
+    t, v = (t_all[a:b], cols.values[a:b]) if b - a == sel.size else (t_all[sel], cols.values[sel])
+    return t, v, len(t) == 1 or bool((t[1:] > t[:-1]).all())
+
+
+# --- the window ----------------------------------------------------------------------------
+_N_SRC = len(SOURCES)
+_CH_SRC = np.array([_SOURCE_POS[c.source] for c in CHANNELS], np.intp)  # (46,) source of a channel
+_SRC_STARTS = np.array([SOURCE_SLICE[s].start for s in SOURCES], np.intp)
+
+
+def _held(source: str, cols: Columns, lo: int, steps: np.ndarray) -> np.ndarray | None:
+    """One source's channels sampled and held onto the grid, (100, C) float64 (NaN where no
+    row is fresh enough); None when no row falls in the span."""
+    rows = _rows_in(cols, lo, int(steps[-1]))
+    if rows is None:
+        return None
+    t, v, increasing = rows
+    ch = _transform(source, t, v, increasing)
     # Rows that do not move forward in time came after a clock step back: drop them.
-    prev_max = np.maximum.accumulate(np.concatenate(([np.iinfo(np.int64).min], t[:-1])))
-    keep = t > prev_max
-    t, ch = t[keep], ch[keep]
+    if not increasing:
+        prev_max = np.maximum.accumulate(np.concatenate(([_INT64_MIN], t[:-1])))
+        keep = t > prev_max
+        t, ch = t[keep], ch[keep]
+    # Sample and hold: each step takes the latest row at or before it, if fresh enough.
     idx = np.searchsorted(t, steps, side="right") - 1
-    fresh = idx >= 0
-    fresh[fresh] = (steps[fresh] - t[idx[fresh]]) <= HOLD_NS[source]
-    grid[:, fresh] = ch[idx[fresh]].T
-    step_ok = np.isfinite(grid).all(axis=0)
-    n_ok = int(step_ok.sum())
-    coverage = n_ok / WINDOW_STEPS
-    if coverage < MIN_COVERAGE:
-        grid[:] = np.nan
-    elif n_ok < WINDOW_STEPS:  # a full window has nothing to fill
-        grid = _fill_holes(grid)
-    return grid, coverage
+    at = np.maximum(idx, 0)
+    grid = ch[at]
+    grid[(idx < 0) | (steps - t[at] > _PLANS[source].hold_ns)] = np.nan
+    return grid
 
 
 def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window:
-    """Window ``w`` of an episode whose grid starts at ``t0_ns``, from whatever rows are given."""
+    """Window ``w`` of an episode whose grid starts at ``t0_ns``, from whatever rows are given.
+
+    Per source: its rows in ``[start - LOOKBACK_NS, last step]`` in arrival order, their
+    channels (``_transform``), rows after a clock step back dropped, sample-and-hold onto the
+    grid; then coverage, unusable sources and hole filling for all 46 channels at once."""
     start = window_start_ns(t0_ns, w)
     steps = start + _STEP_OFFSETS
     lo = start - LOOKBACK_NS
-    tensor = np.full((N_CHANNELS, WINDOW_STEPS), np.nan, dtype=np.float32)
-    coverage = np.zeros(len(SOURCES), dtype=np.float32)
+    grid = np.full((N_CHANNELS, WINDOW_STEPS), np.nan)
     for source in SOURCES:
         cols = streams.get(source)
         if cols is None or len(cols.t_wall_ns) == 0:
             continue
-        grid, cov = _source_grid(source, cols, lo, steps)
-        tensor[SOURCE_SLICE[source]] = grid.astype(np.float32)
-        coverage[_SOURCE_POS[source]] = cov
-    return Window(w=w, start_ns=start, tensor=tensor, coverage=coverage)
+        held = _held(source, cols, lo, steps)
+        if held is not None:
+            grid[SOURCE_SLICE[source]] = held.T
+    # coverage = share of steps where every channel of the source is finite
+    ok = np.logical_and.reduceat(np.isfinite(grid), _SRC_STARTS, axis=0)  # (4, 100)
+    n_ok = np.count_nonzero(ok, axis=1)
+    cov = n_ok / WINDOW_STEPS  # float64, as the per-source Python float was
+    usable = cov >= MIN_COVERAGE
+    grid[~usable[_CH_SRC]] = np.nan  # a source below MIN_COVERAGE is unusable here
+    # Holes of usable sources: hold the previous value, then the next. A full channel is its
+    # own fill and an all-NaN one stays NaN, so filling every channel changes nothing else.
+    if bool((usable & (n_ok < WINDOW_STEPS)).any()):
+        grid = _fill_holes(grid.T).T
+    return Window(w=w, start_ns=start, tensor=grid.astype(np.float32), coverage=cov.astype(np.float32))
 
 
 def window_complete(streams: Mapping[str, Columns], t0_ns: int, w: int) -> bool:
@@ -196,7 +257,9 @@ def summarize(tensor: np.ndarray) -> np.ndarray:
     """Summary view: float32 [C * len(SUMMARY_STATS)], channel-major (feature c*k + s).
 
     Accepts one window (C, T) or a batch (N, C, T) -> (N, C*k); row i of a batch equals
-    the summary of window i alone (the daemon summarises one window at a time)."""
+    the summary of window i alone (the daemon summarises one window at a time). The mean
+    and standard deviation are numpy's own reductions spelled out (sum / n, then the mean
+    square deviation), so the sum is shared and every bit is as ``x.mean()``/``x.std()``."""
     x = np.asarray(tensor, dtype=np.float64)
     xs = np.sort(x, axis=-1)
     n = x.shape[-1]
@@ -206,22 +269,28 @@ def summarize(tensor: np.ndarray) -> np.ndarray:
         lo = int(pos)
         return xs[..., lo] + (pos - lo) * (xs[..., min(lo + 1, n - 1)] - xs[..., lo])
 
+    mean = np.add.reduce(x, axis=-1, keepdims=True) / n
+    dev = x - mean
+    np.multiply(dev, dev, out=dev)
+    std = np.sqrt(np.add.reduce(dev, axis=-1) / n)
+    step = x[..., 1:] - x[..., :-1]
+    np.abs(step, out=step)
     stats = (
-        x.mean(axis=-1),
-        x.std(axis=-1),
+        mean[..., 0],
+        std,
         xs[..., 0],
         xs[..., -1],
         x[..., -1] - x[..., 0],
         pct(0.10),
         pct(0.90),
-        np.abs(np.diff(x, axis=-1)).mean(axis=-1),
+        np.add.reduce(step, axis=-1) / (n - 1),
     )
     assert len(stats) == len(SUMMARY_STATS)
     out = np.stack(stats, axis=-1).astype(np.float32)  # (..., C, k)
     return out.reshape(*out.shape[:-2], -1)
 
 
-def phase_at(label_t_ns: np.ndarray, label_phase: Sequence[int], t_ns: int) -> int:
+def phase_at(label_t_ns: np.ndarray, label_phase: Sequence[int] | np.ndarray, t_ns: int) -> int:
     """Phase index in force at ``t_ns`` (labels sorted by time); -1 before the first label."""
     i = int(np.searchsorted(label_t_ns, t_ns, side="right")) - 1
     return -1 if i < 0 else int(label_phase[i])
@@ -247,7 +316,7 @@ class EpisodeWindows:
 
     def usable_mask(self, threat_model: str) -> np.ndarray:
         need = [_SOURCE_POS[s] for s in THREAT_SOURCES[threat_model]]
-        return (self.coverage[:, need] >= MIN_COVERAGE).all(axis=1)
+        return np.asarray((self.coverage[:, need] >= MIN_COVERAGE).all(axis=1))
 
 
 def labels_arrays(labels: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -256,6 +325,22 @@ def labels_arrays(labels: Sequence) -> tuple[np.ndarray, np.ndarray]:
     t = np.array([p[0] for p in pairs], dtype=np.int64)
     ph = np.array([p[1] for p in pairs], dtype=np.int64)
     return t, ph
+
+
+@dataclass(slots=True)
+class _Span:
+    t_wall_ns: np.ndarray
+    values: np.ndarray
+
+
+def _increasing(t: np.ndarray) -> bool:
+    return len(t) < 2 or bool((t[1:] > t[:-1]).all())
+
+
+def _cut(cols: Columns, lo: int, hi: int) -> Columns:
+    t = cols.t_wall_ns
+    a, b = int(np.searchsorted(t, lo, side="left")), int(np.searchsorted(t, hi, side="right"))
+    return _Span(t[a:b], cols.values[a:b])
 
 
 def extract_streams(streams: Mapping[str, Columns], t0_ns: int, labels: Sequence = ()) -> EpisodeWindows:
@@ -274,8 +359,13 @@ def extract_streams(streams: Mapping[str, Columns], t0_ns: int, labels: Sequence
     lt, lp = labels_arrays(labels)
     keep_w, tensors, covs, ys = [], [], [], []
     skipped = {"proc_coverage": 0}
+    # A stream whose clock only moves forward (nearly all) is cut per window by two binary
+    # searches, so each window reads its own rows, as the daemon's do, not the whole episode.
+    sorted_ = {s: _increasing(c.t_wall_ns) for s, c in streams.items()}
     for w in range(n_windows(t0_ns, end)):
-        win = extract_window(streams, t0_ns, w)
+        start = window_start_ns(t0_ns, w)
+        lo, hi = start - LOOKBACK_NS, window_last_step_ns(t0_ns, w)
+        win = extract_window({s: _cut(c, lo, hi) if sorted_[s] else c for s, c in streams.items()}, t0_ns, w)
         if win.coverage[_SOURCE_POS["proc"]] < MIN_COVERAGE:
             skipped["proc_coverage"] += 1
             continue

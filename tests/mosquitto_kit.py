@@ -38,6 +38,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def make_certs(d: Path) -> Path:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl); returns the CA file."""
+
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    ossl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    ossl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ossl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext",
+    )  # fmt: skip
+    return d / "ca.pem"
+
+
 class Mosquitto:
     def __init__(
         self,
@@ -46,12 +63,15 @@ class Mosquitto:
         port: int | None = None,
         users: dict[str, str] | None = None,
         acl: str | None = None,
+        tls: bool = False,
         start: bool = True,
     ) -> None:
         self.dir = Path(workdir) / "mosquitto"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.users = users or {}
+        self.tls = tls
+        self.ca: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "mosquitto.log"
         lines = [
@@ -63,11 +83,19 @@ class Mosquitto:
             "autosave_interval 1",
             "max_queued_messages 100000",
             "max_inflight_messages 100",
+            "set_tcp_nodelay true",
             f"log_dest file {self.log}",
             "log_type error",
             "log_type warning",
             "log_type notice",
         ]
+        if tls:
+            self.ca = make_certs(self.dir)
+            lines += [
+                f"cafile {self.ca}",
+                f"certfile {self.dir / 'server.pem'}",
+                f"keyfile {self.dir / 'server.key'}",
+            ]
         if self.users:
             pw = self.dir / "passwd"
             pw.write_text("")
@@ -89,11 +117,15 @@ class Mosquitto:
             self.start()
 
     @property
+    def scheme(self) -> str:
+        return "mqtts" if self.tls else "mqtt"
+
+    @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def url_for(self, user: str) -> str:
-        return f"mqtt://{user}:{self.users[user]}@127.0.0.1:{self.port}"
+        return f"{self.scheme}://{user}:{self.users[user]}@127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"

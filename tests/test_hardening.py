@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,10 @@ def test_no_trust_loopback_without_a_token_is_a_one_line_error(capsys: pytest.Ca
     with pytest.raises(SystemExit) as info:
         daemon_mod.main(["--demo", "--no-trust-loopback"])
     assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("--no-trust-loopback leaves nobody able to publish: give --publish-token too")
+    assert capsys.readouterr().err == (
+        "edge-daemon: --no-trust-loopback leaves nobody able to publish: give --publish-token too "
+        "(see edge-daemon --help)\n"
+    )
 
 
 # --- item 2: a reload that fails in any way keeps the old set -----------------------------------
@@ -156,3 +159,93 @@ def _text(port: int, path: str) -> str:
     body = c.getresponse().read().decode()
     c.close()
     return body
+
+
+# --- item 7: edge-daemon's refusals are one line with the fix -------------------------------------
+
+
+def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        (["--models", "{tmp}/nope"], "--models {tmp}/nope: no such directory; point it at the directory"),
+        (["--models", "{tmp}/file"], "--models {tmp}/file: not a directory; point it at the directory"),
+        (
+            ["--demo", "--store", "{tmp}/nope"],
+            "--store {tmp}/nope: no such directory; point it at the receiver",
+        ),
+        (["--demo", "--replay", "{tmp}/file"], "--replay {tmp}/file: not a directory"),
+        (["--demo", "--live", "{tmp}/nope"], "--live {tmp}/nope: no such directory; point it at the live"),
+        (["--models", "{tmp}/empty"], "refusing to start: {tmp}/empty/SHA256SUMS: missing"),
+    ],
+)
+def test_edge_daemon_refusals_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expect: str
+) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    rc = daemon_mod.main([a.format(tmp=tmp_path) for a in argv])
+    assert rc == 2
+    line = _one_line(capsys)
+    assert line.startswith("edge-daemon: ") and expect.format(tmp=tmp_path) in line, line
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        (
+            ["--demo", "--port", "eighty"],
+            "argument --port: invalid int value: 'eighty' (see edge-daemon --help)",
+        ),
+        (["--demo", "--bogus"], "unrecognized arguments: --bogus (see edge-daemon --help)"),
+        (
+            [],
+            "--models DIR is required (or --demo for demo events, --fleet URL for a fleet deck)"
+            " (see edge-daemon --help)",
+        ),
+    ],
+)
+def test_bad_flags_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], expect: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        daemon_mod.main(argv)
+    assert info.value.code == 2
+    assert _one_line(capsys) == f"edge-daemon: {expect}"
+
+
+def test_unreadable_store_and_busy_port_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    real_scandir = os.scandir
+
+    def denied(path):  # type: ignore[no-untyped-def]
+        if Path(path) == store:  # root reads mode-000 directories: make the listing itself fail
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    assert daemon_mod.main(["--demo", "--store", str(store)]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"edge-daemon: --store {store}: not readable by this user (uid ")
+    assert "fix its permissions" in line
+    monkeypatch.undo()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert daemon_mod.main(["--demo", "--bind", "127.0.0.1", "--port", str(port)]) == 1
+        line = _one_line(capsys)
+        assert line == (
+            f"edge-daemon: 127.0.0.1:{port}: Address already in use; "
+            "stop the other server or pick another --port"
+        )
+        with pytest.raises(OSError):  # --debug: the real exception, traceback and all
+            daemon_mod.main(["--demo", "--bind", "127.0.0.1", "--port", str(port), "--debug"])

@@ -349,3 +349,40 @@ def test_acl_a_node_cannot_publish_as_another(tmp_path: Path) -> None:
         for c in (fleet, watcher):
             c.disconnect()
             c.loop_stop()
+
+
+@needs_broker
+def test_mqtts_with_the_ca_and_refused_without(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path, tls=True) as broker:
+        assert broker.ca is not None
+        trusted = MqttConfig(**{**FAST.__dict__, "ca_file": broker.ca})
+
+        async def main() -> None:
+            pub, node_bc, _ = _publisher(broker.url, "pi-tls", trusted)
+            stranger, stranger_bc, _ = _publisher(broker.url, "pi-noca", FAST)  # the system CAs only
+            metrics = Metrics()
+            fleet_bc = Broadcaster(metrics=metrics)
+            reader = FleetReader(
+                parse_broker_url(broker.url),
+                broadcaster=fleet_bc,
+                metrics=metrics,
+                client_id="tls-fleet",
+                config=trusted,
+            )
+            sink = Sink()
+            async with trio.open_nursery() as n:
+                await n.start(sink.collect, fleet_bc)
+                await n.start(reader.run)
+                await n.start(pub.run)
+                await n.start(stranger.run)
+                await wait_for(lambda: pub.health()["connected"])
+                for i in range(10):
+                    node_bc.publish(_pred(i))
+                    stranger_bc.publish(_pred(i))
+                await wait_for(lambda: sink.window_nos("pi-tls") >= set(range(10)))
+                h = stranger.health()
+                assert not h["connected"] and h["outbox"] == 10 and "retrying" in h["last_error"]
+                assert sink.nodes() == {"pi-tls"}
+                n.cancel_scope.cancel()
+
+        trio.run(main)

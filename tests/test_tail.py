@@ -15,6 +15,7 @@ import trio.testing
 from archive_kit import STARTED_NS, episode_members, write_archive
 
 from edge.tail import FileFollower, LiveTailer, TailConfig, TailCounters
+from edge.watch import InotifyWatch
 from schema.channels import STEP_NS
 from schema.extract import extract_episode, extract_window
 from schema.reader import read_episode
@@ -27,6 +28,30 @@ def _lines(chunks: list[tuple[int, bytes]]) -> list[bytes]:
         assert data.endswith(b"\n")
         out.extend(data.splitlines())
     return out
+
+
+# Every behaviour below holds for both ways of noticing change: inotify events and stat polling.
+BACKENDS = ["poll", "inotify"]
+
+
+class _Notified:
+    """Drives a FileFollower the way the tailer does: with polling, every tick (``check`` as
+    given); with inotify, only after an event named the file, and then with a path check."""
+
+    def __init__(self, backend: str, f: FileFollower) -> None:
+        self.f = f
+        self.watch = InotifyWatch() if backend == "inotify" else None
+        if self.watch is not None:
+            self.watch.watch(f.path.parent)
+
+    def poll(self, check: bool) -> list[tuple[int, bytes]]:
+        if self.watch is None:
+            return self.f.poll(check)
+        ch = self.watch.drain()
+        names = ch.names.get(self.f.path.parent, set())
+        if ch.everything or self.f.behind or self.f.path.name in names or self.f.path.name + ".1" in names:
+            return self.f.poll(True)
+        return []
 
 
 # --- one file -------------------------------------------------------------------------
@@ -94,8 +119,11 @@ def test_oversized_line_is_dropped_and_counted(tmp_path: Path) -> None:
     assert got[0][0] == 3 and c.oversized_lines == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", range(6))
-def test_randomised_writer_every_complete_line_read_exactly_once(tmp_path: Path, seed: int) -> None:
+def test_randomised_writer_every_complete_line_read_exactly_once(
+    tmp_path: Path, seed: int, backend: str
+) -> None:
     """Random appends, split writes, truncations, rotations, deletions and a late file.
 
     A line is *safe* when the file generation it was written to is never truncated; every
@@ -104,6 +132,7 @@ def test_randomised_writer_every_complete_line_read_exactly_once(tmp_path: Path,
     p = tmp_path / "telemetry-proc.jsonl"
     c = TailCounters()
     f = FileFollower(p, c, read_chunk=rng.choice([64, 4096, 1 << 20]), seen_at_start=False)
+    driver = _Notified(backend, f)
     gen = 0
     n = 0
     unsafe_gens: set[int] = set()
@@ -113,7 +142,7 @@ def test_randomised_writer_every_complete_line_read_exactly_once(tmp_path: Path,
     fh = None
 
     def poll(check: bool = True) -> None:
-        read.extend(_lines(f.poll(check)))
+        read.extend(_lines(driver.poll(check)))
 
     poll()
     for _ in range(600):
@@ -122,7 +151,7 @@ def test_randomised_writer_every_complete_line_read_exactly_once(tmp_path: Path,
             if op < 0.3:
                 poll()  # the file is late
                 continue
-            fh = open(p, "ab", buffering=0)
+            fh = open(p, "ab", buffering=0)  # noqa: SIM115 - reopened and closed by the ops below
             exists = True
             gen += 1
             poll()  # a collector never recreates a file twice within one tick
@@ -151,7 +180,7 @@ def test_randomised_writer_every_complete_line_read_exactly_once(tmp_path: Path,
         elif op < 0.72:
             fh.close()
             os.replace(p, p.with_name(p.name + ".1"))
-            fh = open(p, "ab", buffering=0)
+            fh = open(p, "ab", buffering=0)  # noqa: SIM115
             gen += 1
             poll()
         elif op < 0.74:
@@ -230,9 +259,10 @@ class LiveWriter:
                     self.i[s] += 1
 
 
-def test_memory_stays_bounded_over_a_long_episode(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_stays_bounded_over_a_long_episode(tmp_path: Path, backend: str) -> None:
     w = LiveWriter(tmp_path)
-    tailer = LiveTailer([tmp_path], TailConfig(idle_s=1e9))
+    tailer = LiveTailer([tmp_path], TailConfig(backend=backend, idle_s=1e9))
     jobs = 0
     peak = 0
     minutes = 20
@@ -249,10 +279,11 @@ def test_memory_stays_bounded_over_a_long_episode(tmp_path: Path) -> None:
     assert tailer.counters.rows_overflowed == 0
 
 
-def test_done_marker_finalises_and_flushes_the_last_windows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_done_marker_finalises_and_flushes_the_last_windows(tmp_path: Path, backend: str) -> None:
     w = LiveWriter(tmp_path, sources=("proc", "netflow"))
     w.write_until(STARTED_NS + 30 * 10**9)
-    tailer = LiveTailer([tmp_path], TailConfig(idle_s=1e9, grace_s=1e9))
+    tailer = LiveTailer([tmp_path], TailConfig(backend=backend, idle_s=1e9, grace_s=1e9))
     b1 = tailer.poll(0.0)
     assert len(b1.started) == 1 and not b1.finished
     (w.dir / "done.marker").touch()
@@ -264,10 +295,11 @@ def test_done_marker_finalises_and_flushes_the_last_windows(tmp_path: Path) -> N
     assert tailer.poll(5.0).started == []
 
 
-def test_idle_timeout_finalises_under_a_mock_clock(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_idle_timeout_finalises_under_a_mock_clock(tmp_path: Path, backend: str) -> None:
     w = LiveWriter(tmp_path)
     w.write_until(STARTED_NS + 12 * 10**9)
-    tailer = LiveTailer([tmp_path], TailConfig(idle_s=30.0))
+    tailer = LiveTailer([tmp_path], TailConfig(backend=backend, idle_s=30.0))
     finished: list[str] = []
 
     async def main() -> None:
@@ -282,18 +314,20 @@ def test_idle_timeout_finalises_under_a_mock_clock(tmp_path: Path) -> None:
     assert 30.0 <= clock.current_time() <= 32.0
 
 
-def test_episode_already_done_at_start_is_not_live(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_episode_already_done_at_start_is_not_live(tmp_path: Path, backend: str) -> None:
     w = LiveWriter(tmp_path)
     w.write_until(STARTED_NS + 20 * 10**9)
     (w.dir / "done.marker").touch()
-    tailer = LiveTailer([tmp_path])
+    tailer = LiveTailer([tmp_path], TailConfig(backend=backend))
     assert tailer.poll(0.0).started == []
 
 
-def test_lagging_stream_holds_a_window_until_grace_then_not(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lagging_stream_holds_a_window_until_grace_then_not(tmp_path: Path, backend: str) -> None:
     w = LiveWriter(tmp_path, sources=("proc", "netflow"))
     w.write_until(STARTED_NS + 13 * 10**9)
-    tailer = LiveTailer([tmp_path], TailConfig(idle_s=1e9, grace_s=3.0))
+    tailer = LiveTailer([tmp_path], TailConfig(backend=backend, idle_s=1e9, grace_s=3.0))
     assert [j.w for j in tailer.poll(0.0).jobs] == [0]
     # netflow stops at 13 s; proc goes on: window 1 (last step 14.9 s) waits for netflow
     # until netflow has been silent for the grace period, then goes without it
@@ -305,7 +339,8 @@ def test_lagging_stream_holds_a_window_until_grace_then_not(tmp_path: Path) -> N
     assert [j.w for j in jobs] == [1] and jobs[0].forced
 
 
-def test_malformed_nan_and_clock_step_are_counted_not_fatal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_malformed_nan_and_clock_step_are_counted_not_fatal(tmp_path: Path, backend: str) -> None:
     w = LiveWriter(tmp_path, sources=("proc",))
     w.write_until(STARTED_NS + 5 * 10**9)
     with open(w.dir / "telemetry-proc.jsonl", "a") as fh:
@@ -315,7 +350,7 @@ def test_malformed_nan_and_clock_step_are_counted_not_fatal(tmp_path: Path) -> N
     with open(w.dir / "labels.jsonl", "a") as fh:
         fh.write('{"t_wall_ns": 5, "phase": "weird"}\n')
     w.write_until(STARTED_NS + 25 * 10**9)
-    tailer = LiveTailer([tmp_path], TailConfig(idle_s=1e9))
+    tailer = LiveTailer([tmp_path], TailConfig(backend=backend, idle_s=1e9))
     batch = tailer.poll(0.0)
     c = tailer.counters
     assert c.parse_errors == 3 and c.clock_steps == 1
@@ -328,7 +363,8 @@ def test_malformed_nan_and_clock_step_are_counted_not_fatal(tmp_path: Path) -> N
 # --- the one extractor ---------------------------------------------------------------
 
 
-def test_tailed_windows_are_bit_identical_to_the_trainers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tailed_windows_are_bit_identical_to_the_trainers(tmp_path: Path, backend: str) -> None:
     members = episode_members("ep-par", "host-p", duration_s=60, seed=3)
     # a malformed line, a NaN and a clock step in the middle of proc: same bytes on both sides
     proc = members["telemetry-proc.jsonl"].splitlines(keepends=True)
@@ -344,7 +380,7 @@ def test_tailed_windows_are_bit_identical_to_the_trainers(tmp_path: Path) -> Non
     d = live / "host-p" / "ep-par"
     d.mkdir(parents=True)
     (d / "meta.json").write_bytes(members["meta.json"])
-    tailer = LiveTailer([live], TailConfig(idle_s=1e9))
+    tailer = LiveTailer([live], TailConfig(backend=backend, idle_s=1e9))
     rng = random.Random(1)
     streams = [m for m in members if m.endswith(".jsonl")]
     lines = {m: members[m].splitlines(keepends=True) for m in streams}
@@ -391,3 +427,92 @@ def test_tailed_windows_are_bit_identical_to_the_trainers(tmp_path: Path) -> Non
     for i, w in enumerate(trainer.windows):
         job = next(j for j in jobs if j.w == int(w))
         assert job.actual == (PHASES[trainer.labels[i]] if trainer.labels[i] >= 0 else None)
+
+
+# --- descriptors: idle files parked, running out handled -------------------------------
+
+
+def _fds_under(d: Path) -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(str(d))
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_idle_files_are_closed_and_reopened_on_change(tmp_path: Path, backend: str) -> None:
+    w = LiveWriter(tmp_path, sources=("proc", "netflow"))
+    w.write_until(STARTED_NS + 12 * 10**9)
+    cfg = TailConfig(backend=backend, idle_s=1e9, grace_s=1e9, park_s=2.0)
+    tailer = LiveTailer([tmp_path], cfg)
+    assert [j.w for j in tailer.poll(0.0).jobs] == [0]
+    ep = next(iter(tailer.episodes.values()))
+    assert ep.followers[SOURCE_MEMBER["proc"]].is_open and _fds_under(tmp_path) == 3
+    tailer.poll(1.0)
+    tailer.poll(2.5)
+    assert _fds_under(tmp_path) == 0 and tailer.counters.files_parked == 3  # labels, proc, netflow
+    w.write_until(STARTED_NS + 21 * 10**9)
+    assert [j.w for j in tailer.poll(3.0).jobs + tailer.poll(3.6).jobs] == [1, 2]  # reopened, resumed
+    tailer.poll(6.0)
+    assert _fds_under(tmp_path) == 0
+    # rotated while parked: the old generation's last lines are read through <member>.1
+    w.write_until(STARTED_NS + 26 * 10**9)
+    proc = w.dir / SOURCE_MEMBER["proc"]
+    os.replace(proc, proc.with_name(proc.name + ".1"))
+    w.write_until(STARTED_NS + 31 * 10**9)
+    jobs = tailer.poll(7.0).jobs + tailer.poll(7.6).jobs
+    assert [j.w for j in jobs] == [3, 4] and not any(j.forced for j in jobs)
+    written = sum(len((w.dir / m).read_bytes().splitlines()) for m in os.listdir(w.dir) if "jsonl" in m)
+    assert tailer.counters.lines == written and tailer.counters.rotations == 1
+    tailer.close()
+
+
+_FD_SCRIPT = r"""
+import json, os, resource, sys, time
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from pathlib import Path
+from edge.tail import LiveTailer, TailConfig
+from test_tail import LiveWriter
+from archive_kit import STARTED_NS
+
+root, n = Path(sys.argv[1]), 2000
+for i in range(n):
+    LiveWriter(root, f"h{i % 8}", f"e{i:04d}", sources=("proc",)).write_until(STARTED_NS + 11 * 10**9)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+# Something else in the process holds most descriptors: the tailer's own budget (3/4 of the
+# limit) is never reached, so what it meets is the kernel's EMFILE itself.
+hog = [os.open(os.devnull, os.O_RDONLY) for _ in range(160)]
+tailer = LiveTailer([root], TailConfig(backend=sys.argv[4], idle_s=1e9, park_s=0.05, scan_s=0.05))
+ready, peak, t_end = 0, 0, time.monotonic() + 120
+while ready < n and time.monotonic() < t_end:
+    ready += len(tailer.poll(time.monotonic()).jobs)
+    peak = max(peak, tailer.pressure.open)
+    time.sleep(0.005)
+c = tailer.counters
+print(json.dumps({"ready": ready, "started": c.episodes_started, "fd_exhausted": c.fd_exhausted,
+                  "parked": c.files_parked, "peak_fds": peak, "lines": c.lines}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["inotify"])  # the default; polling's fd handling is the same code
+def test_two_thousand_live_episodes_under_a_256_descriptor_limit(tmp_path: Path, backend: str) -> None:
+    """EMFILE never escapes: the tailer backs off, counts, parks idle files and serves them all."""
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    out = subprocess.run(
+        [sys.executable, "-c", _FD_SCRIPT, str(tmp_path), str(tests.parent), str(tests), backend],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["started"] == 2000 and got["ready"] == 2000, got  # every episode's window served
+    assert got["fd_exhausted"] > 0 and got["parked"] >= 2000, got  # it did run out, and recovered
+    assert got["peak_fds"] < 96 and got["lines"] == 2000 * (1 + 110), got  # what the hog left
