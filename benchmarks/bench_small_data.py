@@ -245,7 +245,7 @@ def ts_set(
 def format_table(doc: dict[str, Any]) -> str:
     lengths = list(doc["lengths"])
     models = list(next(iter(doc["lengths"].values()))["models"]) if lengths else []
-    head = f"{'model':<12}" + "".join(f"{'L=' + n:>22}" for n in lengths)
+    head = f"{'model':<12}" + "".join(f"{('L=' + n) if n.isdigit() else n:>22}" for n in lengths)
     lines = [
         f"held-out macro F1 (gap to the best of that length, paired episode bootstrap 95% CI); "
         f"* = more than {doc['within']:.2f} behind",

@@ -203,8 +203,13 @@ class Rocket(Model):
         gram, xty = np.zeros((p, p)), np.zeros((p, k))
         sx, sy, sw = np.zeros(p), np.zeros(k), 0.0
         bs = int(self.config["batch_size"])
+        solver = self.config.get("solver", "auto")
+        dual = solver == "dual" or (solver == "auto" and len(x_tr) < p)  # fewer windows than features
+        kept: list[np.ndarray] = []
         for i in range(0, len(x_tr), bs):
             f = self._features(x_tr[i : i + bs])
+            if dual:
+                kept.append(f)
             yb = np.eye(k)[y_tr[i : i + bs]]
             w = w_cls[y_tr[i : i + bs]]
             fw = f * w[:, None]
@@ -225,10 +230,18 @@ class Rocket(Model):
         f_val = (self._features(x_val) - mu) / sd
         best: tuple[float, float, np.ndarray] | None = None
         history: list[dict[str, float]] = []
+        if dual:
+            # (A'A/sw + aI)^-1 A'B/sw = A'(AA'/sw + aI)^-1 B/sw, A = sqrt(w) * standardised features
+            sqrt_w = np.sqrt(w_cls[y_tr])[:, None]
+            a_mat = sqrt_w * ((np.concatenate(kept) - mu) / sd)  # (N, p)
+            b_mat = sqrt_w * (np.eye(k)[y_tr] - my)  # (N, k)
+            gram_n = a_mat @ a_mat.T / sw  # (N, N)
         for alpha in self.config["alphas"]:
-            a = cov_s + alpha * np.eye(p)  # standardised features: mean variance 1
-            coef = np.linalg.solve(a, cxy_s)  # (p, k)
-            f1 = macro_f1(y_val, (f_val @ coef).argmax(axis=1))
+            if dual:
+                coef = a_mat.T @ np.linalg.solve(gram_n + alpha * np.eye(len(gram_n)), b_mat) / sw
+            else:
+                coef = np.linalg.solve(cov_s + alpha * np.eye(p), cxy_s)  # (p, k); mean variance 1
+            f1 = macro_f1(y_val, (f_val @ coef + my).argmax(axis=1))
             history.append({"alpha": alpha, "val_f1": f1})
             if best is None or f1 > best[0] + 1e-9:
                 best = (f1, alpha, coef)
