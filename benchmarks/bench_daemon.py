@@ -1,7 +1,8 @@
 """Benchmark the edge daemon as it runs: a real ``edge-daemon`` process, real files, a real WebSocket.
 
     .venv/bin/python benchmarks/bench_daemon.py [--models DIR] [--episodes 10] [--seconds 90]
-                                                [--capacity 100,150] [--out bench-daemon.json]
+                                                [--capacity 300,1000] [--backends poll,inotify]
+                                                [--out bench-daemon.json]
 
 1. start-up: spawn the daemon with all twelve models, time until ``/healthz`` answers,
    then read its resident memory (VmRSS, VmHWM) from ``/proc``;
@@ -10,7 +11,9 @@
    ``prediction`` reached our WebSocket client; p50/p99/max;
 3. capacity: the daemon pinned to one core, N episodes at 10 Hz for each N of
    ``--capacity``: its CPU share of that core, the window latency, dropped windows. It
-   keeps up when its share stays below 1 and the latency stays bounded.
+   keeps up when its share stays below 1 and the latency stays bounded. Each N runs once per
+   ``--backends`` entry (``poll``: the stat-polling tailer, what the daemon did before inotify;
+   ``inotify``: event-driven), side by side in one run, and the ratios are printed.
 
 Without ``--models`` it exports a set of the real architectures (trainer.models, quick
 profile, trained for one epoch on random data: the graphs are what cost time and memory,
@@ -57,8 +60,8 @@ def export_random_models(out: Path, seed: int = 0) -> Path:
         ProjectorEntry,
         estimate,
     )
-    from schema.extract import input_shape
     from schema.channels import CHANNEL_NAMES, SUMMARY_STATS, WINDOW_STEPS, view_channels
+    from schema.extract import input_shape
     from schema.hashing import schema_hash
     from schema.vocab import MODEL_INPUT, MODELS, PHASES, THREAT_MODELS
     from trainer.graphs import gather_channels
@@ -294,7 +297,8 @@ class Episode:
             else:
                 v = str(i * (j + 3) + self.rng.randint(0, 9))
             vals.append(f'"{f}":{v}')
-        return ('{"t_wall_ns":%d,"t_mono_ns":%d,%s}\n' % (t, t - self.t0 + 10**9, ",".join(vals))).encode()
+        mono = t - self.t0 + 10**9
+        return f'{{"t_wall_ns":{t},"t_mono_ns":{mono},{",".join(vals)}}}\n'.encode()
 
     def write_tick(self, t: int) -> None:
         """Rows stamped ``t`` for every 10 Hz stream (qmp once a second); notes completed windows."""
@@ -365,7 +369,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 class DaemonProcess:
-    def __init__(self, models: Path, live: Path, cpu: int | None = None) -> None:
+    def __init__(
+        self, models: Path, live: Path, cpu: int | None = None, backend: str = "auto", run: str = "realistic"
+    ) -> None:
         self.port = free_port()
         cmd = [
             sys.executable,
@@ -383,6 +389,10 @@ class DaemonProcess:
             "WARNING",
             "--idle-timeout",
             "600",
+            "--tail-backend",
+            backend,
+            "--run",
+            run,
         ]
         pre = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
         self.t_spawn = time.perf_counter()
@@ -422,13 +432,26 @@ async def run_live(d: DaemonProcess, live: Path, n: int, seconds: float, seed: i
     cpu0 = cpu_seconds(d.proc.pid)
     t0 = time.perf_counter()
 
+    reconnects = 0
+
     async def client(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{d.port}/ws") as ws:
-            task_status.started()
-            while True:
-                ev = json.loads(await ws.get_message())
-                if ev.get("type") == "prediction" and "window_no" in ev:
-                    received.setdefault((ev["episode_id"], ev["window_no"]), time.time())
+        nonlocal reconnects
+        started = False
+        while True:  # a client the server closed for falling behind comes back, and is counted
+            try:
+                async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{d.port}/ws") as ws:
+                    if not started:
+                        task_status.started()
+                        started = True
+                    while True:
+                        ev = json.loads(await ws.get_message())
+                        if ev.get("type") == "prediction" and "window_no" in ev:
+                            received.setdefault((ev["episode_id"], ev["window_no"]), time.time())
+            except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError):
+                reconnects += 1
+                if d.proc.poll() is not None:
+                    raise RuntimeError(f"edge-daemon exited with {d.proc.returncode}") from None
+                await trio.sleep(0.1)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(client)
@@ -469,24 +492,36 @@ async def run_live(d: DaemonProcess, live: Path, n: int, seconds: float, seed: i
         "inference_queue": h["inference_queue"],
         "rss_mb": round(proc_status(d.proc.pid)["VmRSS"] / 1024, 1),
         "parse_errors": h["tail"]["parse_errors"],
+        "fd_exhausted": h["tail"].get("fd_exhausted", 0),
+        "client_reconnects": reconnects,
     }
 
 
-def throughput(models: Path, work: Path, n: int, seconds: int, seed: int = 3) -> dict:
+def throughput(
+    models: Path | None,
+    work: Path,
+    n: int,
+    seconds: int,
+    seed: int = 3,
+    backend: str = "auto",
+    run: str = "all",
+) -> dict:
     """CPU time the daemon's own work costs per episode-second, in process, immune to a busy box.
 
     N episodes are written second by second (not timed); each simulated second the tailer
     ticks 50 times (the daemon's 20 ms tick, stat calls included), every ready window is
     scored by all twelve models and the projector the moment it is ready, and its events
-    are encoded by the broadcaster. ``episodes_per_core`` = episode-seconds / CPU-seconds."""
+    are encoded by the broadcaster (``models`` None: the tailer alone, windows extracted and
+    summarised but not scored). ``episodes_per_core`` = episode-seconds / CPU-seconds."""
     import tempfile
 
     from edge.broadcast import Broadcaster
     from edge.infer import Engine
     from edge.modelset import load_models
     from edge.tail import LiveTailer, TailConfig
+    from schema.extract import extract_window, summarize
 
-    engine = Engine(load_models(models))
+    engine = Engine(load_models(models), run=run) if models is not None else None
     bc = Broadcaster()
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(dir=work) as live:
@@ -495,7 +530,7 @@ def throughput(models: Path, work: Path, n: int, seconds: int, seed: int = 3) ->
             Episode(Path(live), f"tp-{k:04d}", base - rng.randint(0, 5 * 10**9), random.Random(k))
             for k in range(n)
         ]
-        tailer = LiveTailer([Path(live)], TailConfig(idle_s=1e9))
+        tailer = LiveTailer([Path(live)], TailConfig(idle_s=1e9, backend=backend))
         cpu = 0.0
         windows = 0
         now = 0.0
@@ -510,6 +545,10 @@ def throughput(models: Path, work: Path, n: int, seconds: int, seed: int = 3) ->
                 jobs = tailer.poll(now).jobs
                 if jobs:
                     windows += len(jobs)
+                    if engine is None:
+                        for j in jobs:
+                            summarize(extract_window(j.streams, j.t0_ns, j.w).tensor)
+                        continue
                     for s in engine.score(jobs):
                         bc.publish_many(s.all_events)
             cpu += time.process_time() - c0
@@ -518,6 +557,11 @@ def throughput(models: Path, work: Path, n: int, seconds: int, seed: int = 3) ->
         tailer.close()
     per_ep_s = cpu / (n * seconds)
     return {
+        "what": "tailer + extract + summarize"
+        if engine is None
+        else f"tailer + extract + {len(engine.modelset.models)} models + projector",
+        "backend": backend,
+        "run": run if engine is not None else None,
         "episodes": n,
         "seconds": seconds,
         "windows": windows,
@@ -526,6 +570,20 @@ def throughput(models: Path, work: Path, n: int, seconds: int, seed: int = 3) ->
         "cpu_ms_per_window": round(cpu / max(windows, 1) * 1000, 2),
         "episodes_per_core": int(1 / per_ep_s),
     }
+
+
+def _ratios(rows: list[dict], key: str, what: str) -> None:
+    """poll / inotify for each episode count measured with both (> 1: inotify costs less)."""
+    by_n: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        by_n.setdefault(r["episodes"], {})[r.get("backend", "auto")] = r
+    for n, b in sorted(by_n.items()):
+        if "poll" in b and "inotify" in b and b["inotify"][key]:
+            line = f"{what} {n} episodes: {key} poll/inotify = {b['poll'][key] / b['inotify'][key]:.2f}"
+            lp, li = b["poll"].get("latency_ms"), b["inotify"].get("latency_ms")
+            if lp and li:
+                line += f", p99 poll {lp['p99']} ms / inotify {li['p99']} ms"
+            print(line, flush=True)
 
 
 def _r(x: float) -> float:
@@ -545,23 +603,47 @@ def main() -> int:
     )
     ap.add_argument("--capacity-seconds", type=float, default=60)
     ap.add_argument("--cpu", type=int, default=1, help="core the daemon is pinned to for the capacity runs")
+    ap.add_argument("--run", default="realistic", help="models run per window (the daemon's --run)")
+    ap.add_argument(
+        "--backends",
+        default="poll,inotify",
+        help="tailer backends measured side by side (poll = the old path)",
+    )
     ap.add_argument("--throughput", default="100,200", help="episode counts for the in-process CPU-time runs")
     ap.add_argument("--throughput-seconds", type=int, default=60)
     ap.add_argument("--skip-live", action="store_true", help="only the in-process throughput runs")
+    ap.add_argument(
+        "--tail-cost", default="", help="episode counts for in-process runs of the tailer + extractor alone"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    models = args.models or export_random_models(args.work / "models")
+    need_models = bool(args.throughput.strip()) or not args.skip_live
+    models = args.models or (export_random_models(args.work / "models") if need_models else None)
     report: dict = {"models": str(models), "host": os.uname().machine, "cores": os.cpu_count()}
 
     import tempfile
 
     # 0: capacity as CPU time per episode-second (what a busy shared machine cannot distort)
+    backends = [b for b in args.backends.split(",") if b.strip()]
+    # the in-process runs are CPU time of this process, pinned to the same core as the daemon's
+    home = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {args.cpu})
+    report["tail_cost"] = []
+    for n in [int(x) for x in args.tail_cost.split(",") if x.strip()]:
+        for backend in backends:
+            r = throughput(None, args.work, n, args.throughput_seconds, backend=backend)
+            report["tail_cost"].append(r)
+            print("tail_cost", r, flush=True)
+    _ratios(report["tail_cost"], "cpu_ms_per_episode_second", "tail_cost")
     report["throughput"] = []
     for n in [int(x) for x in args.throughput.split(",") if x.strip()]:
-        r = throughput(models, args.work, n, args.throughput_seconds)
-        report["throughput"].append(r)
-        print("throughput", r, flush=True)
+        for backend in backends:
+            r = throughput(models, args.work, n, args.throughput_seconds, backend=backend, run=args.run)
+            report["throughput"].append(r)
+            print("throughput", r, flush=True)
+    _ratios(report["throughput"], "cpu_ms_per_episode_second", "throughput")
+    os.sched_setaffinity(0, home)
     if args.skip_live:
         print(json.dumps(report, indent=2))
         return 0
@@ -588,15 +670,19 @@ def main() -> int:
     # 3: capacity on one core
     report["capacity"] = []
     for n in [int(x) for x in args.capacity.split(",") if x.strip()]:
-        with tempfile.TemporaryDirectory(dir=args.work) as live:
-            d = DaemonProcess(models, Path(live), cpu=args.cpu)
-            try:
-                r = trio.run(run_live, d, Path(live), n, args.capacity_seconds, 2)
-            finally:
-                d.stop()
+        for backend in backends:
+            with tempfile.TemporaryDirectory(dir=args.work) as live:
+                d = DaemonProcess(models, Path(live), cpu=args.cpu, backend=backend, run=args.run)
+                try:
+                    r = trio.run(run_live, d, Path(live), n, args.capacity_seconds, 2)
+                    r["rss_hwm_mb"] = round(proc_status(d.proc.pid)["VmHWM"] / 1024, 1)
+                finally:
+                    d.stop()
+            r["backend"] = backend
             r["keeps_up"] = bool(r["cpu_share"] < 0.95 and r["missing"] == 0 and r["inference_queue"] < n)
             report["capacity"].append(r)
             print("capacity", r, flush=True)
+    _ratios(report["capacity"], "cpu_share", "capacity")
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text)

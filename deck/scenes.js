@@ -196,6 +196,11 @@ export function renderChunking(state) {
       h("small", {}, [tl.node, tl.model].filter(Boolean).join(" \u00b7 "))));
     tl.cells.forEach((c, i) => {
       if (!c) { kids.push(h("div", { class: "cell none", "data-idx": i }, "\u2014")); return; }
+      if (c.unscored) { // the window came, but the model could not score it: say why
+        kids.push(h("div", { class: "cell none unscored", "data-idx": i, title: `not scored: ${c.unscored}` },
+          "\u2014", h("small", {}, c.unscored)));
+        return;
+      }
       const shown = c.predicted ?? c.actual;
       const wrong = c.predicted !== null && c.actual !== null && c.predicted !== c.actual;
       // flagged out of distribution: the window looks unlike every training host

@@ -128,10 +128,12 @@ export function applyEvent(state, ev, now) {
       if (tl) state.timelines.delete(key); // re-insert: most recently touched last
       else tl = { cells: new Array(WINDOWS).fill(null), model: null, episode_id: ev.episode_id, node: optStr(ev.node) };
       const prev = tl.cells[i] ?? {};
+      const unscored = optStr(ev.unscored); // no prediction for this window, and why ("no qmp")
       tl.cells[i] = {
-        predicted: optStr(ev.predicted) ?? prev.predicted ?? null,
+        unscored,
+        predicted: unscored ? null : optStr(ev.predicted) ?? prev.predicted ?? null,
         actual: optStr(ev.actual) ?? prev.actual ?? null,
-        confidence: isNum(ev.confidence) ? ev.confidence : prev.confidence ?? null,
+        confidence: unscored ? null : isNum(ev.confidence) ? ev.confidence : prev.confidence ?? null,
         window_no: Number.isInteger(ev.window_no) ? ev.window_no : prev.window_no ?? null,
         ood: isNum(ev.ood) ? ev.ood : prev.ood ?? null,
       };

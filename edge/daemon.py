@@ -29,7 +29,7 @@ from typing import Any, Final, NoReturn
 import trio
 
 from edge.broadcast import Broadcaster
-from edge.infer import Engine, startup_events
+from edge.infer import RUN_CHOICES, Engine, startup_events
 from edge.metrics import LATENCY_BUCKETS, Metrics, _Family, format_value
 from edge.modelset import ModelSet, ModelSetError, load_models
 from edge.tail import LiveTailer, TailBatch, TailConfig, TailCounters, WindowJob
@@ -80,6 +80,7 @@ class Daemon:
         poll_s: float = 0.02,
         tail: TailConfig | None = None,
         all_predictions: bool = False,
+        run: str = "all",  # the CLI defaults to "realistic" (--run)
         state_dir: Path | None = None,
         max_batch: int = 64,
         modelset: ModelSet | None = None,
@@ -117,7 +118,8 @@ class Daemon:
             ("reason",),
         )
         self.modelset = modelset
-        self.engine: Engine | None = Engine(modelset, self.metrics) if modelset is not None else None
+        self.run_models = run
+        self.engine: Engine | None = Engine(modelset, self.metrics, run=run) if modelset is not None else None
         self.reload_error: str | None = None
         self.reloads = 0
         self.loaded_at: float | None = time.time() if modelset is not None else None
@@ -152,7 +154,7 @@ class Daemon:
 
     def _install(self, ms: ModelSet) -> None:
         self.modelset = ms
-        self.engine = Engine(ms, self.metrics)
+        self.engine = Engine(ms, self.metrics, run=self.run_models)
         self.loaded_at = time.time()
         log.info("serving %d models; %s drives the timeline", len(ms.models), self.engine.primary.key)
 
@@ -299,6 +301,7 @@ class Daemon:
             "tail": self.counters.as_dict(),
             "inference_queue": self._jobs_rx.statistics().current_buffer_used,
             "windows_dropped": int(self.windows_dropped.value()),
+            "windows_unscored": self.metrics.windows_unscored.by_labels(),  # "<threat>/<reason>": n
             "store": str(self.store) if self.store else None,
             "store_error": self.store_error,
             "replay_dir": str(self.replay_dir) if self.replay_dir else None,
@@ -419,6 +422,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--poll-ms", type=float, default=20.0, help="tail tick in ms (default 20)")
     ap.add_argument(
+        "--run",
+        choices=RUN_CHOICES,
+        default="realistic",
+        help="models run per window: the primary, the realistic ones + projector (default), or all",
+    )
+    ap.add_argument(
+        "--tail-backend",
+        choices=("auto", "inotify", "poll"),
+        default="auto",
+        help="how live files are watched: inotify events, or stat polling (NFS; default auto)",
+    )
+    ap.add_argument(
         "--idle-timeout", type=float, default=60.0, help="finalise a silent episode after this many s"
     )
     ap.add_argument(
@@ -516,8 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         trust_loopback=args.trust_loopback,
         demo=args.demo,
         poll_s=args.poll_ms / 1000.0,
-        tail=TailConfig(idle_s=args.idle_timeout),
+        tail=TailConfig(idle_s=args.idle_timeout, backend=args.tail_backend),
         all_predictions=args.all_predictions,
+        run=args.run,
         state_dir=Path(state.split(":")[0]) if state else None,
     )
     mqtt_settings.install(daemon)

@@ -38,7 +38,7 @@ from schema.events import (
     Snapshot,
     StatusCounts,
 )
-from schema.vocab import MODELS, PHASES, PROFILES, STATUSES
+from schema.vocab import MODELS, PHASES, PROFILES, STATUSES, Phase
 
 DEFAULT_RATE_HZ: Final = 4.0
 MISLABEL_RATE: Final = 0.07
@@ -91,6 +91,7 @@ class SupportsPublish(Protocol):
 def attack_curve(profile: str, rng: np.random.Generator, n: int = CURVE_POINTS) -> list[float]:
     """A typical envelope for one profile, ``n`` points, non-negative, with a little noise."""
     t = np.linspace(0.0, 1.0, n)
+    y: np.ndarray
     if profile == "cpu-saturate":
         y = np.clip((t - 0.15) / 0.12, 0, 1) * 0.95 + 0.05
     elif profile == "bursty-c2":
@@ -127,16 +128,21 @@ def embedding_points(rng: np.random.Generator, n: int) -> list[Embedding]:
     return out
 
 
-def _phase_sequence(rng: np.random.Generator, infected: bool) -> Iterator[str]:
+# (phase, fewest windows, most windows) of SPEC section 2's typical course.
+_ONSET: Final[tuple[tuple[Phase, int, int], ...]] = (("clean", 1, 3), ("armed", 1, 2), ("infecting", 1, 3))
+_CYCLE: Final[tuple[tuple[Phase, int, int], ...]] = (("infected_running", 3, 7), ("dormant", 2, 5))
+
+
+def _phase_sequence(rng: np.random.Generator, infected: bool) -> Iterator[Phase]:
     """Phases of one live episode, window by window (SPEC section 2's typical course)."""
     if not infected:
         while True:
             yield "clean"
-    for phase, lo, hi in (("clean", 1, 3), ("armed", 1, 2), ("infecting", 1, 3)):
+    for phase, lo, hi in _ONSET:
         for _ in range(int(rng.integers(lo, hi + 1))):
             yield phase
     while True:
-        for phase, lo, hi in (("infected_running", 3, 7), ("dormant", 2, 5)):
+        for phase, lo, hi in _CYCLE:
             for _ in range(int(rng.integers(lo, hi + 1))):
                 yield phase
 
@@ -144,7 +150,7 @@ def _phase_sequence(rng: np.random.Generator, infected: bool) -> Iterator[str]:
 @dataclass
 class _LiveEpisode:
     episode_id: str
-    phases: Iterator[str]
+    phases: Iterator[Phase]
     window_no: int = 0
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -77,10 +77,20 @@ class Batch:
     ood: dict[str, np.ndarray] = field(default_factory=dict)  # threat model -> (N,) ood score
 
 
+# What the daemon runs on each window (``--run``): the primary alone; every realistic model
+# and the projector (the default: what the deck shows); or all twelve and the projector.
+RUN_CHOICES: Final = ("primary", "realistic", "all")
+
+
 class Engine:
     """One model set, scoring batches of windows. Not thread-safe: one worker thread at a time."""
 
-    def __init__(self, modelset: ModelSet, metrics: Any | None = None, *, embed: bool = True) -> None:
+    def __init__(
+        self, modelset: ModelSet, metrics: Any | None = None, *, embed: bool = True, run: str = "all"
+    ) -> None:
+        if run not in RUN_CHOICES:
+            raise ValueError(f"run must be one of {', '.join(RUN_CHOICES)}, not {run!r}")
+        self.run = run
         self.modelset = modelset
         self.metrics = metrics
         self.primary = pick_primary(modelset.models)
@@ -89,9 +99,10 @@ class Engine:
             if self.primary.threat_model in modelset.projectors
             else next(iter(modelset.projectors), None)
         )
-        self.embed = embed and self.embed_threat is not None
+        self.embed = embed and self.embed_threat is not None and run != "primary"
         self._batchable: dict[str, bool] = {}
         self.drift: dict[str, float] = {}  # threat model -> moving share of flagged windows
+        self._threats = sorted({m.threat_model for m in modelset.models})
 
     def score(self, jobs: Sequence[WindowJob]) -> list[Scored]:
         """Extract each window, run every model on the usable ones, build all their events."""
@@ -123,6 +134,7 @@ class Engine:
                     )
                 )
         self._score_model(self.primary, batch)
+        self._unscored(batch)
         now = time.perf_counter()
         for s in out:
             s.done_at = now
@@ -131,8 +143,11 @@ class Engine:
     def score_rest(self, batch: Batch) -> None:
         """Every other model (into ``Scored.others``) and the projector (into ``Scored.late``)."""
         for model in self.modelset.models:
-            if model is not self.primary:
-                self._score_model(model, batch)
+            if model is self.primary or self.run == "primary":
+                continue
+            if self.run == "realistic" and model.threat_model != "realistic":
+                continue
+            self._score_model(model, batch)
         if self.embed and self.embed_threat is not None:
             proj = self.modelset.projectors[self.embed_threat]
             idx = [i for i, w in enumerate(batch.wins) if w.usable(self.embed_threat)]
@@ -172,6 +187,29 @@ class Engine:
             if self.metrics is not None and idx:
                 self.metrics.windows_flagged.inc(int(flagged.sum()), threat_model=threat)
                 self.metrics.ood_drift.set(self.drift[threat], threat_model=threat)
+
+    def _unscored(self, batch: Batch) -> None:
+        """A window a threat model cannot score is counted by why; the timeline's threat model
+        also sends the deck a prediction-less cell saying why ("no qmp")."""
+        for i, (s, win) in enumerate(zip(batch.scored, batch.wins)):
+            for threat in self._threats:
+                why = win.unusable_reasons(threat)
+                if not why:
+                    continue
+                if self.metrics is not None:
+                    for r in why:
+                        self.metrics.windows_unscored.inc(threat_model=threat, reason=r)
+                if threat == self.primary.threat_model and i not in batch.primary_pred:
+                    s.events.append(
+                        Prediction(
+                            episode_id=s.job.episode_id,
+                            window_idx=s.job.w % TIMELINE_CELLS,
+                            window_no=s.job.w,
+                            actual=s.job.actual,
+                            model=self.primary.key,
+                            unscored=", ".join(r.replace("_", " ") for r in why),
+                        )
+                    )
 
     def _score_model(self, model: LoadedModel, batch: Batch) -> None:
         idx = [i for i, w in enumerate(batch.wins) if w.usable(model.threat_model)]

@@ -114,6 +114,11 @@ class _Scalar(Family):
         with self._lock:
             return self._values.get(self._key(labels), 0)
 
+    def by_labels(self) -> dict[str, float]:
+        """Every label set's value, keyed ``"a/b"`` by its label values (for ``/healthz``)."""
+        with self._lock:
+            return {"/".join(k): v for k, v in sorted(self._values.items())}
+
     def samples(self) -> Iterator[str]:
         with self._lock:
             items = sorted(self._values.items())
@@ -242,6 +247,12 @@ class Metrics:
         r = self.registry = Registry()
         self.windows_inferred = r.counter(
             "phasewatch_windows_inferred_total", "Windows run through a model.", ("model",)
+        )
+        self.windows_unscored = r.counter(
+            "phasewatch_windows_unscored_total",
+            "Windows a threat model could not score, by why (no_<source>: absent; sparse_<source>: "
+            "under the coverage a window needs, as for a source that starts late).",
+            ("threat_model", "reason"),
         )
         self.inference_seconds = r.histogram(
             "phasewatch_inference_seconds", "Wall time of one model call on one window.", ("model",)

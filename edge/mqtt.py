@@ -135,6 +135,7 @@ def topic_for(node: str, event: Event | NodeStatus) -> str:
     base = f"{TOPIC_ROOT}/{node}/{kind}"
     keyer = STATE_KEYS.get(kind)
     key = keyer(event) if keyer is not None and not isinstance(event, NodeStatus) else ""
+    key = "-".join(part for part in key.split("\0") if part)  # the broadcaster's (model, threat model)
     return f"{base}/{_key_part(key)}" if key else base
 
 

@@ -26,18 +26,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
 import trio
 
 from edge.follow import FD_ERRNOS, FdPressure, FileFollower, TailCounters
-from edge.watch import PollWatch, Watch, open_watch
+from edge.watch import Changes, PollWatch, Watch, open_watch
 from schema.channels import LOOKBACK_NS, STEP_NS, STRIDE_STEPS
 from schema.columns import ColumnBuilder, StreamColumns
 from schema.extract import window_centre_ns, window_last_step_ns, window_start_ns
-from schema.reader import MEMBER_SOURCE, Problem, ReasonCode, decode_labels, decode_meta, decode_rows
-from schema.rows import EpisodeMeta, Label
+from schema.reader import MEMBER_SOURCE, Problem, ReasonCode, decode_labels, decode_lines, decode_meta
+from schema.rows import ROW_TYPES, EpisodeMeta, Label
 from schema.vocab import DONE_MEMBER, LABELS_MEMBER, META_MEMBER, PHASES, SOURCE_MEMBER, SOURCES
 
 log = logging.getLogger("edge.tail")
@@ -59,13 +60,13 @@ class ColumnBuffer(ColumnBuilder):
         self.max_rows = max_rows
         self.last_append = -1e18  # tailer clock of the last rows added
 
-    def append_columns(self, cols: StreamColumns, now: float) -> tuple[int, int]:
-        """Add decoded rows; returns (rows that stepped back in time, rows dropped for space)."""
-        self.malformed += cols.malformed
-        if not len(cols):
+    def append_rows(self, rows: list[Any], malformed: int, now: float) -> tuple[int, int]:
+        """Add typed rows; returns (rows that stepped back in time, rows dropped for space)."""
+        self.malformed += malformed
+        if not rows:
             return 0, 0
         self.last_append = now
-        back, _ = self.append(cols.t_wall_ns, cols.t_mono_ns, cols.values)
+        back, _ = self.add_rows(rows)
         return back, self.keep_last(self.max_rows)
 
     def reaches(self, t_ns: int) -> bool:
@@ -267,11 +268,11 @@ class EpisodeTail:
                 up.labels.append(lab)
             return
         source = self._member_source[member]
-        cols, problems = decode_rows(source, data, first, member)
+        rows, problems = decode_lines(ROW_TYPES[source], data, first, member)  # the reader's decoder
         if problems:
             self.counters.parse_errors += len(problems)
             up.problems.extend(problems)
-        back, over = self.buffers[source].append_columns(cols, now)
+        back, over = self.buffers[source].append_rows(rows, len(problems), now)
         self.counters.clock_steps += back
         self.counters.rows_overflowed += over
 
@@ -412,14 +413,13 @@ class LiveTailer:
         if (full or listed) and now - self._last_scan >= (0.0 if listed else self.cfg.scan_s):
             self._last_scan = now
             self._scan(now, batch)
-        polling = isinstance(self.watch, PollWatch)
+        everything = isinstance(self.watch, PollWatch) or full
+        named = {} if everything else self._named(ch)
         for key, ep in list(self.episodes.items()):
-            if polling or full:
+            if everything:
                 up = ep.poll(now)  # stat everything: the polling backend, or the safety net
             else:
-                names = ch.names.get(ep.path)
-                if ep.path in ch.listed or ep.path.parent in ch.listed:
-                    names = (names or set()) | {""}
+                names = named.get(ep.path)
                 if names is None and now < ep.due:
                     continue  # nothing changed and no timer due
                 up = ep.poll(now, names or set())
@@ -438,6 +438,17 @@ class LiveTailer:
             ep.close()
         self.episodes.clear()
         self.watch.close()
+
+    def _named(self, ch: Changes) -> dict[Path, set[str]]:
+        """Episode directory -> the names inotify reported in it ("" when it may be gone)."""
+        named = dict(ch.names)
+        for d in ch.listed:  # an episode directory (or its host) whose entries changed
+            named[d] = named.get(d, set()) | {""}
+        if ch.listed & set(self._mtimes):  # a host directory changed: its episodes check theirs
+            for ep in self.episodes.values():
+                if ep.path.parent in ch.listed:
+                    named[ep.path] = named.get(ep.path, set()) | {""}
+        return named
 
     def _changed(self, d: Path, now_ns: int) -> bool:
         """Re-list a directory only when its mtime moved (or moved very recently: coarse clocks)."""

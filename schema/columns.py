@@ -94,9 +94,15 @@ class ColumnBuilder:
         if not n:
             return 0, 0
         prev = _INT64_MIN if self.max_t is None else self.max_t
-        running = np.maximum.accumulate(np.concatenate(([prev], t_wall[:-1])))
-        back = int(np.count_nonzero(t_wall < running))
-        self.max_t = max(prev, int(t_wall.max()))
+        first, last = int(t_wall[0]), int(t_wall[n - 1])
+        if n == 1:  # the live case: a row or two per tick; no numpy for one scalar comparison
+            back, self.max_t = int(first < prev), max(prev, first)
+        elif first >= prev and bool((t_wall[1:] >= t_wall[:-1]).all()):
+            back, self.max_t = 0, last
+        else:
+            running = np.maximum.accumulate(np.concatenate(([prev], t_wall[:-1])))
+            back = int(np.count_nonzero(t_wall < running))
+            self.max_t = max(prev, int(t_wall.max()))
         if self._hi == self._lo == 0 and self.capacity == 0 and values.flags.c_contiguous:
             # The first chunk is adopted as it is (the reader's common case: one chunk).
             self._tw = np.ascontiguousarray(t_wall)

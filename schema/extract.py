@@ -111,6 +111,16 @@ class Window:
     def usable(self, threat_model: str) -> bool:
         return all(self.coverage[_SOURCE_POS[s]] >= MIN_COVERAGE for s in THREAT_SOURCES[threat_model])
 
+    def unusable_reasons(self, threat_model: str) -> list[str]:
+        """Why ``usable`` is False: ``no_<source>`` (no row in the window), ``sparse_<source>``
+        (under ``MIN_COVERAGE``, as for a stream that starts late); empty when usable."""
+        out = []
+        for s in THREAT_SOURCES[threat_model]:
+            cov = float(self.coverage[_SOURCE_POS[s]])
+            if cov < MIN_COVERAGE:
+                out.append(f"no_{s}" if cov == 0 else f"sparse_{s}")
+        return out
+
 
 def window_start_ns(t0_ns: int, w: int) -> int:
     return t0_ns + w * STRIDE_STEPS * STEP_NS

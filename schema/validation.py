@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 import numpy as np
 
+from .atomic import remove_stale, temp_prefix
 from .channels import WINDOW_S
 from .vocab import (
     DONE_MEMBER,
@@ -417,7 +418,8 @@ def write_index_atomic(path: Path | str, records: Iterable[IndexRecord]) -> None
     temp file in the same directory, fsync, rename over, fsync the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path.parent, path.name)  # what a killed earlier run left
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             buf = bytearray()
@@ -431,8 +433,10 @@ def write_index_atomic(path: Path | str, records: Iterable[IndexRecord]) -> None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write's ENOSPC names no file: name it
+            raise OSError(e.errno, f"{e.strerror} (the previous index is kept)", str(path)) from e
         raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)

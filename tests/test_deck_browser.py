@@ -234,7 +234,8 @@ class Deck:
           const d = cc.getImageData(0, 0, c.width, c.height).data;
           let n = 0;
           for (let i = 0; i < d.length; i += 4)
-            if (d[i + 3] > 150 && Math.abs(d[i] - r) <= tol && Math.abs(d[i + 1] - g) <= tol && Math.abs(d[i + 2] - b) <= tol) n++;
+            if (d[i + 3] > 150 && Math.abs(d[i] - r) <= tol
+                && Math.abs(d[i + 1] - g) <= tol && Math.abs(d[i + 2] - b) <= tol) n++;
           return n;
         }""",
             [css_var, tol],
@@ -560,7 +561,8 @@ def test_demo_screenshots_and_knn_frame_rate(browser: Any) -> None:
         fps = page.evaluate("window.__deck.knn.measureFps(3000)")
         (OUT / "knn-fps.json").write_text(json.dumps(fps, indent=2) + "\n")
         print(
-            f"\nknn: {fps['points']} points, {fps['fps']:.1f} fps, mean draw {fps['meanDrawMs']:.2f} ms, p95 {fps['p95DrawMs']:.2f} ms"
+            f"\nknn: {fps['points']} points, {fps['fps']:.1f} fps, "
+            f"mean draw {fps['meanDrawMs']:.2f} ms, p95 {fps['p95DrawMs']:.2f} ms"
         )
         assert fps["points"] == 10_000
         # Drawing must fit a 60 Hz frame; the frame rate itself also depends on how busy
@@ -621,7 +623,9 @@ def test_edge_daemon_demo_fills_every_scene(browser: Any) -> None:
         assert d.has_colour("--phase-infected_running") > 50
         n_models = len(MODELS)
         checks = {
-            "collect": "Number(document.getElementById('collect-total').textContent.replace(/,/g, '')) > 70000",
+            "collect": (
+                "Number(document.getElementById('collect-total').textContent.replace(/,/g, '')) > 70000"
+            ),
             "hosts": "document.querySelectorAll('#hosts-table tr[data-host]').length === 6",
             "attacks": "document.querySelectorAll('#attacks-cards path.spark-line').length === 6",
             "chunking": "document.querySelectorAll('#chunking-grid .cell:not(.none)').length >= 1",

@@ -170,7 +170,7 @@ def test_parity_failure_aborts_and_names_model(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "cnn-oracle" in msg and "max abs probability difference" in msg and "argmax agreement" in msg
     assert not out.exists()
-    assert not list(tmp_path.glob("models.tmp-*"))
+    assert not list(tmp_path.glob(".models.*"))  # no temporary left (schema.atomic.temp_prefix)
 
 
 def test_interrupted_export_leaves_previous_directory(

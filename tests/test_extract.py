@@ -68,7 +68,9 @@ LABELS = [
 # Pinned features of fixed_episode(), per schema hash. Changing extraction output without
 # bumping EXTRACTOR_VERSION (and so the schema hash) fails here.
 GOLDEN = {
-    "4fc50619ad91a5b95a3fac65f2d8e5f8c3cfd50c41d7677e8e03c9fede6b9329": "1bb0fd7f1b45ae75318f3689c41019925efa720cd046d9211cbd12bb7b7bf3ad",
+    "4fc50619ad91a5b95a3fac65f2d8e5f8c3cfd50c41d7677e8e03c9fede6b9329": (
+        "1bb0fd7f1b45ae75318f3689c41019925efa720cd046d9211cbd12bb7b7bf3ad"
+    ),
 }
 
 

@@ -164,7 +164,8 @@ def test_round_trip_node_broker_fleet_deck_with_retained_state(tmp_path: Path) -
             assert "phasewatch/v1/pi-a/snapshot" in topics
             retained = {t for t, _, r in probe.messages if r}
             assert (
-                "phasewatch/v1/pi-a/model_metric/gru" in retained and "phasewatch/v1/pi-a/status" in retained
+                "phasewatch/v1/pi-a/model_metric/gru-realistic" in retained
+                and "phasewatch/v1/pi-a/status" in retained
             )
             assert all(p.get("node") == "pi-a" for p in topics.values())
         finally:

@@ -249,3 +249,68 @@ def test_unreadable_store_and_busy_port_are_one_line(
         )
         with pytest.raises(OSError):  # --debug: the real exception, traceback and all
             daemon_mod.main(["--demo", "--bind", "127.0.0.1", "--port", str(port), "--debug"])
+
+
+# --- item 6: windows that cannot be scored are counted and shown, not dropped ---------------------
+
+
+def test_windows_without_qmp_are_counted_and_sent_as_unscored_cells(tmp_path: Path) -> None:
+    """qmp appears 30 s into a 60 s episode: the early windows cannot be scored by either
+    threat model (both need qmp). They reach the deck as prediction-less cells saying why,
+    and are counted by reason in /metrics and /healthz; the later windows are scored."""
+    import trio_websocket
+    from archive_kit import STARTED_NS, episode_members
+
+    from edge.tail import TailConfig
+
+    mdir = build_models_dir(tmp_path / "models")
+    live = tmp_path / "live"
+    d = live / "host-a" / "ep-late"
+    d.mkdir(parents=True)
+    members = episode_members("ep-late", "host-a", duration_s=60, seed=4)
+    late = 30 * 10**9
+    qmp = [
+        ln
+        for ln in members["telemetry-qmp.jsonl"].splitlines(keepends=True)
+        if json.loads(ln)["t_wall_ns"] >= STARTED_NS + late
+    ]
+    members["telemetry-qmp.jsonl"] = b"".join(qmp)
+    daemon = Daemon(
+        mdir, live=[live], bind="127.0.0.1", port=0, modelset=load_models(mdir), tail=TailConfig(idle_s=30)
+    )
+    preds: list[dict] = []
+
+    async def main() -> None:
+        nonlocal health, metrics
+        async with trio.open_nursery() as n:
+            listeners = await n.start(daemon.run)
+            port = listeners[0].socket.getsockname()[1]
+            async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws:
+                for name, data in members.items():
+                    if name != "done.marker":
+                        (d / name).write_bytes(data)
+                (d / "done.marker").touch()
+                with trio.fail_after(30):
+                    while not any(p.get("predicted") and p["window_no"] >= 5 for p in preds):
+                        ev = json.loads(await ws.get_message())
+                        if ev["type"] == "prediction":
+                            preds.append(ev)
+            health = await trio.to_thread.run_sync(_get, port, "/healthz")
+            metrics = await trio.to_thread.run_sync(_text, port, "/metrics")
+            n.cancel_scope.cancel()
+
+    health: dict = {}
+    metrics = ""
+    trio.run(main)
+    unscored = [p for p in preds if "unscored" in p]
+    assert unscored and unscored[0]["window_no"] == 0
+    assert all(p.get("predicted") is None and p["model"] == "gru-realistic" for p in unscored)
+    assert {p["unscored"] for p in unscored} <= {"no qmp", "sparse qmp"} and "no qmp" in {
+        p["unscored"] for p in unscored
+    }
+    scored = [p for p in preds if p.get("predicted")]
+    assert scored and min(p["window_no"] for p in scored) > max(p["window_no"] for p in unscored)
+    n_no = health["windows_unscored"]["realistic/no_qmp"]
+    assert n_no == sum(p["unscored"] == "no qmp" for p in unscored)
+    assert health["windows_unscored"]["oracle/no_qmp"] == n_no  # counted for each threat model
+    assert f'phasewatch_windows_unscored_total{{threat_model="realistic",reason="no_qmp"}} {n_no}' in metrics

@@ -351,11 +351,15 @@ def test_oracle_models_skip_a_window_without_the_guest_agent(modelset) -> None:
     assert models == {f"{m}-realistic" for m in MODELS}
 
 
-def test_unusable_window_gives_only_its_phase(modelset) -> None:
+def test_unusable_window_gives_its_phase_and_an_unscored_cell(modelset) -> None:
+    # issue 14 item 6: it used to give only its phase, and the window vanished from the deck
     streams = _streams(episode_members(duration_s=30, seed=1), sources=("guest",))  # no proc at all
     (s,) = Engine(modelset).score([_job(streams, 1, actual="clean")])
     assert not s.usable and s.others == []
-    assert [type(e) for e in s.all_events] == [PhaseEvent]
+    assert [type(e) for e in s.all_events] == [PhaseEvent, Prediction]
+    cell = s.all_events[1]
+    assert isinstance(cell, Prediction) and cell.predicted is None and cell.actual == "clean"
+    assert cell.unscored == "no proc, no qmp, no netflow" and cell.window_no == 1
 
 
 def test_startup_events_from_manifest_and_bench(modelset) -> None:
@@ -439,6 +443,9 @@ def test_predictions_carry_the_ood_score_and_move_the_drift_gauge(modelset) -> N
     for s in scored:
         summ = summarize(extract_window(s.job.streams, s.job.t0_ns, s.job.w).tensor)[None]
         for p in [e for e in s.events if isinstance(e, Prediction)] + s.others:
+            if p.unscored is not None:  # no prediction, so no ood either
+                assert p.ood is None
+                continue
             threat = p.model.rsplit("-", 1)[1]
             want = float(ood_score(modelset.ood[threat], summ)[0])
             assert p.ood == pytest.approx(want, abs=1e-6) and 0 <= p.ood <= 1
@@ -449,7 +456,7 @@ def test_predictions_carry_the_ood_score_and_move_the_drift_gauge(modelset) -> N
     assert f'phasewatch_windows_ood_total{{threat_model="realistic"}} {flagged}' in body
     assert 0.0 <= engine.drift["realistic"] <= 1.0
     # the event round-trips with its ood on the wire
-    p = scored[0].events[-1]
+    p = next(e for e in scored[0].events if isinstance(e, Prediction) and e.ood is not None)
     assert (
         isinstance(p, Prediction)
         and msgspec.json.decode(msgspec.json.encode(p), type=Prediction).ood == p.ood
@@ -473,3 +480,22 @@ def test_a_bad_ood_file_refuses_the_set_naming_the_field(tmp_path: Path) -> None
     d = build_models_dir(tmp_path / "m", ood_center={"oracle": [1.0] * (46 * K - 1)})
     with pytest.raises(ModelSetError, match=r"ood-oracle\.json: center/scale: expected 368 values"):
         load_models(d, schema_hash())
+
+
+@pytest.mark.parametrize(
+    ("run", "want"),
+    [
+        ("primary", set()),
+        ("realistic", {f"{m}-realistic" for m in MODELS}),
+        ("all", {f"{m}-{t}" for m in MODELS for t in ("realistic", "oracle")}),
+    ],
+)
+def test_run_selects_the_models_scored(modelset, run: str, want: set[str]) -> None:
+    streams = _streams(episode_members(duration_s=30, seed=2))
+    engine = Engine(modelset, run=run)
+    (s,) = engine.score([_job(streams, 1)])
+    scored = {p.model for p in [e for e in s.events if isinstance(e, Prediction)] + s.others}
+    assert scored - {engine.primary.key} == want - {engine.primary.key} and engine.primary.key in scored
+    assert bool(s.late) == (run != "primary")  # the projector runs unless only the primary does
+    with pytest.raises(ValueError, match="run must be one of"):
+        Engine(modelset, run="some")

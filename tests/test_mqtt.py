@@ -82,6 +82,8 @@ def test_topics_one_retained_value_per_key() -> None:
     assert (
         topic_for("pi-1", ev.ModelMetric(model="gru", accuracy=0.9)) == "phasewatch/v1/pi-1/model_metric/gru"
     )
+    twin = ev.ModelMetric(model="gru", accuracy=0.9, threat_model="oracle")
+    assert topic_for("pi-1", twin) == "phasewatch/v1/pi-1/model_metric/gru-oracle"
     assert (
         topic_for("pi-1", ev.AttackProfile(name="a/b+", curve=[])) == "phasewatch/v1/pi-1/attack_profile/a_b_"
     )

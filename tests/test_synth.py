@@ -403,7 +403,8 @@ def test_bad_cases_made_as_in_life() -> None:
 
 
 def test_profiles_leave_their_signature(windows: list) -> None:
-    """Per profile, the channel its attack moves is higher while running than while clean, in most episodes."""
+    """Per profile, the channel its attack moves is higher while running than while clean,
+    in most episodes."""
     sig = {
         "cpu-saturate": "qmp.vcpu_time_ns",
         "bursty-c2": "netflow.bytes_in",

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 import traceback
+from typing import NoReturn
 
 from trainer.errors import TrainerError
 
@@ -27,10 +28,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming the fix (not argparse's usage block); subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Only the chosen subcommand's module is imported to build its arguments.
-    parser = argparse.ArgumentParser(prog="phasewatch", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="phasewatch", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -51,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("phasewatch: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a file this user may not read: one line naming it
+        if args.debug:
+            traceback.print_exc()
+        print(f"phasewatch {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -90,7 +90,21 @@ def _episode_windows(args: tuple[str, dict]) -> dict:
 
 
 def _records(store: Path, index: Path) -> list[dict]:
-    recs = [r if isinstance(r, dict) else _to_dict(r) for r in read_index(index)]
+    if not store.is_dir():
+        raise DatasetError(f"{store}: not a store directory (<store>/<host>/*.tar.zst); check --store")
+    try:
+        raw = read_index(index)
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{index}: no acceptance index (run `phasewatch validate {store}` first)"
+        ) from None
+    except PermissionError as e:
+        raise DatasetError(
+            f"{index}: not readable by this user ({e.strerror}); fix its permissions"
+        ) from None
+    except ValueError as e:
+        raise DatasetError(f"{e} (run `phasewatch validate {store}` again)") from None
+    recs = [r if isinstance(r, dict) else _to_dict(r) for r in raw]
     return sorted((r for r in recs if r["status"] in USABLE_STATUSES), key=lambda r: r["path"])
 
 

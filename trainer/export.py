@@ -55,6 +55,7 @@ from schema.artifacts import (
     projector_file,
     read_doc,
 )
+from schema.atomic import remove_stale, temp_prefix
 from schema.channels import CHANNEL_NAMES, RATE_HZ, STRIDE_S, SUMMARY_STATS, WINDOW_S, view_channels
 from schema.extract import input_shape, select
 from schema.hashing import schema_hash as current_schema_hash
@@ -289,7 +290,8 @@ def export_run(
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    remove_stale(out.parent, out.name)  # what a killed earlier export left
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would follow the directory to the Pi
@@ -361,9 +363,11 @@ def export_run(
             _fsync_path(f)
         _fsync_path(tmp)
         swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         # an interrupted or failed export leaves only the previous directory behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write's ENOSPC names no file: name out
+            raise OSError(e.errno, f"{e.strerror} (the previous models directory is kept)", str(out)) from e
         raise
     return manifest
 
