@@ -71,6 +71,7 @@ from trainer.graphs import (
     measure_parity,
 )
 from trainer.heldout import Heldout
+from trainer.ood import ship_detectors
 
 __all__ = ["MAX_IR_VERSION", "ExportError", "check_graph", "export_run", "measure_parity", "swap_into_place"]
 
@@ -324,6 +325,7 @@ def export_run(
             _export_projector(t, tmp, corpus, heldout[t], common, opset, seed) for t in sorted(heldout)
         ]
         envelopes = _envelopes(corpus, heldout)
+        oods = ship_detectors(run, tmp, sorted(heldout))  # trainer/ood.py: ood-<threat>.json
 
         for e in entries:
             files.append(FileEntry(e.file, sha256_file(tmp / e.file), (tmp / e.file).stat().st_size, "model"))
@@ -331,6 +333,8 @@ def export_run(
             files.append(
                 FileEntry(p.file, sha256_file(tmp / p.file), (tmp / p.file).stat().st_size, "projector")
             )
+        for o in oods:
+            files.append(FileEntry(o.file, sha256_file(tmp / o.file), (tmp / o.file).stat().st_size, "ood"))
         manifest = Manifest(
             schema_hash=expected,
             created=created,
@@ -344,6 +348,7 @@ def export_run(
             models=entries,
             projectors=projectors,
             envelopes=envelopes,
+            ood=oods,
             split=run_doc.split,
             run=RunRef(
                 path=str(run),

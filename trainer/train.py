@@ -35,8 +35,10 @@ from schema.extract import input_shape
 from schema.hashing import schema_hash
 from schema.vocab import INDEX_NAME, MODEL_INPUT, MODELS, THREAT_MODELS
 from trainer import evaluate as ev
+from trainer.calibrate import calibration_metrics
 from trainer.errors import DatasetError, TrainerError
 from trainer.models.base import BUDGETS
+from trainer.ood import ood_for_threat
 from trainer.report import summary_table, write_report
 from trainer.rows import Rows, chunk_rows, chunks, sample_positions
 
@@ -349,9 +351,19 @@ def train_windowset(
                     "best_val_f1": fit.best_val_f1,
                     "stopped": fit.stopped,
                 },
+                # ECE/NLL before and after the validation temperature, on these held-out windows.
+                "calibration": calibration_metrics(
+                    proba, y[te], model.inverse_temperature, meta["episode"], n_boot, seed
+                )
+                | {"validation": fit.calibration},
             }
             test_pred[key] = (te, proba.argmax(axis=1))
         trained = [m for m in models if f"{m}-{threat}" in report["models"]]
+        # The OOD flag, fitted on this threat model's training windows only (trainer/ood.py);
+        # its detector goes into the run as ood-<threat>.json for export.
+        report.setdefault("ood", {})[threat] = ood_for_threat(
+            np.asarray(ws.summary), idx, y, test_pred, ws.episode, ws.profile, threat, out, n_boot, seed
+        )
         if trained:
             report["best"][threat] = max(
                 (f"{m}-{threat}" for m in trained), key=lambda k: report["models"][k]["macro_f1"]

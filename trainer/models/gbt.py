@@ -181,6 +181,7 @@ class GBT(Model):
             stopped="early_stopping" if len(losses) < rounds else "max_epochs",
             history=history,
         )
+        self.calibrate(x_val, y_val)
         return self.fit_result
 
     def _streamed_matrices(
@@ -234,7 +235,15 @@ class GBT(Model):
         if len(x) == 0:
             return np.zeros((0, self.n_classes), np.float32)
         p = self._need_booster().predict(xgb.DMatrix(x))
-        return np.asarray(p, dtype=np.float32).reshape(len(x), self.n_classes)
+        p = np.asarray(p, dtype=np.float32).reshape(len(x), self.n_classes)
+        if self.inverse_temperature == 1.0:
+            return p
+        # softmax(beta * log p) = softmax(beta * margin): the graph's Log, Mul, Softmax in float32.
+        with np.errstate(divide="ignore"):
+            z = np.log(p) * np.float32(self.inverse_temperature)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def _save_weights(self, directory: Path) -> None:
         self._need_booster().save_model(str(directory / WEIGHTS_FILE))
@@ -267,9 +276,36 @@ class GBT(Model):
             model.opset_import.append(helper.make_opsetid("", opset))
         graph = model.graph
         prob_out = next(o for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT)
-        if prob_out.name != MODEL_OUTPUT_NAME:
+        source = prob_out.name
+        if self.inverse_temperature != 1.0 and source == MODEL_OUTPUT_NAME:
+            # The converter's own output takes the name; calibration's Softmax gets it instead.
+            source = "uncalibrated_probabilities"
+            for node in graph.node:
+                node.output[:] = [source if o == prob_out.name else o for o in node.output]
+                node.input[:] = [source if i == prob_out.name else i for i in node.input]
+        if self.inverse_temperature != 1.0:
+            # Temperature scaling folded into the graph: softmax(beta * log p).
+            graph.initializer.append(
+                helper.make_tensor("calibration_beta", onnx.TensorProto.FLOAT, [], [self.inverse_temperature])
+            )
+            graph.node.extend(
+                [
+                    helper.make_node("Log", [source], ["calibration_logp"], name="calibration_log"),
+                    helper.make_node(
+                        "Mul",
+                        ["calibration_logp", "calibration_beta"],
+                        ["calibration_z"],
+                        name="calibration_mul",
+                    ),
+                    helper.make_node(
+                        "Softmax", ["calibration_z"], ["calibration_p"], axis=1, name="calibration"
+                    ),
+                ]
+            )
+            source = "calibration_p"
+        if source != MODEL_OUTPUT_NAME:
             graph.node.append(
-                helper.make_node("Identity", [prob_out.name], [MODEL_OUTPUT_NAME], name=MODEL_OUTPUT_NAME)
+                helper.make_node("Identity", [source], [MODEL_OUTPUT_NAME], name=MODEL_OUTPUT_NAME)
             )
         # One output, as for the torch models: the class label is argmax(probabilities).
         del graph.output[:]

@@ -80,14 +80,18 @@ class SignedLogStandardize(nn.Module):
 
 
 class WithSoftmax(nn.Module):
-    """What is exported: raw features in, class probabilities out."""
+    """What is exported: raw features in, calibrated class probabilities out.
 
-    def __init__(self, net: nn.Module) -> None:
+    ``beta`` = 1/T of temperature scaling (trainer.calibrate), folded into the graph as one Mul.
+    """
+
+    def __init__(self, net: nn.Module, beta: float = 1.0) -> None:
         super().__init__()
         self.net = net
+        self.register_buffer("beta", torch.tensor(float(beta)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(features), dim=-1)
+        return torch.softmax(self.net(features) * self.beta, dim=-1)
 
 
 class TorchModel(Model):
@@ -134,6 +138,7 @@ class TorchModel(Model):
         self.norm.fit(x_tr, seed=self.seed)
         cfg = LoopConfig.from_config(self.config, seed=self.seed)
         self.fit_result = train_loop(self.net, x_tr, y_tr, x_val, y_val, cfg, self.n_classes, progress)
+        self.calibrate(x_val, y_val)
         return self.fit_result
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -141,7 +146,8 @@ class TorchModel(Model):
         if len(x) == 0:
             return np.zeros((0, self.n_classes), np.float32)
         logits = predict_logits(self.net, torch.from_numpy(np.ascontiguousarray(x)), torch.device("cpu"))
-        return torch.softmax(torch.from_numpy(logits), dim=-1).numpy().astype(np.float32)
+        scaled = torch.from_numpy(logits) * torch.tensor(self.inverse_temperature)  # as the graph's Mul
+        return torch.softmax(scaled, dim=-1).numpy().astype(np.float32)
 
     def _save_weights(self, directory: Path) -> None:
         torch.save(self.net.state_dict(), directory / WEIGHTS_FILE)
@@ -152,14 +158,16 @@ class TorchModel(Model):
         self.net.eval()
 
     def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
-        return export_onnx(self.net, self.input_shape, path, opset)
+        return export_onnx(self.net, self.input_shape, path, opset, beta=self.inverse_temperature)
 
 
-def export_onnx(net: nn.Module, input_shape: tuple[int, ...], path: Path | str, opset: int = 17) -> Path:
+def export_onnx(
+    net: nn.Module, input_shape: tuple[int, ...], path: Path | str, opset: int = 17, beta: float = 1.0
+) -> Path:
     """Classic TorchScript exporter: plain ONNX ops (GRU/LSTM as the ONNX RNN ops), no onnxscript."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = WithSoftmax(net).eval()
+    wrapped = WithSoftmax(net, beta).eval()
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     buf = io.BytesIO()
     with warnings.catch_warnings():
