@@ -40,7 +40,9 @@ def confusion(
 
 
 def f1_from_confusion(cm: np.ndarray) -> np.ndarray:
-    """Per-class F1 from (..., K, K) confusion matrices; a class with no true and no predicted windows is NaN."""
+    """Per-class F1 from (..., K, K) confusion matrices.
+
+    A class with no true and no predicted windows is NaN."""
     tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
     denom = cm.sum(axis=-1) + cm.sum(axis=-2)  # 2*tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
