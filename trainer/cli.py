@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.train", "extract windows and train every model for both threat models"),
     "export": ("trainer.export", "export a training run to an ONNX models directory for the edge"),
     "bench": ("trainer.bench", "latency benchmark of an exported models directory (model_perf points)"),
+    "cache": (
+        "trainer.windowstore",
+        "the window store: `cache build` extracts now, `cache gc` deletes stale shards",
+    ),
 }
 
 

@@ -238,7 +238,10 @@ def _corpus(run_doc: RunDoc, progress: bool) -> Any | None:
     try:
         from trainer.dataset import load_windows
 
-        return load_windows(Path(store), Path(index) if index else None, progress=progress)
+        ws = load_windows(Path(store), Path(index) if index else None, progress=progress)
+        # A bounded, profile-stratified sample of episodes (trainer.dataset.CORPUS_SAMPLE_EPISODES):
+        # envelopes and projectors need hundreds of episodes, not the whole store in RAM.
+        return ws.materialize(ws.sample_episodes()) if hasattr(ws, "materialize") else ws
     except (TrainerError, OSError, ValueError, KeyError) as e:
         print(
             f"export: corpus at {store} unavailable ({e}); envelopes and projectors use held-out windows",

@@ -61,6 +61,18 @@ def check_inputs(x: np.ndarray, input_shape: tuple[int, ...], what: str) -> np.n
     return x
 
 
+def check_rows(x: Any, input_shape: tuple[int, ...], what: str) -> Any:
+    """check_inputs for an array; for trainer.rows.Rows (read later, chunk by chunk) the row
+    shape now, finiteness as the rows are read."""
+    if isinstance(x, np.ndarray) or not hasattr(x, "take"):
+        return check_inputs(x, input_shape, what)
+    if tuple(x.row_shape) != tuple(input_shape):
+        raise ValueError(
+            f"{what}: expected rows of shape {tuple(input_shape)}, got rows of shape {tuple(x.row_shape)}"
+        )
+    return x
+
+
 def check_labels(y: np.ndarray, n: int, n_classes: int, what: str) -> np.ndarray:
     y = np.asarray(y)
     if y.shape != (n,):
