@@ -362,7 +362,16 @@ def train_windowset(
         # The OOD flag, fitted on this threat model's training windows only (trainer/ood.py);
         # its detector goes into the run as ood-<threat>.json for export.
         report.setdefault("ood", {})[threat] = ood_for_threat(
-            np.asarray(ws.summary), idx, y, test_pred, ws.episode, ws.profile, threat, out, n_boot, seed
+            ws.rows(None, "summary", np.arange(len(ws))),
+            idx,
+            y,
+            test_pred,
+            ws.episode,
+            ws.profile,
+            threat,
+            out,
+            n_boot,
+            seed,
         )
         if trained:
             report["best"][threat] = max(

@@ -142,6 +142,15 @@ class Model(ABC):
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.predict_proba(x).argmax(axis=1)
 
+    def predict_rows(self, x: Any) -> np.ndarray:
+        """predict_proba of an array, or of trainer.rows.Rows read a chunk (~64 MB) at a time."""
+        if isinstance(x, np.ndarray) or not hasattr(x, "take"):
+            return self.predict_proba(x)
+        from trainer.rows import chunk_rows, chunks
+
+        parts = [self.predict_proba(c) for c in chunks(x, chunk_rows(x, 64 * 2**20))]
+        return np.concatenate(parts) if parts else np.zeros((0, self.n_classes), np.float32)
+
     @property
     def inverse_temperature(self) -> float:
         """beta = 1/T that predict_proba and the ONNX graph apply to the logits (1.0: uncalibrated)."""
@@ -156,7 +165,7 @@ class Model(ABC):
         from trainer.calibrate import ece, fit_inverse_temperature, log_probs, nll, rescale
 
         self.config["inverse_temperature"] = 1.0
-        p = self.predict_proba(x_val)
+        p = self.predict_rows(x_val)
         beta = fit_inverse_temperature(log_probs(p), y_val)
         self.config["inverse_temperature"] = beta
         q = rescale(p, beta)  # what predict_proba now returns, without a second pass
