@@ -47,9 +47,9 @@ SCORE_CHUNK = 65_536  # windows read and scored at a time (a full-width summary 
 
 
 def _take(summary: Any, idx: np.ndarray) -> np.ndarray:
-    """Full-width summaries of windows ``idx``: an array, or trainer.rows.Rows over every window."""
+    """Full-width summaries of windows ``idx``: an array, a rows.Gather or Rows over every window."""
     idx = np.asarray(idx, np.int64)
-    if isinstance(summary, np.ndarray):
+    if isinstance(summary, np.ndarray) or not hasattr(summary, "take"):  # an array or a rows.Gather
         return np.asarray(summary[idx], np.float32)
     return summary.take(idx)
 
@@ -94,7 +94,7 @@ def fit_detector(
     holdback: float = HOLDBACK,
 ) -> tuple[OodDetector, np.ndarray]:
     """The detector for ``threat`` from full-width summaries; also the unseen training-host windows."""
-    width = summary.shape[1] if isinstance(summary, np.ndarray) else summary.row_shape[0]
+    width = summary.shape[1] if hasattr(summary, "shape") else summary.row_shape[0]
     if width != N_CHANNELS * len(SUMMARY_STATS):
         raise ValueError(f"ood: expected full-width summaries, got rows of width {width}")
     channels = [CHANNEL_NAMES[i] for i in view_channels(threat)]

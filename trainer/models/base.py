@@ -142,19 +142,17 @@ class Model(ABC):
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.predict_proba(x).argmax(axis=1)
 
-    def predict_rows(self, x: Any) -> np.ndarray:
-        """predict_proba of an array, or of trainer.rows.Rows read a chunk (~64 MB) at a time."""
-        if isinstance(x, np.ndarray) or not hasattr(x, "take"):
-            return self.predict_proba(x)
-        from trainer.rows import chunk_rows, chunks
-
-        parts = [self.predict_proba(c) for c in chunks(x, chunk_rows(x, 64 * 2**20))]
-        return np.concatenate(parts) if parts else np.zeros((0, self.n_classes), np.float32)
-
     @property
     def inverse_temperature(self) -> float:
         """beta = 1/T that predict_proba and the ONNX graph apply to the logits (1.0: uncalibrated)."""
         return float(self.config.get("inverse_temperature", 1.0))
+
+    def predict_rows(self, x: Any, chunk: int = 65536) -> np.ndarray:
+        """predict_proba over an array or trainer.rows.Rows, ``chunk`` rows at a time."""
+        from trainer.rows import as_rows, chunks
+
+        parts = [self.predict_proba(c) for c in chunks(as_rows(x), chunk)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.n_classes), np.float32)
 
     def calibrate(self, x_val: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
         """Temperature scaling on the validation split (every ``fit`` ends with it).

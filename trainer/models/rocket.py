@@ -33,7 +33,7 @@ from trainer.evaluate import macro_f1
 from trainer.loop import class_weights
 from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels, check_rows
 from trainer.models.torch_base import WEIGHTS_FILE, SignedLogStandardize, export_onnx
-from trainer.rows import Rows, as_rows, chunks
+from trainer.rows import Gather
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
     "demo": {
@@ -156,10 +156,10 @@ class Rocket(Model):
     # --- fitting ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _fit_biases(self, x: Rows, rng: np.random.Generator) -> None:
+    def _fit_biases(self, x: np.ndarray, rng: np.random.Generator) -> None:
         net = self.net
         pick = rng.choice(len(x), size=min(len(x), int(self.config["bias_windows"])), replace=False)
-        z = net.norm(torch.from_numpy(x.take(np.sort(pick))))
+        z = net.norm(torch.from_numpy(np.ascontiguousarray(x[np.sort(pick)])))
         levels = torch.from_numpy(low_discrepancy(net.n_bias)).float()
         for i in range(len(net.dilations)):
             v = net.conv(z, i).transpose(0, 1).reshape(N_KERNELS, -1)  # (84, windows * T)
@@ -184,8 +184,10 @@ class Rocket(Model):
         progress: ProgressFn | None = None,
     ) -> FitResult:
         started = time.perf_counter()
-        x_tr = as_rows(check_rows(x_tr, self.input_shape, "train inputs"))
-        x_val = as_rows(check_rows(x_val, self.input_shape, "validation inputs"))
+        x_tr = check_rows(x_tr, self.input_shape, "train inputs")
+        x_val = check_rows(x_val, self.input_shape, "validation inputs")
+        if not isinstance(x_val, np.ndarray):  # trainer.rows.Rows: validation is read once, whole
+            x_val = x_val.take(np.arange(len(x_val)))
         y_tr = check_labels(y_tr, len(x_tr), self.n_classes, "train labels")
         y_val = check_labels(y_val, len(x_val), self.n_classes, "validation labels")
         if len(x_tr) < 2 or len(x_val) < 1:
@@ -196,6 +198,8 @@ class Rocket(Model):
             torch.set_num_threads(int(self.config["threads"]))
         rng = np.random.default_rng(self.seed)
         self.net.norm.fit(x_tr)
+        if not isinstance(x_tr, np.ndarray):  # Rows: the batches below read only their rows
+            x_tr = Gather(x_tr)
         self._fit_biases(x_tr, rng)
 
         # Weighted sufficient statistics, one batch of features at a time.
@@ -208,7 +212,7 @@ class Rocket(Model):
         dual = solver == "dual" or (solver == "auto" and len(x_tr) < p)  # fewer windows than features
         kept: list[np.ndarray] = []
         for i in range(0, len(x_tr), bs):
-            f = self._features(x_tr.take(np.arange(i, min(i + bs, len(x_tr)))))
+            f = self._features(x_tr[i : i + bs])
             if dual:
                 kept.append(f)
             yb = np.eye(k)[y_tr[i : i + bs]]
@@ -228,7 +232,7 @@ class Rocket(Model):
         sd = np.where(sd > 1e-8, sd, 1.0)
         cov_s, cxy_s = cov / np.outer(sd, sd), cxy / sd[:, None]
 
-        f_val = (np.concatenate([self._features(c) for c in chunks(x_val, bs)]) - mu) / sd
+        f_val = (self._features(x_val) - mu) / sd
         best: tuple[float, float, np.ndarray] | None = None
         history: list[dict[str, float]] = []
         if dual:
