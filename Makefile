@@ -14,7 +14,7 @@ PROFILE ?= quick
 PORT    ?= 8080
 SPEED   ?= 2
 
-.PHONY: help venv data validate train export bench bench-fleet demo test clean browser mosquitto lint
+.PHONY: help venv data validate train export bench bench-fleet bench-scale demo test clean browser mosquitto lint
 
 help:
 	@echo "make demo      # venv, synthetic store, train, export, daemon + deck on http://localhost:$(PORT)"
@@ -68,12 +68,17 @@ bench-fleet: $(STAMP) mosquitto
 	@mkdir -p out
 	$(BIN)/python benchmarks/bench_fleet.py --models $(MODELS) --out out/bench-fleet.json
 
+# The trainer at corpus scale (not part of make test; ~1 h on a busy 2-core box): synth 600 and 4,800
+# episodes, validate, extract, train --profile demo, export; peak RSS per phase and its ratio.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/bench_scale.py --episodes 600,4800 --work out/bench-scale
+
 demo: $(STAMP)
 	$(MAKE) train export PROFILE=demo
 	@echo "deck: http://localhost:$(PORT)  (replaying $(STORE) at $(SPEED)x; Ctrl-C stops)"
 	$(BIN)/edge-daemon --models $(MODELS) --replay $(STORE) --store $(STORE) --port $(PORT) --speed $(SPEED)
 
-test: $(STAMP) browser mosquitto
+test: $(STAMP) browser mosquitto lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,5 +1,5 @@
 // DOM renderers, one per live scene. Event data only ever reaches the page as text nodes.
-import { PHASES, PROFILES, MODELS, STATUSES } from "./vocab.js";
+import { PHASES, PROFILES, MODELS, STATUSES, OOD_FLAG_AT } from "./vocab.js";
 import { phaseVar, modelVar, statusVar } from "./palette.js";
 import { WINDOWS, BASELINE_MS, hostRows, totals, prunePhases, fleetRows } from "./state.js";
 
@@ -203,9 +203,12 @@ export function renderChunking(state) {
       }
       const shown = c.predicted ?? c.actual;
       const wrong = c.predicted !== null && c.actual !== null && c.predicted !== c.actual;
-      const cls = ["cell", c.predicted === null ? "actual-only" : null, wrong ? "wrong" : null].filter(Boolean).join(" ");
+      // flagged out of distribution: the window looks unlike every training host
+      const ood = c.ood !== null && c.ood >= OOD_FLAG_AT;
+      const cls = ["cell", c.predicted === null ? "actual-only" : null, wrong ? "wrong" : null, ood ? "ood" : null].filter(Boolean).join(" ");
       const sub = wrong ? `actual ${c.actual}` : c.confidence !== null ? `${(c.confidence * 100).toFixed(0)} %` : c.predicted === null ? "label" : "";
-      kids.push(h("div", { class: cls, "data-idx": i, "data-phase": shown, style: { "--c": phaseVar(shown) } },
+      const title = c.ood !== null ? `out-of-distribution score ${c.ood.toFixed(2)}${ood ? " (flagged)" : ""}` : null;
+      kids.push(h("div", { class: cls, "data-idx": i, "data-phase": shown, "data-ood": c.ood, title, style: { "--c": phaseVar(shown) } },
         shown.replace("_", " "), sub ? h("small", {}, sub) : null));
     });
   }
@@ -221,11 +224,23 @@ function sizedSvg(id) {
   return [svg, w, ht];
 }
 
+const WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"];
+export const countWord = (n) => (n < WORDS.length ? WORDS[n] : String(n));
+
+// Headlines count the models (the vocabulary plus any unknown one that reported metrics).
+export function renderModelCount(names) {
+  const word = countWord(names.length);
+  for (const el of document.querySelectorAll("[data-model-count]")) {
+    el.textContent = el.hasAttribute("data-capital") ? word[0].toUpperCase() + word.slice(1) : word;
+  }
+}
+
 // 9 models
 export function renderModels(state) {
+  const names = [...MODELS, ...[...state.metrics.keys()].filter((m) => !MODELS.includes(m))];
+  renderModelCount(names);
   const [svg, W, H] = sizedSvg("models-chart");
   if (!svg.clientWidth) return;
-  const names = [...MODELS, ...[...state.metrics.keys()].filter((m) => !MODELS.includes(m))];
   const L = 70, R = 20, T = 40, B = 60, lo = 0.5, hi = 1.0;
   const y = (v) => T + (1 - (Math.min(hi, Math.max(lo, v)) - lo) / (hi - lo)) * (H - T - B);
   for (let v = lo; v <= hi + 1e-9; v += 0.1) {

@@ -135,6 +135,7 @@ export function applyEvent(state, ev, now) {
         actual: optStr(ev.actual) ?? prev.actual ?? null,
         confidence: unscored ? null : isNum(ev.confidence) ? ev.confidence : prev.confidence ?? null,
         window_no: Number.isInteger(ev.window_no) ? ev.window_no : prev.window_no ?? null,
+        ood: isNum(ev.ood) ? ev.ood : prev.ood ?? null,
       };
       if (isStr(ev.model)) tl.model = ev.model;
       state.timelines.set(key, tl);

@@ -31,11 +31,13 @@ from edge.tail import WindowJob
 from schema.artifacts import BENCH_FILE, ArtifactError, BenchDoc, perf_events, read_doc
 from schema.events import AttackProfile, Embedding, Event, ModelMetric, PhaseEvent, Prediction
 from schema.extract import Window, extract_window, input_shape, summarize, window_centre_ns
+from schema.ood import FLAG_AT, ood_score
 from schema.vocab import PHASES
 
 log = logging.getLogger("edge.infer")
 
 TIMELINE_CELLS = 6  # the deck's chunking timeline: window_idx = window_no % 6
+DRIFT_ALPHA = 0.01  # the drift gauge's moving average weighs the last ~100 windows
 
 
 def _accuracy(m: LoadedModel) -> float:
@@ -72,6 +74,7 @@ class Batch:
     tensors: np.ndarray
     summaries: np.ndarray
     primary_pred: dict[int, str] = field(default_factory=dict)
+    ood: dict[str, np.ndarray] = field(default_factory=dict)  # threat model -> (N,) ood score
 
 
 # What the daemon runs on each window (``--run``): the primary alone; every realistic model
@@ -98,6 +101,7 @@ class Engine:
         )
         self.embed = embed and self.embed_threat is not None and run != "primary"
         self._batchable: dict[str, bool] = {}
+        self.drift: dict[str, float] = {}  # threat model -> moving share of flagged windows
         self._threats = sorted({m.threat_model for m in modelset.models})
 
     def score(self, jobs: Sequence[WindowJob]) -> list[Scored]:
@@ -118,6 +122,7 @@ class Engine:
         )
         summaries = summarize(tensors) if len(wins) else np.zeros((0, *input_shape("summary")), np.float32)
         batch = Batch(out, wins, tensors, summaries)
+        self._score_ood(batch)
         for s, job in zip(out, jobs):
             if job.actual is not None:
                 s.events.append(
@@ -165,6 +170,24 @@ class Engine:
                         )
                     )
 
+    def _score_ood(self, batch: Batch) -> None:
+        """Each threat model's OOD score of every window, and the drift gauge it moves."""
+        for threat, det in self.modelset.ood.items():
+            idx = [i for i, w in enumerate(batch.wins) if w.usable(threat)]
+            score = np.full(len(batch.wins), np.nan)
+            if idx:
+                score[idx] = ood_score(det, batch.summaries[idx])
+            batch.ood[threat] = score
+            flagged = score[idx] >= FLAG_AT
+            d = self.drift.get(threat)
+            for f in flagged:  # one step per window: the average forgets at the same pace at any rate
+                d = float(f) if d is None else d + DRIFT_ALPHA * (float(f) - d)
+            if d is not None:
+                self.drift[threat] = d
+            if self.metrics is not None and idx:
+                self.metrics.windows_flagged.inc(int(flagged.sum()), threat_model=threat)
+                self.metrics.ood_drift.set(self.drift[threat], threat_model=threat)
+
     def _unscored(self, batch: Batch) -> None:
         """A window a threat model cannot score is counted by why; the timeline's threat model
         also sends the deck a prediction-less cell saying why ("no qmp")."""
@@ -195,6 +218,7 @@ class Engine:
         x = batch.tensors[idx] if model.input_kind == "tensor" else batch.summaries[idx]
         probs = self._run(model, x)
         is_primary = model is self.primary
+        ood = batch.ood.get(model.threat_model)
         for i, p in zip(idx, probs):
             k = int(np.argmax(p))
             s = batch.scored[i]
@@ -209,6 +233,10 @@ class Engine:
                 actual=s.job.actual,
                 model=model.key,
                 confidence=min(1.0, max(0.0, float(p[k]))) if math.isfinite(float(p[k])) else None,
+                # 6 decimals: a batch and a lone window agree on the wire (numpy's SIMD may not to the ulp)
+                ood=round(min(1.0, max(0.0, float(ood[i]))), 6)
+                if ood is not None and math.isfinite(ood[i])
+                else None,
             )
             (s.events if is_primary else s.others).append(pred)
 

@@ -270,6 +270,14 @@ class Metrics:
             "phasewatch_parse_errors_total", "Malformed input lines or bodies, by stream.", ("stream",)
         )
         self.live_episodes = r.gauge("phasewatch_live_episodes", "Episodes being followed now.")
+        self.ood_drift = r.gauge(
+            "phasewatch_ood_drift",
+            "Share of recent windows flagged out-of-distribution (moving average over ~100 windows).",
+            ("threat_model",),
+        )
+        self.windows_flagged = r.counter(
+            "phasewatch_windows_ood_total", "Windows flagged out-of-distribution.", ("threat_model",)
+        )
         self.connection_errors = r.counter(
             "phasewatch_connection_errors_total",
             "HTTP/WebSocket connections ended by an error, by reason.",

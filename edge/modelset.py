@@ -39,6 +39,7 @@ from schema.artifacts import (
 from schema.channels import CHANNEL_NAMES, N_CHANNELS
 from schema.extract import input_shape
 from schema.hashing import schema_hash as current_schema_hash
+from schema.ood import OodDetector, OodError, read_detector
 from schema.vocab import PHASES
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class ModelSet:
     models: list[LoadedModel]
     projectors: dict[str, LoadedProjector]
     sha256: dict[str, str]  # every verified file
+    ood: dict[str, OodDetector] = field(default_factory=dict)  # threat model -> detector (schema/ood.py)
 
     def run(self, tensor: np.ndarray, summary: np.ndarray) -> dict[str, np.ndarray]:
         """One window's (or a batch's) full-width views -> {"<model>-<threat>": probabilities}.
@@ -210,6 +212,7 @@ class ModelSet:
             "files": dict(sorted(self.sha256.items())),
             "models": [m.key for m in self.models],
             "projectors": sorted(self.projectors),
+            "ood": sorted(self.ood),
         }
 
 
@@ -382,6 +385,16 @@ def load_models(
         _check_io(path, session, PROJECTOR_OUTPUTS, input_shape("summary"))
         projectors[p.threat_model] = LoadedProjector(p.threat_model, channels, session, p.file, sums[p.file])
 
+    ood: dict[str, OodDetector] = {}
+    for o in manifest.ood:
+        path = directory / o.file
+        if o.file not in sums:
+            raise ModelSetError(f"{path}: in manifest.json but not in SHA256SUMS")
+        try:
+            ood[o.threat_model] = read_detector(path)
+        except OodError as e:
+            raise ModelSetError(str(e)) from None
+
     if not models:
         raise ModelSetError(f"{directory / MANIFEST_FILE}: lists no models")
     log.info(
@@ -391,4 +404,4 @@ def load_models(
         directory,
         expected[:12],
     )
-    return ModelSet(directory, manifest, models, projectors, dict(sums))
+    return ModelSet(directory, manifest, models, projectors, dict(sums), ood)

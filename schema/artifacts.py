@@ -49,6 +49,11 @@ def model_file(model: str, threat_model: str) -> str:
     return f"{model}-{threat_model}.onnx"
 
 
+def ood_file(threat_model: str) -> str:
+    """The OOD detector of one threat model (OodDetector; scored by schema/ood.py)."""
+    return f"ood-{threat_model}.json"
+
+
 def projector_file(threat_model: str) -> str:
     return f"projector-{threat_model}.onnx"
 
@@ -145,7 +150,7 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
     path: str
     sha256: str
     bytes: int
-    kind: str  # "model" | "projector"
+    kind: str  # "model" | "projector" | "ood"
 
 
 class Parity(msgspec.Struct, omit_defaults=True):
@@ -189,6 +194,42 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     episodes: int = 0
 
 
+class OodEvaluation(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How the OOD score did on the run's own windows (trainer/ood.py)."""
+
+    auroc: float | None = None  # held-out-host windows vs training-host windows unseen by the fit
+    auroc_ci: list[float | None] = []
+    flagged_share_heldout: float | None = None
+    flagged_share_training_hosts: float | None = None
+
+
+OOD_FORMAT: Final = 1
+
+
+class OodDetector(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``ood-<threat>.json``: robust per-feature statistics of the training hosts' summaries."""
+
+    threat_model: str
+    channels: list[str]  # whose summary features are scored, in this order
+    stats: list[str]  # SUMMARY_STATS at fit time: feature c*k + s
+    center: list[float]  # per feature: median of the signed-log value on training windows
+    scale: list[float]  # per feature: 1.4826 * MAD, floored
+    threshold: float  # raw score at which ood = 0.5
+    quantile: float  # share of unseen training-host windows below the threshold
+    clip: float = 8.0
+    fitted_on: str = ""
+    n_fit: int = 0
+    evaluation: OodEvaluation | None = None
+    format: int = OOD_FORMAT
+
+
+class OodEntry(msgspec.Struct, omit_defaults=True):
+    file: str
+    threat_model: str
+    threshold: float
+    evaluation: OodEvaluation | None = None
+
+
 class RunRef(msgspec.Struct, omit_defaults=True):
     """Which run a models directory was exported from."""
 
@@ -212,6 +253,7 @@ class Manifest(msgspec.Struct, omit_defaults=True):
     models: list[ModelEntry]
     projectors: list[ProjectorEntry] = []
     envelopes: list[Envelope] = []
+    ood: list[OodEntry] = []  # one OOD detector per threat model (absent: no ood on predictions)
     split: SplitDoc | None = None
     run: RunRef | None = None
     exporter: dict[str, str] = {}

@@ -79,6 +79,8 @@ class Prediction(_Event, tag="prediction"):
     model: str | None = None
     confidence: Unit | None = None
     window_no: NonNegInt | None = None  # absolute window number in the episode
+    # How unlike the training hosts this window looks (schema/ood.py); >= 0.5: flagged.
+    ood: Unit | None = None
     unscored: str | None = None  # why there is no prediction ("no qmp"); predicted is then None
 
 

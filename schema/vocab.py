@@ -19,7 +19,7 @@ PROFILES: Final = (
     "mem-inflate",
 )
 
-MODELS: Final = ("gbt", "mlp", "cnn", "gru", "lstm", "transformer")
+MODELS: Final = ("gbt", "mlp", "cnn", "gru", "lstm", "transformer", "rocket")
 # Which view of a window each model reads.
 MODEL_INPUT: Final = {
     "gbt": "summary",
@@ -28,6 +28,7 @@ MODEL_INPUT: Final = {
     "gru": "tensor",
     "lstm": "tensor",
     "transformer": "tensor",
+    "rocket": "tensor",
 }
 
 THREAT_MODELS: Final = ("realistic", "oracle")

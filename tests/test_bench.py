@@ -24,7 +24,7 @@ from trainer import bench
 from trainer.export import export_run
 from trainer.flops import peak_gflops, rnn_flops, torch_flops, xgb_comparisons
 
-MODELS = ("gbt", "mlp", "gru", "lstm")
+MODELS = ("gbt", "mlp", "gru", "lstm", "rocket")
 FAST = ["--repeats", "2", "--calls", "15", "--warmup", "3", "--episodes", "2"]
 
 

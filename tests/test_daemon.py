@@ -25,6 +25,7 @@ from edge.tail import TailConfig
 from schema.hashing import schema_hash
 from schema.reader import iter_members, read_episode
 from schema.validation import index_record, write_index_atomic
+from schema.vocab import MODELS
 
 
 def _get(port: int, path: str) -> dict:
@@ -98,12 +99,13 @@ def test_live_episode_to_websocket_client(tmp_path: Path, models_dir: Path) -> N
     # model name, and the realistic figure (published last) is the one that stays
     # (model_metric is kept per (model, threat_model): the oracle twin replays first, then the
     # realistic one, so "latest wins" per name still ends on the realistic figure)
-    sticky = got[:19]
-    assert [e["type"] for e in sticky] == ["attack_profile"] + ["model_metric"] * 12 + ["model_perf"] * 6
+    n = len(MODELS)  # one model_metric per model and threat model, one model_perf per model
+    sticky = got[: 1 + 3 * n]
+    assert [e["type"] for e in sticky] == ["attack_profile"] + ["model_metric"] * 2 * n + ["model_perf"] * n
     last = {e["model"]: e["threat_model"] for e in sticky[1:]}
-    assert len(last) == 6 and set(last.values()) == {"realistic"}
-    assert {e["threat_model"] for e in sticky[1:13]} == {"realistic", "oracle"}
-    assert {e["threat_model"] for e in sticky[13:]} == {"realistic"}
+    assert len(last) == n and set(last.values()) == {"realistic"}
+    assert {e["threat_model"] for e in sticky[1 : 1 + 2 * n]} == {"realistic", "oracle"}
+    assert {e["threat_model"] for e in sticky[1 + 2 * n :]} == {"realistic"}
     preds = [e for e in got if e["type"] == "prediction"]
     assert [p["window_no"] for p in preds] == list(range(7))  # 40 s: windows 0..6
     assert all(p["model"] == "gru-realistic" and p["window_idx"] == p["window_no"] % 6 for p in preds)

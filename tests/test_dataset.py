@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import dataset
+from trainer import windowstore
 from trainer.dataset import CLEAN_ONLY, WindowSet, load_windows, make_split
+from trainer.errors import DatasetError
 
 PROFILES = ("cpu-saturate", "bursty-c2", "disk-encrypt")
 
@@ -102,17 +103,19 @@ def test_load_windows_extracts_then_reuses_the_cache(tmp_path: Path, monkeypatch
     store = tmp_path / "store"
     generate_store(store, episodes=10, hosts=5, seed=3, jobs=1, progress=False)
     validate_store(store, jobs=1, progress=False)
-    ws = load_windows(store, jobs=1, progress=False)
+    table = load_windows(store, jobs=1, progress=False)
+    ws = table.materialize()  # the table's windows read back from the window store
     assert len(ws) > 100 and ws.tensor.shape[1:] == (46, 100) and ws.summary.shape[1] == 368
     assert set(np.unique(ws.y)) <= set(range(5)) and len(set(ws.host)) >= 3
     assert ws.view("realistic", "tensor").shape[1] == 30 and ws.view("oracle", "summary").shape[1] == 368
     assert (ws.mask("realistic") | ~ws.mask("oracle")).all()  # oracle needs more than realistic
+    assert np.array_equal(table.mask("oracle"), ws.mask("oracle"))
 
     def boom(*_a, **_k):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(dataset, "_episode_windows", boom)
-    again = load_windows(store, jobs=1, progress=False)
+    monkeypatch.setattr(windowstore, "extract_shard", boom)
+    again = load_windows(store, jobs=1, progress=False).materialize()
     assert np.array_equal(again.tensor, ws.tensor, equal_nan=True) and np.array_equal(
         again.episode, ws.episode
     )
@@ -123,5 +126,5 @@ def test_a_store_with_nothing_usable_says_so(tmp_path: Path) -> None:
 
     (tmp_path / "s").mkdir()
     write_index_atomic(tmp_path / "s" / "index.jsonl", [])
-    with pytest.raises(SystemExit, match="no accepted or degraded episodes"):
+    with pytest.raises(DatasetError, match="no accepted or degraded episodes"):
         load_windows(tmp_path / "s", progress=False)

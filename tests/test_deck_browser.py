@@ -63,6 +63,10 @@ def test_vocab_js_matches_schema() -> None:
         ("STATUSES", STATUSES),
     ):
         assert _js_array(src, name) == list(expected), f"deck/vocab.js {name} drifted from schema/vocab.py"
+    from schema.ood import FLAG_AT
+
+    m = re.search(r"export const OOD_FLAG_AT = ([0-9.]+);", src)
+    assert m and float(m.group(1)) == FLAG_AT, "deck/vocab.js OOD_FLAG_AT drifted from schema/ood.py"
 
 
 def test_palette_defines_every_phase_and_model_once() -> None:
@@ -356,6 +360,8 @@ def test_published_events_reach_their_scenes(deck: Deck, server: LiveServer) -> 
             "actual": "armed",
         },
         {"type": "prediction", "episode_id": "live-7", "window_idx": 2, "actual": "infecting"},
+        {"type": "prediction", "episode_id": "live-7", "window_idx": 3, "predicted": "armed", "ood": 0.83},
+        {"type": "prediction", "episode_id": "live-7", "window_idx": 4, "predicted": "armed", "ood": 0.2},
         {"type": "prediction", "episode_id": "live-7", "window_idx": 6, "predicted": "armed"},
         {"type": "prediction", "episode_id": "live-7", "window_idx": -1, "predicted": "armed"},
         {"type": "model_metric", "model": "gru", "accuracy": 0.8},
@@ -399,7 +405,12 @@ def test_published_events_reach_their_scenes(deck: Deck, server: LiveServer) -> 
     assert page.locator('#chunking-grid .cell[data-idx="1"]').get_attribute("class") == "cell wrong"
     assert "actual armed" in deck.text('#chunking-grid .cell[data-idx="1"]')
     assert page.locator('#chunking-grid .cell[data-idx="2"]').get_attribute("class") == "cell actual-only"
-    assert page.locator("#chunking-grid .cell.none").count() == 3
+    assert page.locator("#chunking-grid .cell.none").count() == 1
+    # an out-of-distribution window is marked; one below the flag is not, but says its score
+    ood = page.locator('#chunking-grid .cell[data-idx="3"]')
+    assert ood.get_attribute("class") == "cell ood" and "(flagged)" in (ood.get_attribute("title") or "")
+    calm = page.locator('#chunking-grid .cell[data-idx="4"]')
+    assert calm.get_attribute("class") == "cell" and "0.20" in (calm.get_attribute("title") or "")
     deck.go("models")
     gru = page.locator('#models-chart g[data-model="gru"]')
     assert gru.locator("text.val").text_content() == "0.900"  # latest wins
@@ -610,6 +621,7 @@ def test_edge_daemon_demo_fills_every_scene(browser: Any) -> None:
             "window.__deck.knn.count() >= 1500 && window.__deck.state.timelines.size >= 1", timeout=15_000
         )
         assert d.has_colour("--phase-infected_running") > 50
+        n_models = len(MODELS)
         checks = {
             "collect": (
                 "Number(document.getElementById('collect-total').textContent.replace(/,/g, '')) > 70000"
@@ -617,13 +629,17 @@ def test_edge_daemon_demo_fills_every_scene(browser: Any) -> None:
             "hosts": "document.querySelectorAll('#hosts-table tr[data-host]').length === 6",
             "attacks": "document.querySelectorAll('#attacks-cards path.spark-line').length === 6",
             "chunking": "document.querySelectorAll('#chunking-grid .cell:not(.none)').length >= 1",
-            "models": "document.querySelectorAll('#models-chart g[data-model] rect').length === 6",
-            "perf": "document.querySelectorAll('#perf-chart g[data-model] circle').length === 6",
+            "models": f"document.querySelectorAll('#models-chart g[data-model] rect').length === {n_models}",
+            "perf": f"document.querySelectorAll('#perf-chart g[data-model] circle').length === {n_models}",
             "baseline": "/^\\d+ phase events/.test(document.getElementById('baseline-n').textContent)",
         }
         for scene, cond in checks.items():
             d.go(scene)
             page.wait_for_function(cond, timeout=10_000)
+        # The headlines count the models instead of saying a number someone typed.
+        words = {6: "six", 7: "seven", 8: "eight", 9: "nine"}
+        heads = page.eval_on_selector_all("[data-model-count]", "els => els.map(e => e.textContent)")
+        assert [h.lower() for h in heads] == [words[len(MODELS)]] * 2, heads
         assert d.errors == []
         page.close()
     finally:

@@ -373,3 +373,30 @@ def test_envelopes_on_a_channel_subset_and_length_checks() -> None:
     assert [e.name for e in envs] == list(PROFILES)  # every signature channel is host-side
     with pytest.raises(ValueError, match="disagree in length"):
         compute_envelopes(real, a["y"][:-1], a["episode"], a["profile"], a["window"], names)
+
+
+def test_ood_detectors_of_the_run_are_shipped_listed_and_loaded(standin_run: Path, tmp_path: Path) -> None:
+    """ood-<threat>.json fitted on the run's windows: copied, in the manifest and SHA256SUMS, decoded."""
+    from edge.modelset import load_models
+    from schema.artifacts import ood_file
+    from schema.ood import encode
+    from trainer.ood import fit_detector
+
+    arrays = synthetic_windows(seed=0)
+    train = np.flatnonzero(arrays["host"] != "h2")
+    for threat in THREAT_MODELS:
+        det, _ = fit_detector(arrays["summary"], train, arrays["episode"], arrays["profile"], threat)
+        (standin_run / ood_file(threat)).write_bytes(encode(det))
+    out = tmp_path / "models"
+    m = export_run(standin_run, out, loader=load_standin, progress=False)
+    assert sorted(o.threat_model for o in m.ood) == sorted(THREAT_MODELS)
+    kinds = {f.path: f.kind for f in m.files}
+    assert all(kinds[ood_file(t)] == "ood" for t in THREAT_MODELS)
+    assert ood_file("oracle") in (out / "SHA256SUMS").read_text()
+    ms = load_models(out, schema_hash())
+    by_threat = {o.threat_model: o for o in m.ood}
+    assert ms.ood["realistic"].threshold == pytest.approx(by_threat["realistic"].threshold)
+    # a broken detector in the run stops the export with the file named
+    (standin_run / ood_file("oracle")).write_text('{"threat_model": "oracle"}')
+    with pytest.raises(ValueError, match=r"ood-oracle\.json"):
+        export_run(standin_run, tmp_path / "models2", loader=load_standin, progress=False)

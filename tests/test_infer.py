@@ -1,10 +1,10 @@
 """Inference on tailed windows: real ONNX Runtime sessions on tiny graphs built here.
 
-``build_models_dir`` writes a complete models directory (12 graphs, 2 projectors,
-manifest.json, SHA256SUMS, bench.json) from small ``onnx.helper`` graphs whose maths is
-reproduced in numpy, so a test can check every number the engine publishes. Like the
-exported ones, each graph reads the full-width window and starts with a Gather of its
-threat model's channels."""
+``build_models_dir`` writes a complete models directory (a graph per model and threat
+model, 2 projectors, 2 OOD detectors, manifest.json, SHA256SUMS, bench.json) from small
+``onnx.helper`` graphs whose maths is reproduced in numpy, so a test can check every
+number the engine publishes. Like the exported ones, each graph reads the full-width
+window and starts with a Gather of its threat model's channels."""
 
 from __future__ import annotations
 
@@ -40,9 +40,12 @@ from schema.artifacts import (
     Machine,
     Manifest,
     ModelEntry,
+    OodDetector,
+    OodEntry,
     ProjectorEntry,
     encode_doc,
     estimate,
+    ood_file,
 )
 from schema.channels import CHANNEL_NAMES, SUMMARY_STATS, view_channels
 from schema.events import Embedding, ModelMetric, ModelPerf, PhaseEvent, Prediction
@@ -52,7 +55,16 @@ from schema.reader import decode_rows
 from schema.vocab import MODEL_INPUT, MODELS, PHASES, SOURCE_MEMBER, SOURCES, THREAT_MODELS
 
 K = len(SUMMARY_STATS)
-ACCURACY = {"gbt": 0.81, "mlp": 0.78, "cnn": 0.84, "gru": 0.88, "lstm": 0.86, "transformer": 0.83}
+ACCURACY = {
+    "gbt": 0.81,
+    "mlp": 0.78,
+    "cnn": 0.84,
+    "gru": 0.88,
+    "lstm": 0.86,
+    "transformer": 0.83,
+    "rocket": 0.85,
+}
+N_GRAPHS = len(MODELS) * len(THREAT_MODELS)
 
 
 def _weights(key: str, rows: int, cols: int) -> np.ndarray:
@@ -135,6 +147,9 @@ def build_models_dir(
     schema: str | None = None,
     accuracy: dict[str, float] = ACCURACY,
     bench: bool = True,
+    ood: bool = True,
+    ood_threshold: float = 3.0,
+    ood_center: dict[str, list[float]] | None = None,
 ) -> Path:
     """A complete, verifiable models directory of tiny graphs (what `phasewatch export` writes)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +220,20 @@ def build_models_dir(
                 n_fit=1,
             )
         )
+    oods: list[OodEntry] = []
+    for threat in threats if ood else ():
+        chans = [CHANNEL_NAMES[i] for i in view_channels(threat)]
+        det = OodDetector(
+            threat_model=threat,
+            channels=chans,
+            stats=list(SUMMARY_STATS),
+            center=(ood_center or {}).get(threat, [1.0] * (len(chans) * K)),  # signed-log units
+            scale=[0.5] * (len(chans) * K),
+            threshold=ood_threshold,
+            quantile=0.95,
+        )
+        files[ood_file(threat)] = encode_doc(det)
+        oods.append(OodEntry(file=ood_file(threat), threat_model=threat, threshold=ood_threshold))
     for name, data in files.items():
         (out / name).write_bytes(data)
     manifest = Manifest(
@@ -221,12 +250,13 @@ def build_models_dir(
                 path=n,
                 sha256=hashlib.sha256(d).hexdigest(),
                 bytes=len(d),
-                kind="projector" if n.startswith("projector") else "model",
+                kind="projector" if n.startswith("projector") else "ood" if n.startswith("ood") else "model",
             )
             for n, d in files.items()
         ],
         models=entries,
         projectors=projectors,
+        ood=oods,
         envelopes=[Envelope(name="cpu-saturate", curve=[0.0, 0.5, 1.0, 1.0], shape="one vCPU pegged")],
     )
     files[MANIFEST_FILE] = encode_doc(manifest)
@@ -276,7 +306,7 @@ def test_every_model_scores_what_its_graph_computes(modelset) -> None:
         win = extract_window(s.job.streams, s.job.t0_ns, s.job.w)
         summ = summarize(win.tensor)
         preds = {p.model: p for p in [e for e in s.events if isinstance(e, Prediction)] + s.others}
-        assert len(preds) == 12 and s.usable
+        assert len(preds) == N_GRAPHS and s.usable
         for m in modelset.models:
             chans = list(m.channels)
             x = (
@@ -335,14 +365,14 @@ def test_unusable_window_gives_its_phase_and_an_unscored_cell(modelset) -> None:
 def test_startup_events_from_manifest_and_bench(modelset) -> None:
     events = startup_events(modelset)
     metrics = [e for e in events if isinstance(e, ModelMetric)]
-    assert len(metrics) == 12
+    assert len(metrics) == N_GRAPHS
     # oracle first, realistic last: a deck keyed by model name keeps the realistic figure
-    assert [m.threat_model for m in metrics[:6]] == ["oracle"] * 6
+    assert [m.threat_model for m in metrics[: len(MODELS)]] == ["oracle"] * len(MODELS)
     gru = [m for m in metrics if m.model == "gru"]
     assert gru[-1].threat_model == "realistic" and gru[-1].accuracy == pytest.approx(0.83)
     assert gru[-1].ci_low == pytest.approx(0.81) and gru[-1].ci_high == pytest.approx(0.85)
     perf = [e for e in events if isinstance(e, ModelPerf)]
-    assert len(perf) == 12 and perf[-1].threat_model == "realistic"
+    assert len(perf) == N_GRAPHS and perf[-1].threat_model == "realistic"
     assert {p.model for p in perf} == set(MODELS)
     assert any(e for e in events if type(e).__name__ == "AttackProfile")
 
@@ -380,7 +410,7 @@ def test_bench_json_that_does_not_decode_gives_no_points_and_names_the_field(
         events = startup_events(modelset, bench_file=tmp_path / BENCH_FILE)
     assert not [e for e in events if isinstance(e, ModelPerf)]
     assert "$.models[0].ort_p50_us" in caplog.text and str(tmp_path / BENCH_FILE) in caplog.text
-    assert len([e for e in events if isinstance(e, ModelMetric)]) == 12  # the rest still goes out
+    assert len([e for e in events if isinstance(e, ModelMetric)]) == N_GRAPHS  # the rest still goes out
 
 
 def test_sticky_model_metric_keeps_both_threat_models_of_a_model(modelset) -> None:
@@ -398,6 +428,58 @@ def test_sticky_model_metric_keeps_both_threat_models_of_a_model(modelset) -> No
     b.publish(ModelMetric(model="gru", accuracy=0.5, threat_model="oracle"))  # latest wins per pair
     again = [e for e in b.sticky_events() if isinstance(e, ModelMetric) and e.model == "gru"]
     assert [(e.threat_model, e.accuracy) for e in again][-1] == ("oracle", 0.5) and len(again) == 2
+
+
+def test_predictions_carry_the_ood_score_and_move_the_drift_gauge(modelset) -> None:
+    from edge.metrics import Metrics
+    from schema.ood import FLAG_AT, ood_score
+
+    assert sorted(modelset.ood) == sorted(THREAT_MODELS)
+    streams = _streams(episode_members(duration_s=40, seed=3))
+    metrics = Metrics()
+    engine = Engine(modelset, metrics)
+    scored = engine.score([_job(streams, w) for w in range(4)])
+    flagged = 0
+    for s in scored:
+        summ = summarize(extract_window(s.job.streams, s.job.t0_ns, s.job.w).tensor)[None]
+        for p in [e for e in s.events if isinstance(e, Prediction)] + s.others:
+            if p.unscored is not None:  # no prediction, so no ood either
+                assert p.ood is None
+                continue
+            threat = p.model.rsplit("-", 1)[1]
+            want = float(ood_score(modelset.ood[threat], summ)[0])
+            assert p.ood == pytest.approx(want, abs=1e-6) and 0 <= p.ood <= 1
+        flagged += float(ood_score(modelset.ood["realistic"], summ)[0]) >= FLAG_AT
+    # The drift gauge is the moving share of flagged windows; the counter counts them.
+    body = metrics.render()
+    assert 'phasewatch_ood_drift{threat_model="realistic"}' in body
+    assert f'phasewatch_windows_ood_total{{threat_model="realistic"}} {flagged}' in body
+    assert 0.0 <= engine.drift["realistic"] <= 1.0
+    # the event round-trips with its ood on the wire
+    p = next(e for e in scored[0].events if isinstance(e, Prediction) and e.ood is not None)
+    assert (
+        isinstance(p, Prediction)
+        and msgspec.json.decode(msgspec.json.encode(p), type=Prediction).ood == p.ood
+    )
+
+
+def test_drift_gauge_follows_a_run_of_flagged_windows(tmp_path: Path) -> None:
+    """A detector that flags everything drives the gauge towards 1 window by window."""
+    from edge.metrics import Metrics
+
+    d = build_models_dir(tmp_path / "m", ood_threshold=1e-6)  # every window is far beyond it
+    ms = load_models(d, schema_hash())
+    streams = _streams(episode_members(duration_s=40, seed=4))
+    engine = Engine(ms, Metrics())
+    engine.drift["realistic"] = 0.0
+    engine.score([_job(streams, w) for w in range(3)])
+    assert engine.drift["realistic"] == pytest.approx(1 - 0.99**3)
+
+
+def test_a_bad_ood_file_refuses_the_set_naming_the_field(tmp_path: Path) -> None:
+    d = build_models_dir(tmp_path / "m", ood_center={"oracle": [1.0] * (46 * K - 1)})
+    with pytest.raises(ModelSetError, match=r"ood-oracle\.json: center/scale: expected 368 values"):
+        load_models(d, schema_hash())
 
 
 @pytest.mark.parametrize(

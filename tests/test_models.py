@@ -223,3 +223,18 @@ def test_small_set_gets_its_step_floor() -> None:
     # 200 rows -> batch 25, 8 steps an epoch: 60 steps need 8 epochs, and the time budget
     # (already spent) cannot stop the run before the floor.
     assert fit.epochs_run == 8 and fit.history[-1]["epochs"] == 8
+
+
+def test_rocket_dual_and_primal_ridge_agree() -> None:
+    """Fewer windows than features take the N x N (dual) solve; it is the same ridge."""
+    x_tr, y_tr = toy("tensor", 120, seed=1)
+    x_val, y_val = toy("tensor", 60, seed=2)
+    fits = {
+        s: build_model("rocket", x_tr.shape[1:], profile="demo", solver=s, threads=1)
+        for s in ("dual", "primal")
+    }
+    for m in fits.values():
+        m.fit(x_tr, y_tr, x_val, y_val)
+    assert fits["dual"].config["alpha"] == fits["primal"].config["alpha"]
+    x, _ = toy("tensor", 50, seed=3)
+    np.testing.assert_allclose(fits["dual"].predict_proba(x), fits["primal"].predict_proba(x), atol=1e-4)

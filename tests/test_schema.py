@@ -75,4 +75,6 @@ def test_schema_hash_covers_what_decides_the_numbers() -> None:
     # canonical: key order does not matter, content does
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     assert json.loads(blob) == doc
-    assert len(MODELS) == 6
+    # Adding a model (issue 15: rocket) must not change the hash the other models were trained under.
+    assert "models" not in doc and not set(MODELS) & set(json.dumps(doc).split('"'))
+    assert len(set(MODELS)) == len(MODELS) == 7

@@ -25,6 +25,7 @@ SIGNAL = {
     "disk-encrypt": "qmp.blk_wr_bytes",
 }
 PER_EP = 12
+TRAINED = ("gbt", "mlp", "cnn", "rocket")  # both trainers (xgboost, torch loop) and the closed-form one
 FAST = {
     "gbt": {"rounds": 15, "threads": 1},
     "mlp": {"epochs": 4, "threads": 1, "max_seconds": None},
@@ -101,7 +102,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, WindowSet
         split,
         out,
         profile="demo",
-        models=["gbt", "mlp", "cnn"],
+        models=list(TRAINED),
         seed=0,
         n_boot=200,
         progress=False,
@@ -114,7 +115,7 @@ def test_run_directory_layout(run) -> None:
     out, _report, _ws, _split = run
     doc = json.loads((out / "run.json").read_text())
     assert doc["schema_hash"] == schema_hash() and doc["split"]["kind"] == "host"
-    assert doc["models"] == [f"{m}-{t}" for t in ("realistic", "oracle") for m in ("gbt", "mlp", "cnn")]
+    assert doc["models"] == [f"{m}-{t}" for t in ("realistic", "oracle") for m in TRAINED]
     for key in doc["models"]:
         assert (out / key / "model.json").is_file()
     for name in (
@@ -125,6 +126,11 @@ def test_run_directory_layout(run) -> None:
         "per-profile-f1.png",
         "model-comparison.png",
         "threat-gap.png",
+        "reliability-realistic.png",
+        "reliability-oracle.png",
+        "ood.png",
+        "ood-realistic.json",
+        "ood-oracle.json",
     ):
         assert (out / name).stat().st_size > 0, name
     html = (out / "report.html").read_text()
@@ -181,14 +187,41 @@ def test_report_contents(run) -> None:
         "majority-oracle",
         "logreg-oracle",
     }
-    assert len(on_disk["comparisons"]) == 2 * 3  # every pair within each threat model
-    assert set(on_disk["threat_gap"]) == {"gbt", "mlp", "cnn"}
+    assert len(on_disk["comparisons"]) == 2 * 6  # every pair within each threat model
+    assert set(on_disk["threat_gap"]) == set(TRAINED)
     v = on_disk["verdict"]["best_realistic_vs_majority"]
     assert v["a"] == on_disk["best"]["realistic"] and v["b"] == "majority-realistic"
     # This toy problem is easy: the best model clearly beats always-"clean".
     assert v["significant"] and v["diff"] > 0.3
     table = summary_table(on_disk)
     assert "realistic vs oracle" in table and "majority" in table and "logreg" in table
+    assert "calibration (held-out ECE" in table
+
+
+def test_calibration_is_reported_before_and_after(run) -> None:
+    """Every model: a validation temperature, held-out ECE/NLL before and after with a paired CI."""
+    out, _report, _ws, _split = run
+    on_disk = json.loads((out / "report.json").read_text())
+    held = np.load(out / "heldout-realistic.npz")
+    for key, m in on_disk["models"].items():
+        c = m["calibration"]
+        assert c["temperature"] > 0 and 0 <= c["ece_after"] <= 1 and 0 <= c["ece_before"] <= 1, key
+        assert c["validation"]["val_nll_after"] <= c["validation"]["val_nll_before"] + 1e-9, key
+        g = c["bootstrap"]["gap"]
+        assert g["lo"] <= g["diff"] <= g["hi"] and g["diff"] == pytest.approx(
+            c["ece_after"] - c["ece_before"]
+        )
+        assert sum(c["reliability_after"]["count"]) == m["n_windows"]
+        model = load_model(out / key, expected_schema_hash=schema_hash())
+        assert model.inverse_temperature == pytest.approx(1 / c["temperature"])
+        if key.endswith("realistic"):
+            from trainer.calibrate import ece
+
+            kind = "summary" if m["input_kind"] == "summary" else "tensor"
+            x = extract.view(held[kind], "realistic", kind)
+            assert ece(model.predict_proba(x), held["y"]) == pytest.approx(c["ece_after"])
+    html = (out / "report.html").read_text()
+    assert "ECE before" in html and 'src="reliability-realistic.png"' in html
 
 
 def test_checkpoints_reproduce_the_reported_score(run) -> None:
@@ -196,7 +229,7 @@ def test_checkpoints_reproduce_the_reported_score(run) -> None:
     from trainer.evaluate import macro_f1
 
     held = np.load(out / "heldout-realistic.npz")
-    for name, kind in (("gbt", "summary"), ("cnn", "tensor")):
+    for name, kind in (("gbt", "summary"), ("cnn", "tensor"), ("rocket", "tensor")):
         model = load_model(out / f"{name}-realistic", expected_schema_hash=schema_hash())
         pred = model.predict_proba(extract.view(held[kind], "realistic", kind)).argmax(axis=1)
         assert macro_f1(held["y"], pred) == pytest.approx(report["models"][f"{name}-realistic"]["macro_f1"])
@@ -220,6 +253,35 @@ def test_cli_arguments() -> None:
     args = p.parse_args(["--models", "gbt,svm"])
     with pytest.raises(TrainerError, match="unknown svm"):
         cli_train(args)
+
+
+def test_ood_flag_is_fitted_shipped_and_evaluated(run) -> None:
+    """The detector is typed, decodes on the edge side, and its report numbers are reproducible."""
+    from schema.ood import FLAG_AT, read_detector
+    from schema.ood import ood_score as score
+    from trainer.ood import _auroc
+
+    out, _report, _ws, _split = run
+    on_disk = json.loads((out / "report.json").read_text())
+    for threat in ("realistic", "oracle"):
+        o = on_disk["ood"][threat]
+        det = read_detector(out / o["file"])
+        assert det.threat_model == threat and det.threshold == pytest.approx(o["threshold"])
+        assert len(det.center) == len(det.channels) * 8 and (threat == "oracle") == (len(det.channels) == 46)
+        a = o["auroc_heldout_vs_training_hosts"]
+        assert 0 <= a["lo"] <= a["point"] <= a["hi"] <= 1
+        # Thresholded at the 95 % quantile of unseen training-host windows: about 5 % flagged there.
+        assert o["flagged_share_training_hosts"] <= 0.1
+        held = np.load(out / f"heldout-{threat}.npz")
+        s = score(det, held["summary"])  # full width, as the daemon scores it
+        assert ((s >= FLAG_AT).mean()) == pytest.approx(o["flagged_share_heldout"])
+        for key, f in o["accuracy_flagged_vs_unflagged"].items():
+            assert f["n_flagged"] + f["n_unflagged"] == len(held["y"]), key
+            assert key.endswith(threat) and key.split("-")[0] in TRAINED
+    assert _auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert _auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    table = summary_table(on_disk)
+    assert "OOD flag (realistic" in table and "AUROC held-out hosts vs training hosts" in table
 
 
 def test_cli_turns_a_trainer_error_into_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,9 +22,13 @@ from trainer.errors import TrainerError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("trainer.synth", "write a synthetic receiver store (SPEC section 3)"),
     "validate": ("trainer.validate", "validate every archive of a store and write the acceptance index"),
-    "train": ("trainer.train", "extract windows and train the six models for both threat models"),
+    "train": ("trainer.train", "extract windows and train every model for both threat models"),
     "export": ("trainer.export", "export a training run to an ONNX models directory for the edge"),
     "bench": ("trainer.bench", "latency benchmark of an exported models directory (model_perf points)"),
+    "cache": (
+        "trainer.windowstore",
+        "the window store: `cache build` extracts now, `cache gc` deletes stale shards",
+    ),
 }
 
 

@@ -1,41 +1,52 @@
-"""Windows of the accepted episodes, a feature cache keyed by the schema hash, and splits.
+"""Windows of the accepted episodes, the window store on disk, and the splits.
 
-ws = load_windows(store, index)          # extracts in parallel, or loads the cache at once
+ws = load_windows(store, index)          # extracts what is missing, then a table of every window
 split = make_split(ws, "host", seed=0)   # held-out host / sample / time
-X = ws.view("realistic", "tensor")[split.train]
+x = ws.rows("realistic", "tensor", split.train)   # trainer.rows.Rows: read in batches, not all at once
+
+In RAM the trainer holds only the window table (about 80 bytes a window: episode, host,
+profile, sample, label, window number, coverage, time rank, where its arrays live); the
+arrays stay in the per-archive shards of trainer.windowstore, memory-mapped when read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
-import shutil
+import sys
 import tempfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from schema import extract
 from schema.channels import MIN_COVERAGE, N_CHANNELS, SUMMARY_STATS, WINDOW_STEPS
 from schema.hashing import schema_hash
-from schema.reader import read_episode
 from schema.validation import read_index
-from schema.vocab import INDEX_NAME, SOURCES, THREAT_SOURCES
+from schema.vocab import INDEX_NAME, SOURCES, THREAT_MODELS, THREAT_SOURCES
+from trainer import windowstore as wst
 from trainer.errors import DatasetError
+from trainer.rows import ArrayRows
 
 # Episodes the trainer learns from; rejected and errored never reach it.
 USABLE_STATUSES = ("accepted", "degraded")
 CLEAN_ONLY = "none"  # profile and sample of an episode with no malware
+# export's envelopes and projectors read a bounded, profile-stratified sample of episodes
+CORPUS_SAMPLE_EPISODES = 300
+
+
+def _coverage_mask(coverage: np.ndarray, threat_model: str) -> np.ndarray:
+    need = [SOURCES.index(s) for s in THREAT_SOURCES[threat_model]]
+    return (coverage[:, need] >= MIN_COVERAGE).all(axis=1)
 
 
 @dataclass
 class WindowSet:
+    """Windows held in memory (tests, export's bounded corpus sample)."""
+
     tensor: np.ndarray  # float32 (N, 46, 100)
     summary: np.ndarray  # float32 (N, 46 * k)
     coverage: np.ndarray  # float32 (N, 4)
@@ -53,40 +64,113 @@ class WindowSet:
 
     def mask(self, threat_model: str) -> np.ndarray:
         """Windows where every source the threat model needs has data."""
-        need = [SOURCES.index(s) for s in THREAT_SOURCES[threat_model]]
-        return (self.coverage[:, need] >= MIN_COVERAGE).all(axis=1)
+        return _coverage_mask(self.coverage, threat_model)
+
+    def finite(self, threat_model: str) -> np.ndarray:
+        """Windows whose threat-model view holds no NaN or inf (in either input kind)."""
+        ok = np.isfinite(self.view(threat_model, "tensor").reshape(len(self), -1)).all(axis=1)
+        return ok & np.isfinite(self.view(threat_model, "summary")).all(axis=1)
 
     def view(self, threat_model: str, kind: str) -> np.ndarray:
         return extract.view(self.tensor if kind == "tensor" else self.summary, threat_model, kind)
+
+    def rows(self, threat_model: str | None, kind: str, idx: np.ndarray) -> ArrayRows:
+        """Windows ``idx`` in a threat model's view (None: full width, all 46 channels)."""
+        idx = np.asarray(idx, np.int64)
+        full = self.tensor if kind == "tensor" else self.summary
+        x = full[idx] if threat_model is None else self.view(threat_model, kind)[idx]
+        return ArrayRows(x, groups=np.asarray(self.episode)[idx])
 
     def subset(self, idx: np.ndarray) -> WindowSet:
         arrays = {f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "skipped"}
         return WindowSet(**arrays, skipped=dict(self.skipped))
 
 
-_ARRAYS = tuple(f.name for f in fields(WindowSet) if f.name != "skipped")
+_TABLE = ("y", "window", "coverage", "finite")  # per-window columns read from the shards
 
 
-def _episode_windows(args: tuple[str, dict]) -> dict:
-    path, rec = args
-    ep = read_episode(Path(path))
-    ew = extract.extract_episode(ep)
-    keep = ew.labels >= 0
-    n = int(keep.sum())
-    skipped = dict(ew.skipped)
-    skipped["unlabelled"] = int((~keep).sum())
-    return {
-        "tensor": ew.tensor[keep],
-        "coverage": ew.coverage[keep],
-        "y": ew.labels[keep],
-        "window": ew.windows[keep],
-        "episode": np.full(n, rec["episode_id"]),
-        "host": np.full(n, rec["host"]),
-        "profile": np.full(n, rec.get("profile") or CLEAN_ONLY),
-        "sample": np.full(n, rec.get("sample") or CLEAN_ONLY),
-        "started_ns": rec.get("started_ns") or 0,
-        "skipped": skipped,
-    }
+@dataclass
+class StoreWindows:
+    """The window table of a store; the arrays stay on disk in trainer.windowstore shards."""
+
+    y: np.ndarray  # int64 (N,)
+    episode: np.ndarray  # object (N,): one shared str per episode
+    host: np.ndarray
+    profile: np.ndarray
+    sample: np.ndarray
+    t_rank: np.ndarray  # float64 (N,)
+    window: np.ndarray  # int32 (N,)
+    coverage: np.ndarray  # float32 (N, 4)
+    finite_: np.ndarray  # bool (N, len(THREAT_MODELS)): the view has no NaN
+    shard: np.ndarray  # int32 (N,): which of `dirs`
+    row: np.ndarray  # int32 (N,): row inside the shard
+    dirs: list[Path]
+    skipped: dict[str, int] = field(default_factory=dict)
+    root: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def n_episodes(self) -> int:
+        return len(np.unique(self.shard))
+
+    def mask(self, threat_model: str) -> np.ndarray:
+        return _coverage_mask(self.coverage, threat_model)
+
+    def finite(self, threat_model: str) -> np.ndarray:
+        return self.finite_[:, THREAT_MODELS.index(threat_model)]
+
+    def rows(self, threat_model: str | None, kind: str, idx: np.ndarray) -> wst.StoreRows:
+        """Windows ``idx`` in a threat model's view (None: full width), read from the shards on demand."""
+        return wst.StoreRows(self.dirs, self.shard, self.row, idx, threat_model, kind)
+
+    def disk_bytes(self) -> int:
+        return sum(
+            (d / f"{k}.npy").stat().st_size
+            for d in set(self.dirs[i] for i in np.unique(self.shard))
+            for k in wst.ARRAYS
+        )
+
+    def sample_episodes(self, max_episodes: int = CORPUS_SAMPLE_EPISODES, seed: int = 0) -> np.ndarray:
+        """Window indices of at most ``max_episodes`` episodes, the same share of each profile."""
+        eps, first = np.unique(self.shard, return_index=True)
+        if len(eps) <= max_episodes:
+            return np.arange(len(self))
+        rng = np.random.default_rng(seed)
+        prof = self.profile[first]
+        chosen: list[np.ndarray] = []
+        for p in sorted(set(prof)):
+            group = eps[prof == p]
+            k = max(1, round(len(group) * max_episodes / len(eps)))
+            chosen.append(rng.choice(group, size=min(k, len(group)), replace=False))
+        return np.flatnonzero(np.isin(self.shard, np.concatenate(chosen)))
+
+    def materialize(self, idx: np.ndarray | None = None) -> WindowSet:
+        """These windows (all of them by default) as an in-memory WindowSet, full width."""
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx, np.int64)
+        tensor = np.empty((len(idx), N_CHANNELS, WINDOW_STEPS), np.float32)
+        summary = np.empty((len(idx), N_CHANNELS * len(SUMMARY_STATS)), np.float32)
+        sh, rw = self.shard[idx], self.row[idx]
+        for s in np.unique(sh):
+            at = np.flatnonzero(sh == s)
+            for name, out in (("tensor", tensor), ("summary", summary)):
+                mm = wst.open_array(self.dirs[int(s)], name)
+                out[at] = mm[rw[at]]
+                del mm
+        return WindowSet(
+            tensor=tensor,
+            summary=summary,
+            coverage=self.coverage[idx],
+            y=self.y[idx],
+            episode=self.episode[idx].astype(str),
+            host=self.host[idx].astype(str),
+            profile=self.profile[idx].astype(str),
+            sample=self.sample[idx].astype(str),
+            t_rank=self.t_rank[idx],
+            window=self.window[idx],
+            skipped=dict(self.skipped),
+        )
 
 
 def _records(store: Path, index: Path) -> list[dict]:
@@ -108,6 +192,10 @@ def _records(store: Path, index: Path) -> list[dict]:
     return sorted((r for r in recs if r["status"] in USABLE_STATUSES), key=lambda r: r["path"])
 
 
+def usable_records(index: Path) -> list[dict]:
+    return _records(Path(index).parent, Path(index))
+
+
 def _to_dict(rec) -> dict:
     import msgspec
 
@@ -121,26 +209,51 @@ def cache_key(records: list[dict]) -> str:
     return h.hexdigest()[:24]
 
 
-def _load_cache(d: Path) -> WindowSet | None:
-    try:
-        arrays = {name: np.load(d / f"{name}.npy", allow_pickle=False) for name in _ARRAYS}
-        skipped = json.loads((d / "skipped.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return WindowSet(**arrays, skipped=skipped)
+def default_cache(index: Path) -> Path:
+    return Path(index).parent / "cache"
 
 
-def _save_cache(ws: WindowSet, d: Path) -> None:
-    """Written beside its final place, then renamed: a cache is whole or absent."""
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=d.name + ".tmp-", dir=d.parent))
-    for name in _ARRAYS:
-        np.save(tmp / f"{name}.npy", getattr(ws, name), allow_pickle=False)
-    (tmp / "skipped.json").write_text(json.dumps(ws.skipped))
+def _table_from_shards(root: Path, records: list[dict]) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in _TABLE}
+    n_per, names, counts = [], [], []
+    for r in records:
+        meta = wst.read_meta(wst.shard_dir(root, r["sha256"]))
+        for k in _TABLE:
+            parts[k].append(meta[k])
+        n_per.append(len(meta["y"]))
+        names.extend(meta["skipped_names"].tolist())
+        counts.extend(meta["skipped_counts"].tolist())
+    table = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    table["n_per"] = np.array(n_per, np.int64)
+    skipped: Counter[str] = Counter()
+    for name, c in zip(names, counts):
+        skipped[name] += int(c)
+    table["skipped_names"] = np.array(sorted(skipped), dtype=str)
+    table["skipped_counts"] = np.array([skipped[k] for k in sorted(skipped)], np.int64)
+    return table
+
+
+def _load_table(root: Path, records: list[dict], reuse: bool = True) -> dict[str, np.ndarray]:
+    """The window table of these records: one file when this set was seen before (and no shard
+    was written since), else gathered from the shards' metadata."""
+    path = root / "tables" / f"{cache_key(records)}.npz"
     try:
-        os.replace(tmp, d)
-    except OSError:  # another run won the race; theirs is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not reuse:
+            raise FileNotFoundError(path)
+        with np.load(path, allow_pickle=False) as z:
+            table = {k: z[k] for k in z.files}
+        if len(table["n_per"]) == len(records):
+            os.utime(path)
+            return table
+    except (OSError, ValueError, KeyError):
+        pass
+    table = _table_from_shards(root, records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + wst.TMP_MARK, suffix=".npz", dir=path.parent)
+    os.close(fd)
+    np.savez(tmp, **table)
+    os.replace(tmp, path)
+    return table
 
 
 def load_windows(
@@ -149,8 +262,9 @@ def load_windows(
     cache_dir: Path | None = None,
     jobs: int | None = None,
     progress: bool = True,
-) -> WindowSet:
-    """Every labelled window of the store's accepted and degraded episodes."""
+) -> StoreWindows:
+    """The window table of every labelled window of the store's accepted and degraded episodes;
+    archives without a shard under the current schema hash are extracted first."""
     store = Path(store)
     index = Path(index) if index else store / INDEX_NAME
     records = _records(store, index)
@@ -158,49 +272,44 @@ def load_windows(
         raise DatasetError(
             f"{index}: no accepted or degraded episodes to learn from (run `phasewatch validate` first)"
         )
-    cache = (Path(cache_dir) if cache_dir else index.parent / "cache") / f"windows-{cache_key(records)}"
-    if (cached := _load_cache(cache)) is not None:
-        if progress:
-            print(f"features: {len(cached)} windows from cache {cache}")
-        return cached
+    cache = Path(cache_dir) if cache_dir else default_cache(index)
+    root = wst.schema_root(cache)
+    built = wst.build_shards(store, [(r["path"], r["sha256"]) for r in records], root, jobs, progress)
+    table = _load_table(root, records, reuse=built.extracted == 0)
+    n_per = table["n_per"]
+    starts = np.array([r.get("started_ns") or 0 for r in records], dtype=np.float64)
+    rank = np.argsort(np.argsort(starts, kind="stable"), kind="stable") / max(len(records) - 1, 1)
 
-    jobs = jobs or os.cpu_count() or 1
-    work = [(str(store / r["path"]), r) for r in records]
-    parts: list[dict] = []
-    with ProcessPoolExecutor(jobs) as pool:
-        it = pool.map(_episode_windows, work, chunksize=4)
-        for part in tqdm(it, total=len(work), desc="extract", unit="ep", disable=not progress):
-            parts.append(part)
-    ws = _concat(parts)
-    _save_cache(ws, cache)
+    def per_episode(values: list) -> np.ndarray:
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = [sys.intern(str(v)) for v in values]
+        return np.repeat(arr, n_per)
+
+    ws = StoreWindows(
+        y=table["y"].astype(np.int64),
+        episode=per_episode([r["episode_id"] for r in records]),
+        host=per_episode([r["host"] for r in records]),
+        profile=per_episode([r.get("profile") or CLEAN_ONLY for r in records]),
+        sample=per_episode([r.get("sample") or CLEAN_ONLY for r in records]),
+        t_rank=np.repeat(rank, n_per),
+        window=table["window"].astype(np.int32),
+        coverage=table["coverage"].astype(np.float32).reshape(-1, len(SOURCES)),
+        finite_=table["finite"].astype(bool).reshape(-1, len(THREAT_MODELS)),
+        shard=np.repeat(np.arange(len(records), dtype=np.int32), n_per),
+        row=np.concatenate([np.arange(n, dtype=np.int32) for n in n_per])
+        if len(n_per)
+        else np.zeros(0, np.int32),
+        dirs=[wst.shard_dir(root, r["sha256"]) for r in records],
+        skipped=dict(zip(table["skipped_names"].tolist(), table["skipped_counts"].tolist())),
+        root=root,
+    )
     if progress:
         print(
-            f"features: {len(ws)} windows from {len(parts)} episodes; skipped {ws.skipped}; cached in {cache}"
+            f"features: {len(ws)} windows from {len(records)} episodes "
+            f"({built.extracted} extracted now, {built.reused} from the window store {root}); "
+            f"skipped {ws.skipped}"
         )
     return ws
-
-
-def _concat(parts: list[dict]) -> WindowSet:
-    starts = np.array([p["started_ns"] for p in parts], dtype=np.float64)
-    rank = np.argsort(np.argsort(starts, kind="stable"), kind="stable") / max(len(parts) - 1, 1)
-    skipped: Counter[str] = Counter()
-    for p in parts:
-        skipped.update(p["skipped"])
-    n_per = [len(p["y"]) for p in parts]
-    arrays = {
-        name: np.concatenate([p[name] for p in parts])
-        for name in _ARRAYS
-        if name not in ("summary", "t_rank")
-    }
-    if not len(arrays["y"]):
-        arrays["tensor"] = np.zeros((0, N_CHANNELS, WINDOW_STEPS), np.float32)
-    arrays["t_rank"] = np.repeat(rank, n_per)
-    arrays["summary"] = (
-        extract.summarize(arrays["tensor"])
-        if len(arrays["y"])
-        else np.zeros((0, N_CHANNELS * len(SUMMARY_STATS)), np.float32)
-    )
-    return WindowSet(**arrays, skipped=dict(skipped))
 
 
 # --- splits ------------------------------------------------------------------------
@@ -227,7 +336,7 @@ class Split:
 
 
 def _episodes_split(
-    ws: WindowSet, eps: np.ndarray, share: float, rng: np.random.Generator
+    ws: _Episodes, eps: np.ndarray, share: float, rng: np.random.Generator
 ) -> tuple[set, set]:
     """Split episodes (not windows) into two groups, stratified by profile."""
     ep_profile = {e: p for e, p in zip(ws.episode, ws.profile)}
@@ -243,7 +352,7 @@ def _episodes_split(
 
 
 def _finish(
-    ws: WindowSet,
+    ws: _Episodes,
     kind: str,
     test_eps: set,
     rest_eps: np.ndarray,
@@ -265,7 +374,61 @@ def _finish(
     return Split(kind, train, val, test, untested, desc, groups)
 
 
-def make_split(ws: WindowSet, kind: str = "host", seed: int = 0, test_share: float = 0.3) -> Split:
+@dataclass
+class _Episodes:
+    """One row per episode, sorted by episode name: what a split decides on."""
+
+    episode: np.ndarray
+    host: np.ndarray
+    profile: np.ndarray
+    sample: np.ndarray
+    t_rank: np.ndarray
+
+
+def _episode_frame(ws: WindowSet | StoreWindows) -> tuple[_Episodes, np.ndarray]:
+    """The episodes of ``ws`` and each window's row in that frame (integers, no string sort of
+    millions of windows: a store-backed table already numbers its episodes by shard)."""
+    if isinstance(ws, StoreWindows):
+        _, first, pos = np.unique(ws.shard, return_index=True, return_inverse=True)
+        names = ws.episode[first].astype(str)
+        order = np.argsort(names, kind="stable")
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        code, first = rank[pos.ravel()], first[order]
+    else:
+        _, first, code = np.unique(np.asarray(ws.episode).astype(str), return_index=True, return_inverse=True)
+        code = code.ravel()
+    frame = _Episodes(
+        *(np.asarray(getattr(ws, k))[first].astype(str) for k in ("episode", "host", "profile", "sample")),
+        t_rank=np.asarray(ws.t_rank)[first],
+    )
+    return frame, code
+
+
+def make_split(
+    ws: WindowSet | StoreWindows, kind: str = "host", seed: int = 0, test_share: float = 0.3
+) -> Split:
+    """Held-out host / sample / time over episodes, then mapped to window indices (see _split)."""
+    frame, code = _episode_frame(ws)
+    sp = _split(frame, kind, seed, test_share)  # indices are rows of the frame: episodes
+
+    def windows(eps: np.ndarray) -> np.ndarray:
+        m = np.zeros(len(frame.episode), bool)
+        m[eps] = True
+        return np.flatnonzero(m[code])
+
+    return Split(
+        sp.kind,
+        windows(sp.train),
+        windows(sp.val),
+        windows(sp.test),
+        sp.untested_profiles,
+        sp.description,
+        sp.test_groups,
+    )
+
+
+def _split(ws: _Episodes, kind: str = "host", seed: int = 0, test_share: float = 0.3) -> Split:
     """Held-out host, held-out sample or held-out time; never an episode on both sides.
 
     host: the smallest set of hosts (~test_share of them) whose episodes cover every profile,

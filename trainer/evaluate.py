@@ -29,16 +29,20 @@ def confusion(
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
     labels = labels_seen(y_true, y_pred) if labels is None else np.asarray(labels, np.int64)
-    pos = {int(l): i for i, l in enumerate(labels)}
     k = len(labels)
-    ti = np.array([pos[int(v)] for v in y_true], np.int64) if len(y_true) else np.zeros(0, np.int64)
-    pi = np.array([pos[int(v)] for v in y_pred], np.int64) if len(y_pred) else np.zeros(0, np.int64)
+    ti, pi = np.searchsorted(labels, y_true), np.searchsorted(labels, y_pred)
+    if len(y_true) and (
+        ti.max() >= k or pi.max() >= k or (labels[ti] != y_true).any() or (labels[pi] != y_pred).any()
+    ):
+        raise KeyError("a label outside `labels`")
     cm = np.bincount(ti * k + pi, minlength=k * k).reshape(k, k)
     return labels, cm
 
 
 def f1_from_confusion(cm: np.ndarray) -> np.ndarray:
-    """Per-class F1 from (..., K, K) confusion matrices; a class with no true and no predicted windows is NaN."""
+    """Per-class F1 from (..., K, K) confusion matrices.
+
+    A class with no true and no predicted windows is NaN."""
     tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
     denom = cm.sum(axis=-1) + cm.sum(axis=-2)  # 2*tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -87,10 +91,24 @@ def _group_confusions(
     return np.arange(n_groups), out
 
 
-def _resample_weights(n_groups: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, G) counts: how often each episode is drawn in each resample."""
+BOOT_CHUNK_CELLS = 4_000_000  # resamples x episodes drawn at once: 32 MB of counts, whatever n_boot
+
+
+def _resampled(cms: list[np.ndarray], n_boot: int, seed: int) -> list[np.ndarray]:
+    """For each (G, K, K) stack, the (n_boot, K, K) confusion of every episode resample.
+
+    The (n_boot, G) draw counts come in chunks of resamples from one generator, so the
+    numbers are those of one big draw and the memory is bounded by BOOT_CHUNK_CELLS."""
+    n_groups = cms[0].shape[0]
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
+    p = np.full(n_groups, 1.0 / n_groups)
+    step = max(1, BOOT_CHUNK_CELLS // max(1, n_groups))
+    out: list[list[np.ndarray]] = [[] for _ in cms]
+    for lo in range(0, n_boot, step):
+        w = rng.multinomial(n_groups, p, size=min(step, n_boot - lo))
+        for acc, cm in zip(out, cms):
+            acc.append(np.einsum("bg,gij->bij", w, cm))
+    return [np.concatenate(a) if a else np.zeros((0, *c.shape[1:]), np.int64) for a, c in zip(out, cms)]
 
 
 @dataclass(frozen=True)
@@ -122,8 +140,8 @@ def bootstrap_ci(
         return CI(point, float("nan"), float("nan"), 0, n_boot)
     labels = labels_seen(y_true, y_pred)
     gids, (cms,) = _group_confusions(y_true, [y_pred], groups, labels)
-    w = _resample_weights(len(gids), n_boot, seed)
-    boot = macro_f1_from_confusion(np.einsum("bg,gij->bij", w, cms))
+    (boot_cm,) = _resampled([cms], n_boot, seed)
+    boot = macro_f1_from_confusion(boot_cm)
     lo, hi = np.nanquantile(boot, [alpha / 2, 1 - alpha / 2])
     return CI(point, float(lo), float(hi), len(gids), n_boot)
 
@@ -159,12 +177,10 @@ def paired_bootstrap(
     if len(y_true) == 0:
         return PairedGap(float("nan"), float("nan"), float("nan"), float("nan"), False)
     labels = labels_seen(y_true, pred_a, pred_b)
-    gids, (cm_a, cm_b) = _group_confusions(y_true, [pred_a, pred_b], groups, labels)
-    w = _resample_weights(len(gids), n_boot, seed)
+    _, (cm_a, cm_b) = _group_confusions(y_true, [pred_a, pred_b], groups, labels)
+    boot_a, boot_b = _resampled([cm_a, cm_b], n_boot, seed)
     # Each model's F1 over the labels its own predictions and the truth hold (as macro_f1 does).
-    d = macro_f1_from_confusion(np.einsum("bg,gij->bij", w, cm_a)) - macro_f1_from_confusion(
-        np.einsum("bg,gij->bij", w, cm_b)
-    )
+    d = macro_f1_from_confusion(boot_a) - macro_f1_from_confusion(boot_b)
     d = d[~np.isnan(d)]
     lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
     p = 2 * min(float((d <= 0).mean()), float((d >= 0).mean()))
@@ -228,23 +244,34 @@ def majority_baseline(y_train: np.ndarray, n: int, n_classes: int = len(PHASES))
     return proba
 
 
-def logistic_baseline(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int = len(PHASES), seed: int = 0
-) -> np.ndarray:
+def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0):
     """Class-balanced logistic regression on signed-log, standardised summary features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-    def signed_log(x: np.ndarray) -> np.ndarray:
-        return np.sign(x) * np.log1p(np.abs(x))
-
     clf = make_pipeline(
-        FunctionTransformer(signed_log),
+        FunctionTransformer(_signed_log),
         StandardScaler(),
         LogisticRegression(max_iter=500, class_weight="balanced", random_state=seed),
     )
-    clf.fit(x_train, y_train)
-    proba = np.zeros((len(x_test), n_classes), np.float32)
-    proba[:, clf.classes_] = clf.predict_proba(x_test)
+    return clf.fit(x_train, y_train)
+
+
+def _signed_log(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def logistic_proba(clf, x: np.ndarray, n_classes: int = len(PHASES)) -> np.ndarray:
+    """(N, n_classes) probabilities of a fitted ``fit_logistic``; classes it never saw get 0."""
+    proba = np.zeros((len(x), n_classes), np.float32)
+    if len(x):
+        proba[:, clf.classes_] = clf.predict_proba(x)
     return proba
+
+
+def logistic_baseline(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int = len(PHASES), seed: int = 0
+) -> np.ndarray:
+    """Class-balanced logistic regression on signed-log, standardised summary features."""
+    return logistic_proba(fit_logistic(x_train, y_train, seed=seed), x_test, n_classes)

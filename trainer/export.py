@@ -71,6 +71,7 @@ from trainer.graphs import (
     measure_parity,
 )
 from trainer.heldout import Heldout
+from trainer.ood import ship_detectors
 
 __all__ = ["MAX_IR_VERSION", "ExportError", "check_graph", "export_run", "measure_parity", "swap_into_place"]
 
@@ -237,7 +238,10 @@ def _corpus(run_doc: RunDoc, progress: bool) -> Any | None:
     try:
         from trainer.dataset import load_windows
 
-        return load_windows(Path(store), Path(index) if index else None, progress=progress)
+        ws = load_windows(Path(store), Path(index) if index else None, progress=progress)
+        # A bounded, profile-stratified sample of episodes (trainer.dataset.CORPUS_SAMPLE_EPISODES):
+        # envelopes and projectors need hundreds of episodes, not the whole store in RAM.
+        return ws.materialize(ws.sample_episodes()) if hasattr(ws, "materialize") else ws
     except (TrainerError, OSError, ValueError, KeyError) as e:
         print(
             f"export: corpus at {store} unavailable ({e}); envelopes and projectors use held-out windows",
@@ -321,6 +325,7 @@ def export_run(
             _export_projector(t, tmp, corpus, heldout[t], common, opset, seed) for t in sorted(heldout)
         ]
         envelopes = _envelopes(corpus, heldout)
+        oods = ship_detectors(run, tmp, sorted(heldout))  # trainer/ood.py: ood-<threat>.json
 
         for e in entries:
             files.append(FileEntry(e.file, sha256_file(tmp / e.file), (tmp / e.file).stat().st_size, "model"))
@@ -328,6 +333,8 @@ def export_run(
             files.append(
                 FileEntry(p.file, sha256_file(tmp / p.file), (tmp / p.file).stat().st_size, "projector")
             )
+        for o in oods:
+            files.append(FileEntry(o.file, sha256_file(tmp / o.file), (tmp / o.file).stat().st_size, "ood"))
         manifest = Manifest(
             schema_hash=expected,
             created=created,
@@ -341,6 +348,7 @@ def export_run(
             models=entries,
             projectors=projectors,
             envelopes=envelopes,
+            ood=oods,
             split=run_doc.split,
             run=RunRef(
                 path=str(run),

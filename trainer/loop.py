@@ -11,6 +11,12 @@ run before that floor: 40 steps on 200 windows is not a trained model.
 
 Seeded and deterministic on CPU: the same seed, data and thread count give the same
 weights bit for bit.
+
+Data comes in as :class:`trainer.rows.Rows`: held in RAM when the split fits in the
+memory budget (one global permutation per epoch), else read block by block from the
+window store through :func:`trainer.rows.epoch_plan`. Either way the same seed and the
+same rows give the same batches, whether the rows live in RAM or on disk. Under torch DDP
+(``torchrun``), each rank trains on its share of the blocks (see docs/SCALE.md).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import nn
 
 from trainer.evaluate import macro_f1
 from trainer.models.base import FitResult, ProgressFn
+from trainer.rows import Rows, as_rows, chunk_rows, chunks, epoch_plan, materialize, row_bytes
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,9 @@ class LoopConfig:
     gain_group: int = 1  # summary input: consecutive features of one channel share a gain
     seed: int = 0
     threads: int | None = None  # None: torch's default (all cores)
+    # Windows held in RAM at once (MB): half for the shuffle buffer, a quarter for the
+    # validation set (streamed in chunks when larger), a quarter for prediction chunks.
+    memory_mb: float = 384.0
 
     @classmethod
     def from_config(cls, config: dict, seed: int) -> LoopConfig:
@@ -117,18 +127,36 @@ def pick_device() -> torch.device:
 
 @torch.no_grad()
 def predict_logits(
-    net: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024
+    net: nn.Module, x: torch.Tensor | Rows, device: torch.device, batch_size: int = 1024, chunk: int = 8192
 ) -> np.ndarray:
+    """Logits of a tensor in RAM or of Rows read ``chunk`` rows at a time."""
     net.eval()
-    out = [net(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    if isinstance(x, torch.Tensor):
+        parts = [x]
+    else:
+        parts = (torch.from_numpy(c) for c in chunks(x, chunk))
+    out = [
+        net(p[i : i + batch_size].to(device)).float().cpu()
+        for p in parts
+        for i in range(0, len(p), batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def train_loop(
     net: nn.Module,
-    x_tr: np.ndarray,
+    x_tr: np.ndarray | Rows,
     y_tr: np.ndarray,
-    x_val: np.ndarray,
+    x_val: np.ndarray | Rows,
     y_val: np.ndarray,
     cfg: LoopConfig,
     n_classes: int,
@@ -144,10 +172,19 @@ def train_loop(
     torch.manual_seed(cfg.seed)  # dropout draws
     rng = np.random.default_rng(cfg.seed)  # batch order
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation draws
+    rank, world = dist_rank_world()
 
     net.to(device)
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr)
-    xv = torch.from_numpy(np.ascontiguousarray(x_val))
+    rows_tr, rows_val = as_rows(x_tr), as_rows(x_val)
+    mem_bytes = cfg.memory_mb * 2**20
+    buffer_rows = max(cfg.batch_size, int(mem_bytes / 2 // row_bytes(rows_tr)))
+    # The whole train side in RAM when it fits the shuffle buffer (as before streaming existed).
+    x_all = materialize(rows_tr, mem_bytes / 2)
+    xt = torch.from_numpy(x_all) if x_all is not None else None
+    yt = torch.from_numpy(np.asarray(y_tr, np.int64))
+    x_val_ram = materialize(rows_val, mem_bytes / 4)
+    xv: torch.Tensor | Rows = torch.from_numpy(x_val_ram) if x_val_ram is not None else rows_val
+    val_chunk = chunk_rows(rows_val, mem_bytes / 4)
     loss_fn = nn.CrossEntropyLoss(
         weight=class_weights(y_tr, n_classes).to(device), label_smoothing=cfg.label_smoothing
     )
@@ -158,9 +195,14 @@ def train_loop(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
     )
-    budget = plan_budget(len(xt), cfg)
-    steps_per_epoch, batch_size, total = budget.steps_per_epoch, budget.batch_size, budget.total_steps
+    n_tr = len(rows_tr)
+    budget = plan_budget(n_tr, cfg)
+    batch_size = budget.batch_size
+    steps_per_epoch = max(1, budget.steps_per_epoch // world)
+    total = steps_per_epoch * budget.epochs
     warmup = max(1, int(cfg.warmup_frac * total))
+    if x_all is None:  # block mode: the block-packing rarely adds a step per block
+        buffer_rows = min(buffer_rows, n_tr - 1)
 
     amp_dtype = None
     if device.type == "cuda":
@@ -173,13 +215,11 @@ def train_loop(
     try:
         for epoch in range(1, budget.epochs + 1):
             net.train()
-            order = torch.from_numpy(rng.permutation(len(xt)))
             loss_sum, seen = 0.0, 0
-            for b in range(steps_per_epoch):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                if len(idx) < 2:  # a batch of one breaks BatchNorm; its sample comes back next epoch
+            for xb, yb in _batches(rows_tr, xt, yt, batch_size, buffer_rows, rng, rank, world):
+                if len(yb) < 2:  # a batch of one breaks BatchNorm; its sample comes back next epoch
                     continue
-                xb, yb = xt[idx], yt[idx].to(device, non_blocking=True)
+                yb = yb.to(device, non_blocking=True)
                 if cfg.gain_jitter > 0:
                     xb = jitter_gain(xb, cfg.gain_jitter, cfg.gain_group, aug_gen)
                 xb = xb.to(device, non_blocking=True)
@@ -194,10 +234,10 @@ def train_loop(
                 nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_norm)
                 scaler.step(opt)
                 scaler.update()
-                loss_sum += float(loss.detach()) * len(idx)
-                seen += len(idx)
+                loss_sum += float(loss.detach()) * len(yb)
+                seen += len(yb)
                 step += 1
-            val_pred = predict_logits(net, xv, device).argmax(axis=1)
+            val_pred = predict_logits(net, xv, device, chunk=val_chunk).argmax(axis=1)
             val_f1 = macro_f1(y_val, val_pred)
             if val_f1 > best_f1 + 1e-4:
                 best_f1, best_epoch = val_f1, epoch
@@ -232,3 +272,27 @@ def train_loop(
         stopped=stopped,
         history=history,
     )
+
+
+def _batches(
+    rows: Rows,
+    x_ram: torch.Tensor | None,
+    y: torch.Tensor,
+    batch_size: int,
+    buffer_rows: int,
+    rng: np.random.Generator,
+    rank: int,
+    world: int,
+):
+    """One epoch of (inputs, labels) batches: from RAM, or block by block from the store."""
+    n = len(rows)
+    plan = epoch_plan(n, rows.groups, batch_size, n if x_ram is not None else buffer_rows, rng, rank, world)
+    for block in plan:
+        if x_ram is not None:
+            xs, ys = x_ram, y
+        else:
+            xs = torch.from_numpy(rows.take(block.positions))  # (B_block, *row_shape), read once
+            ys = y[torch.from_numpy(block.positions)]
+        for b in block.batches:
+            idx = torch.from_numpy(b)
+            yield xs[idx], ys[idx]

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,15 +31,24 @@ from schema.artifacts import (
     estimate,
     heldout_file,
 )
+from schema.extract import input_shape
 from schema.hashing import schema_hash
 from schema.vocab import INDEX_NAME, MODEL_INPUT, MODELS, THREAT_MODELS
 from trainer import evaluate as ev
+from trainer.calibrate import calibration_metrics
 from trainer.errors import DatasetError, TrainerError
-from trainer.heldout import save_heldout
 from trainer.models.base import BUDGETS
+from trainer.ood import ood_for_threat
 from trainer.report import summary_table, write_report
+from trainer.rows import Gather, Rows, chunk_rows, chunks, sample_positions
 
 SPLITS = ("host", "sample", "time")
+LOGREG_MAX_ROWS = 20_000  # the logistic baseline fits on a seeded sample of at most this many train windows
+HELDOUT_MAX_WINDOWS = 10_000  # the held-out file keeps whole test episodes up to this many windows
+DEFAULT_MEMORY_MB = 384  # shuffle buffer + validation cache + evaluation chunks (see docs/SCALE.md)
+RUNTIME_MB = 750  # python + torch + xgboost + sklearn + a model: bench_scale train peak minus the budget
+TABLE_BYTES_PER_WINDOW = 90  # the in-RAM window table
+PHASE_LOG_ENV = "PHASEWATCH_PHASE_LOG"
 
 
 class Windows(Protocol):
@@ -55,7 +65,8 @@ class Windows(Protocol):
 
     def __len__(self) -> int: ...
     def mask(self, threat_model: str) -> np.ndarray: ...
-    def view(self, threat_model: str, kind: str) -> np.ndarray: ...
+    def finite(self, threat_model: str) -> np.ndarray: ...
+    def rows(self, threat_model: str | None, kind: str, idx: np.ndarray) -> Rows: ...
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,6 +106,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--cache", type=Path, default=None, help="feature cache directory (default: next to the index)"
     )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs and paired gaps")
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=DEFAULT_MEMORY_MB,
+        metavar="MB",
+        help=f"windows held in RAM at once: shuffle buffer, validation cache, evaluation chunks "
+        f"(default {DEFAULT_MEMORY_MB}); peak memory is this plus a fixed runtime, whatever the store's size",
+    )
+    p.add_argument("--jobs", type=int, default=None, help="extraction workers (default: all cores)")
 
 
 def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -122,6 +142,8 @@ def cli_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         cache_dir=args.cache,
         n_boot=args.n_boot,
+        memory_mb=args.memory_budget,
+        jobs=args.jobs,
     )
     return 0
 
@@ -139,14 +161,21 @@ def train_run(
     cache_dir: Path | None = None,
     n_boot: int = 1000,
     progress: bool = True,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
     """Load the store's windows, split them, train and report. Returns the report dict."""
     from trainer.dataset import load_windows, make_split
 
     store = Path(store)
     index = Path(index) if index else store / INDEX_NAME
-    ws = load_windows(store, index, cache_dir=cache_dir, progress=progress)
+    _phase("extract")
+    ws = load_windows(store, index, cache_dir=cache_dir, jobs=jobs, progress=progress)
+    _phase("split")
     sp = make_split(ws, kind=split, seed=seed)
+    plan = memory_plan(ws, sp, models, memory_mb)
+    if progress:
+        print(format_plan(plan))
     run_info = {"store": str(store), "index": str(index), "index_sha256": _sha256(index)}
     return train_windowset(
         ws,
@@ -160,12 +189,15 @@ def train_run(
         n_boot=n_boot,
         progress=progress,
         run_info=run_info,
+        memory_mb=memory_mb,
+        plan=plan,
     )
 
 
 def _sha256(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return None
 
@@ -201,12 +233,17 @@ def train_windowset(
     progress: bool = True,
     run_info: dict[str, Any] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    heldout_max: int | None = HELDOUT_MAX_WINDOWS,
+    plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``models`` x ``threats`` on ``split`` of ``ws`` and write the run directory.
 
     ``split`` has train/val/test window indices, kind, description, untested_profiles and
     to_json() (trainer.dataset.Split). ``overrides`` maps a model name to config entries
-    (tests use it to cut epochs).
+    (tests use it to cut epochs). ``memory_mb`` bounds the windows held at once (shuffle
+    buffer, validation cache, evaluation chunks): ``ws`` may be a store-backed table whose
+    arrays never all come into memory.
     """
     from trainer.models import build_model
 
@@ -236,16 +273,11 @@ def train_windowset(
     test_pred: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (global test idx, predicted class)
     dropped: dict[str, dict[str, int]] = {}
 
+    budget = float(memory_mb) * 2**20
     for threat in threats:
-        usable = np.asarray(ws.mask(threat), bool)
-        views = {
-            kind: ws.view(threat, kind)
-            for kind in ("summary", "tensor")
-            if any(MODEL_INPUT[m] == kind for m in models) or kind == "summary"
-        }
-        # The extractor never emits NaN for a source the threat model uses; guard anyway, loudly.
-        for _kind, x in views.items():
-            usable &= np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        # Coverage, and no NaN in the view (the extractor never emits one for a source the
+        # threat model uses; the shards record the check, guard anyway, loudly).
+        usable = np.asarray(ws.mask(threat), bool) & np.asarray(ws.finite(threat), bool)
         idx = {
             part: np.asarray(getattr(split, part))[usable[np.asarray(getattr(split, part))]]
             for part in ("train", "val", "test")
@@ -257,25 +289,29 @@ def train_windowset(
                 f"{threat}: split leaves an empty side after dropping unusable windows "
                 f"({ {k: len(v) for k, v in idx.items()} }); need more episodes"
             )
-        save_heldout(
-            out / heldout_file(threat),
-            tensor=np.asarray(ws.tensor)[te],
-            summary=np.asarray(ws.summary)[te],
-            y=y[te],
-            episode=np.asarray(ws.episode)[te],
-            host=np.asarray(ws.host)[te],
-            profile=np.asarray(ws.profile)[te],
-            sample=np.asarray(ws.sample)[te],
-            window=np.asarray(ws.window)[te],
-            index=te,
-        )
+        kinds = [
+            k for k in ("summary", "tensor") if any(MODEL_INPUT[m] == k for m in models) or k == "summary"
+        ]
+        rows = {k: {part: ws.rows(threat, k, ix) for part, ix in idx.items()} for k in kinds}
+        _phase(f"heldout {threat}")
+        # Full width (all 46 channels), like every array that crosses a file boundary.
+        full = {k: ws.rows(None, k, te) for k in ("tensor", "summary")}
+        _save_heldout(out / heldout_file(threat), ws, full, te, heldout_max, seed, budget / 4)
         meta = {"episode": ws.episode[te], "host": ws.host[te], "profile": ws.profile[te]}
 
         # Baselines on the same windows: what "the model learnt something" is measured against.
-        xs = views["summary"]
+        # logreg fits on at most LOGREG_MAX_ROWS train windows (a seeded uniform sample).
+        _phase(f"fit logreg-{threat}")
+        xs = rows["summary"]
+        lr_pos = sample_positions(len(xs["train"]), LOGREG_MAX_ROWS, seed)
+        clf = ev.fit_logistic(xs["train"].take(lr_pos), y[idx["train"]][lr_pos], seed=seed)
+        _phase(f"evaluate logreg-{threat}")
+        lr_proba = np.concatenate(
+            [ev.logistic_proba(clf, c) for c in chunks(xs["test"], chunk_rows(xs["test"], budget / 4))]
+        )
         for name, proba in (
             ("majority", ev.majority_baseline(y[idx["train"]], len(te))),
-            ("logreg", ev.logistic_baseline(xs[idx["train"]], y[idx["train"]], xs[te], seed=seed)),
+            ("logreg", lr_proba),
         ):
             key = f"{name}-{threat}"
             report["baselines"][key] = _metrics(y[te], proba, meta, n_boot, seed) | {
@@ -286,21 +322,24 @@ def train_windowset(
 
         for name in models:
             key = f"{name}-{threat}"
-            x = views[MODEL_INPUT[name]]
+            x = rows[MODEL_INPUT[name]]
             extra = dict((overrides or {}).get(name, {}))
             if threads:
                 extra.setdefault("threads", threads)
-            model = build_model(name, x.shape[1:], n_classes=5, profile=profile, seed=seed, **extra)
+            extra.setdefault("memory_mb", float(memory_mb))
+            model = build_model(name, x["train"].row_shape, n_classes=5, profile=profile, seed=seed, **extra)
             bar, update = _progress_bar(key, progress)
+            _phase(f"fit {key}")
             try:
-                fit = model.fit(
-                    x[idx["train"]], y[idx["train"]], x[idx["val"]], y[idx["val"]], progress=update
-                )
+                fit = model.fit(x["train"], y[idx["train"]], x["val"], y[idx["val"]], progress=update)
                 bar.set_postfix({"best_val_f1": f"{fit.best_val_f1:.3f}", "s": f"{fit.seconds:.0f}"})
             finally:
                 bar.close()
             model.save(out / key, schema_hash=sh)
-            proba = model.predict_proba(x[te])
+            _phase(f"evaluate {key}")
+            proba = np.concatenate(
+                [model.predict_proba(c) for c in chunks(x["test"], chunk_rows(x["test"], budget / 4))]
+            )
             report["models"][key] = _metrics(y[te], proba, meta, n_boot, seed) | {
                 "model": name,
                 "threat_model": threat,
@@ -312,9 +351,28 @@ def train_windowset(
                     "best_val_f1": fit.best_val_f1,
                     "stopped": fit.stopped,
                 },
+                # ECE/NLL before and after the validation temperature, on these held-out windows.
+                "calibration": calibration_metrics(
+                    proba, y[te], model.inverse_temperature, meta["episode"], n_boot, seed
+                )
+                | {"validation": fit.calibration},
             }
             test_pred[key] = (te, proba.argmax(axis=1))
         trained = [m for m in models if f"{m}-{threat}" in report["models"]]
+        # The OOD flag, fitted on this threat model's training windows only (trainer/ood.py);
+        # its detector goes into the run as ood-<threat>.json for export.
+        report.setdefault("ood", {})[threat] = ood_for_threat(
+            Gather(ws.rows(None, "summary", np.arange(len(ws)))),  # full width, read as indexed
+            idx,
+            y,
+            test_pred,
+            ws.episode,
+            ws.profile,
+            threat,
+            out,
+            n_boot,
+            seed,
+        )
         if trained:
             report["best"][threat] = max(
                 (f"{m}-{threat}" for m in trained), key=lambda k: report["models"][k]["macro_f1"]
@@ -337,6 +395,8 @@ def train_windowset(
             report["threat_gap"][name] = {"realistic": g.pop("f1_a"), "oracle": g.pop("f1_b"), **g}
 
     report["dropped_unusable_windows"] = dropped
+    if plan is not None:
+        report["plan"] = plan
     report["seconds"] = round(time.perf_counter() - started, 1)
     run_doc = RunDoc(
         schema_hash=sh,
@@ -353,7 +413,9 @@ def train_windowset(
         cpu_count=os.cpu_count(),
     )
     (out / RUN_FILE).write_bytes(encode_doc(run_doc))
+    _phase("report")
     write_report(out, report)
+    _phase("done")
     if progress:
         print(summary_table(report))
         print(f"run written to {out} ({report['seconds']:.0f} s); open {out / 'report.html'}")
@@ -407,3 +469,106 @@ def _paired(
         "f1_b": ev.macro_f1(y[common], pb[jb]),
         **gap.as_dict(),
     }
+
+
+def _heldout_positions(episode: np.ndarray, max_windows: int | None, seed: int) -> np.ndarray:
+    """Positions of the test windows the held-out file keeps: all, or whole episodes in a
+    seeded order up to ``max_windows`` (parity and the benchmark need thousands, not millions)."""
+    if max_windows is None or len(episode) <= max_windows:
+        return np.arange(len(episode))
+    eps, counts = np.unique(np.asarray(episode).astype(str), return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(eps))
+    take = order[np.cumsum(counts[order]) <= max_windows]
+    if not len(take):
+        take = order[:1]
+    return np.flatnonzero(np.isin(np.asarray(episode).astype(str), eps[take]))
+
+
+def _write_npy_member(zf: zipfile.ZipFile, name: str, rows: Rows, pos: np.ndarray, step: int) -> None:
+    """One float32 .npy member of an .npz, written ``step`` rows at a time."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False}
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header | {"shape": (len(pos), *rows.row_shape)})
+        for lo in range(0, len(pos), step):
+            f.write(np.ascontiguousarray(rows.take(pos[lo : lo + step]), "<f4").tobytes())
+
+
+def _save_heldout(
+    path: Path,
+    ws: Windows,
+    full: dict[str, Rows],
+    te: np.ndarray,
+    max_windows: int | None = None,
+    seed: int = 0,
+    budget_bytes: float = 64 * 2**20,
+) -> None:
+    """The test windows (full width: ``full`` has "tensor" and "summary" Rows of ``te``) plus who
+    they are, in trainer.heldout's layout, written in bounded chunks: at most ``max_windows``
+    windows, whole episodes. Whole or not at all (temp file, rename)."""
+    keep = _heldout_positions(np.asarray(ws.episode)[te], max_windows, seed)
+    sel = te[keep]
+    for kind, r in full.items():
+        if tuple(r.row_shape) != input_shape(kind):
+            raise ValueError(f"{path}: {kind} must be full width {input_shape(kind)}, got {r.row_shape}")
+    small = {
+        "y": np.asarray(ws.y, np.int64)[sel],
+        "episode": np.asarray(ws.episode)[sel].astype(str),
+        "host": np.asarray(ws.host)[sel].astype(str),
+        "profile": np.asarray(ws.profile)[sel].astype(str),
+        "sample": np.asarray(ws.sample)[sel].astype(str),
+        "window": np.asarray(ws.window)[sel],
+        "index": np.asarray(sel, np.int64),
+    }
+    tmp = path.with_name(path.name + ".tmp.npz")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for kind, r in full.items():
+            _write_npy_member(zf, kind, r, keep, chunk_rows(r, budget_bytes))
+        for name, arr in small.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _phase(name: str) -> None:
+    """A timestamped phase line for benchmarks/bench_scale.py (only when it asks for one)."""
+    log = os.environ.get(PHASE_LOG_ENV)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{time.time():.3f} {name}\n")
+
+
+def memory_plan(ws: Any, split: Any, models: list[str] | tuple[str, ...], memory_mb: float) -> dict[str, Any]:
+    """What this run reads and the peak memory it expects (docs/SCALE.md explains each term)."""
+    n_tr = len(split.train)
+    table_mb = TABLE_BYTES_PER_WINDOW * len(ws) / 2**20
+    gbt_mb = 0.0
+    if "gbt" in models:  # the quantised train matrix: one byte per feature (capped by external memory)
+        gbt_mb = min(n_tr * 368 * 1.5 / 2**20, memory_mb / 2)
+    eval_mb = len(split.test) * 64 / 2**20  # probabilities, labels and keys of the test windows
+    peak = RUNTIME_MB + table_mb + memory_mb + gbt_mb + eval_mb
+    disk = ws.disk_bytes() if hasattr(ws, "disk_bytes") else 0
+    return {
+        "episodes": int(len(np.unique(np.asarray(ws.episode)))),
+        "windows": int(len(ws)),
+        "train": n_tr,
+        "val": int(len(split.val)),
+        "test": int(len(split.test)),
+        "window_store_gb": round(disk / 1e9, 2),
+        "memory_budget_mb": memory_mb,
+        "table_mb": round(table_mb, 1),
+        "gbt_matrix_mb": round(gbt_mb, 1),
+        "evaluation_mb": round(eval_mb, 1),
+        "runtime_mb": RUNTIME_MB,
+        "expected_peak_mb": round(peak),
+    }
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    return (
+        f"plan: {p['episodes']:,} episodes, {p['windows']:,} windows "
+        f"(train {p['train']:,} / val {p['val']:,} / test {p['test']:,}), "
+        f"window store {p['window_store_gb']} GB on disk\n"
+        f"      memory: runtime {p['runtime_mb']} MB + table {p['table_mb']} MB + data budget "
+        f"{p['memory_budget_mb']:.0f} MB (--memory-budget) + gbt matrix {p['gbt_matrix_mb']} MB + evaluation "
+        f"{p['evaluation_mb']} MB -> expected peak ~{p['expected_peak_mb']:,} MB"
+    )

@@ -1,4 +1,4 @@
-"""The six phase classifiers behind one interface (see :class:`trainer.models.base.Model`).
+"""The phase classifiers behind one interface (see :class:`trainer.models.base.Model`).
 
 model = build_model("cnn", (30, 100), n_classes=5, profile="quick", seed=0)
 model.fit(x_tr, y_tr, x_val, y_val, progress=print)
@@ -23,9 +23,10 @@ def _registry() -> dict[str, type[Model]]:
     from trainer.models.gbt import GBT
     from trainer.models.mlp import MLP
     from trainer.models.rnn import GRU, LSTM
+    from trainer.models.rocket import Rocket
     from trainer.models.transformer import Transformer
 
-    reg = {m.name: m for m in (GBT, MLP, CNN, GRU, LSTM, Transformer)}
+    reg = {m.name: m for m in (GBT, MLP, CNN, GRU, LSTM, Transformer, Rocket)}
     assert tuple(reg) == MODELS, "model registry out of step with schema.vocab.MODELS"
     return reg
 

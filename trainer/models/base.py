@@ -43,8 +43,10 @@ class FitResult:
     epochs_run: int
     best_val_f1: float  # validation macro F1 of the kept weights
     seconds: float
-    stopped: str  # "early_stopping" | "max_epochs" | "time_budget"
+    stopped: str  # "early_stopping" | "max_epochs" | "time_budget" | "closed_form" (rocket)
     history: list[dict[str, float]] = field(default_factory=list)
+    # Temperature scaling on validation (Model.calibrate): temperature, val NLL/ECE before/after.
+    calibration: dict[str, float] | None = None
 
 
 def check_inputs(x: np.ndarray, input_shape: tuple[int, ...], what: str) -> np.ndarray:
@@ -56,6 +58,18 @@ def check_inputs(x: np.ndarray, input_shape: tuple[int, ...], what: str) -> np.n
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
         raise ValueError(f"{what}: {bad} rows contain NaN or inf; the extractor must skip such windows")
+    return x
+
+
+def check_rows(x: Any, input_shape: tuple[int, ...], what: str) -> Any:
+    """check_inputs for an array; for trainer.rows.Rows (read later, chunk by chunk) the row
+    shape now, finiteness as the rows are read."""
+    if isinstance(x, np.ndarray) or not hasattr(x, "take"):
+        return check_inputs(x, input_shape, what)
+    if tuple(x.row_shape) != tuple(input_shape):
+        raise ValueError(
+            f"{what}: expected rows of shape {tuple(input_shape)}, got rows of shape {tuple(x.row_shape)}"
+        )
     return x
 
 
@@ -127,6 +141,42 @@ class Model(ABC):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.predict_proba(x).argmax(axis=1)
+
+    @property
+    def inverse_temperature(self) -> float:
+        """beta = 1/T that predict_proba and the ONNX graph apply to the logits (1.0: uncalibrated)."""
+        return float(self.config.get("inverse_temperature", 1.0))
+
+    def predict_rows(self, x: Any, chunk: int = 65536) -> np.ndarray:
+        """predict_proba over an array or trainer.rows.Rows, ``chunk`` rows at a time."""
+        from trainer.rows import as_rows, chunks
+
+        parts = [self.predict_proba(c) for c in chunks(as_rows(x), chunk)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.n_classes), np.float32)
+
+    def calibrate(self, x_val: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
+        """Temperature scaling on the validation split (every ``fit`` ends with it).
+
+        Fits beta on the log loss of ``softmax(beta * log p)``, where p is the uncalibrated
+        output, i.e. ``softmax(beta * logits)``; accuracy and F1 do not move.
+        """
+        from trainer.calibrate import ece, fit_inverse_temperature, log_probs, nll, rescale
+
+        self.config["inverse_temperature"] = 1.0
+        p = self.predict_rows(x_val)
+        beta = fit_inverse_temperature(log_probs(p), y_val)
+        self.config["inverse_temperature"] = beta
+        q = rescale(p, beta)  # what predict_proba now returns, without a second pass
+        cal = {
+            "temperature": 1.0 / beta,
+            "val_nll_before": nll(p, y_val),
+            "val_nll_after": nll(q, y_val),
+            "val_ece_before": ece(p, y_val),
+            "val_ece_after": ece(q, y_val),
+        }
+        if self.fit_result is not None:
+            self.fit_result.calibration = cal
+        return cal
 
     def save(self, directory: Path | str, *, schema_hash: str) -> Path:
         directory = Path(directory)

@@ -9,6 +9,7 @@ absent from the training split (XGBClassifier would refuse non-contiguous labels
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import xgboost as xgb
 from schema.artifacts import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME
 from trainer.evaluate import macro_f1
 from trainer.loop import class_weights
-from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels
+from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels, check_rows
+from trainer.rows import Rows, as_rows, chunk_rows, chunks
 
 WEIGHTS_FILE = "booster.ubj"
 
@@ -64,6 +66,30 @@ class _Progress(xgb.callback.TrainingCallback):
             loss = evals_log.get("val", {}).get("mlogloss", [float("nan")])[-1]
             self.progress({"epoch": epoch + 1, "epochs": self.rounds, "val_mlogloss": float(loss)})
         return False
+
+
+class RowsIter(xgb.DataIter):
+    """Rows (with labels and weights) to XGBoost ``step`` rows at a time, in order."""
+
+    def __init__(
+        self, rows: Rows, y: np.ndarray, w: np.ndarray, step: int, cache_prefix: str | None = None
+    ) -> None:
+        self.rows, self.y, self.w, self.step, self._at = rows, y, w, max(1, step), 0
+        super().__init__(cache_prefix=cache_prefix, release_data=True)
+
+    def next(self, input_data: Any) -> bool:
+        if self._at >= len(self.rows):
+            return False
+        hi = min(self._at + self.step, len(self.rows))
+        x = self.rows.take(np.arange(self._at, hi))
+        if not np.isfinite(x).all():
+            raise ValueError("gbt inputs: rows contain NaN or inf; the extractor must skip such windows")
+        input_data(data=x, label=self.y[self._at : hi], weight=self.w[self._at : hi])
+        self._at = hi
+        return True
+
+    def reset(self) -> None:
+        self._at = 0
 
 
 class GBT(Model):
@@ -113,16 +139,20 @@ class GBT(Model):
         progress: ProgressFn | None = None,
     ) -> FitResult:
         started = time.perf_counter()
-        x_tr = check_inputs(x_tr, self.input_shape, "train inputs")
-        x_val = check_inputs(x_val, self.input_shape, "validation inputs")
+        x_tr = check_rows(x_tr, self.input_shape, "train inputs")
+        x_val = check_rows(x_val, self.input_shape, "validation inputs")
         y_tr = check_labels(y_tr, len(x_tr), self.n_classes, "train labels")
         y_val = check_labels(y_val, len(x_val), self.n_classes, "validation labels")
         # The same class balancing as the torch models' weighted cross-entropy.
         weight = class_weights(y_tr, self.n_classes).numpy()[y_tr]
-        dtr = xgb.DMatrix(x_tr, label=y_tr, weight=weight)
         # Validation weighted the same way, so early stopping tracks the balanced loss that
         # macro F1 rewards rather than the majority classes' loss.
-        dval = xgb.DMatrix(x_val, label=y_val, weight=class_weights(y_val, self.n_classes).numpy()[y_val])
+        w_val = class_weights(y_val, self.n_classes).numpy()[y_val]
+        if isinstance(x_tr, np.ndarray):
+            dtr = xgb.DMatrix(x_tr, label=y_tr, weight=weight)
+            dval = xgb.DMatrix(x_val, label=y_val, weight=w_val)
+        else:
+            dtr, dval = self._streamed_matrices(x_tr, y_tr, weight, x_val, y_val, w_val)
         rounds = int(self.config["rounds"])
         log: dict[str, dict[str, list[float]]] = {}
         booster = xgb.train(
@@ -138,7 +168,7 @@ class GBT(Model):
         best = int(getattr(booster, "best_iteration", booster.num_boosted_rounds() - 1))
         # Keep only the best-on-validation trees: predict, save and ONNX all see the same model.
         self.booster = booster[: best + 1]
-        val_f1 = macro_f1(y_val, self.predict(x_val)) if len(x_val) else float("nan")
+        val_f1 = macro_f1(y_val, self.predict_rows(x_val).argmax(axis=1)) if len(x_val) else float("nan")
         losses = log.get("val", {}).get("mlogloss", [])
         history = [{"epoch": i + 1, "val_mlogloss": float(v)} for i, v in enumerate(losses)]
         if progress:
@@ -151,7 +181,49 @@ class GBT(Model):
             stopped="early_stopping" if len(losses) < rounds else "max_epochs",
             history=history,
         )
+        self.calibrate(x_val, y_val)
         return self.fit_result
+
+    def _streamed_matrices(
+        self,
+        x_tr: Rows,
+        y_tr: np.ndarray,
+        w_tr: np.ndarray,
+        x_val: Rows,
+        y_val: np.ndarray,
+        w_val: np.ndarray,
+    ) -> tuple[xgb.DMatrix, xgb.DMatrix]:
+        """Train and validation matrices built chunk by chunk through ``xgboost.DataIter``.
+
+        QuantileDMatrix keeps only the quantised matrix (one byte per feature at max_bin
+        <= 256); when even that would pass half the memory budget, ExtMemQuantileDMatrix
+        pages it to disk under a temporary directory."""
+        budget = float(self.config.get("memory_mb") or 384) * 2**20
+        step = chunk_rows(x_tr, budget / 8)
+        threads = self.config.get("threads") or os.cpu_count() or 1
+        ext = self.config.get("external_memory")
+        if ext is None:
+            ext = len(x_tr) * x_tr.row_shape[0] > budget / 2
+        max_bin = int(self.config["max_bin"])
+        if ext:
+            self._ext_dir = tempfile.TemporaryDirectory(prefix="phasewatch-xgb-")
+            prefix = os.path.join(self._ext_dir.name, "cache")
+            it_tr = RowsIter(x_tr, y_tr, w_tr, step, cache_prefix=prefix + "-train")
+            dtr = xgb.ExtMemQuantileDMatrix(it_tr, max_bin=max_bin, nthread=threads)
+            it_val = RowsIter(x_val, y_val, w_val, step, cache_prefix=prefix + "-val")
+            dval = xgb.ExtMemQuantileDMatrix(it_val, max_bin=max_bin, ref=dtr, nthread=threads)
+        else:
+            dtr = xgb.QuantileDMatrix(RowsIter(x_tr, y_tr, w_tr, step), max_bin=max_bin, nthread=threads)
+            dval = xgb.QuantileDMatrix(
+                RowsIter(x_val, y_val, w_val, step), max_bin=max_bin, ref=dtr, nthread=threads
+            )
+        return dtr, dval
+
+    def predict_rows(self, x: np.ndarray | Rows, chunk: int = 65536) -> np.ndarray:
+        """predict_proba over an array or Rows, ``chunk`` rows at a time."""
+        rows = as_rows(x)
+        parts = [self.predict_proba(c) for c in chunks(rows, chunk)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.n_classes), np.float32)
 
     def _need_booster(self) -> xgb.Booster:
         if self.booster is None:
@@ -163,7 +235,15 @@ class GBT(Model):
         if len(x) == 0:
             return np.zeros((0, self.n_classes), np.float32)
         p = self._need_booster().predict(xgb.DMatrix(x))
-        return np.asarray(p, dtype=np.float32).reshape(len(x), self.n_classes)
+        p = np.asarray(p, dtype=np.float32).reshape(len(x), self.n_classes)
+        if self.inverse_temperature == 1.0:
+            return p
+        # softmax(beta * log p) = softmax(beta * margin): the graph's Log, Mul, Softmax in float32.
+        with np.errstate(divide="ignore"):
+            z = np.log(p) * np.float32(self.inverse_temperature)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def _save_weights(self, directory: Path) -> None:
         self._need_booster().save_model(str(directory / WEIGHTS_FILE))
@@ -196,9 +276,36 @@ class GBT(Model):
             model.opset_import.append(helper.make_opsetid("", opset))
         graph = model.graph
         prob_out = next(o for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT)
-        if prob_out.name != MODEL_OUTPUT_NAME:
+        source = prob_out.name
+        if self.inverse_temperature != 1.0 and source == MODEL_OUTPUT_NAME:
+            # The converter's own output takes the name; calibration's Softmax gets it instead.
+            source = "uncalibrated_probabilities"
+            for node in graph.node:
+                node.output[:] = [source if o == prob_out.name else o for o in node.output]
+                node.input[:] = [source if i == prob_out.name else i for i in node.input]
+        if self.inverse_temperature != 1.0:
+            # Temperature scaling folded into the graph: softmax(beta * log p).
+            graph.initializer.append(
+                helper.make_tensor("calibration_beta", onnx.TensorProto.FLOAT, [], [self.inverse_temperature])
+            )
+            graph.node.extend(
+                [
+                    helper.make_node("Log", [source], ["calibration_logp"], name="calibration_log"),
+                    helper.make_node(
+                        "Mul",
+                        ["calibration_logp", "calibration_beta"],
+                        ["calibration_z"],
+                        name="calibration_mul",
+                    ),
+                    helper.make_node(
+                        "Softmax", ["calibration_z"], ["calibration_p"], axis=1, name="calibration"
+                    ),
+                ]
+            )
+            source = "calibration_p"
+        if source != MODEL_OUTPUT_NAME:
             graph.node.append(
-                helper.make_node("Identity", [prob_out.name], [MODEL_OUTPUT_NAME], name=MODEL_OUTPUT_NAME)
+                helper.make_node("Identity", [source], [MODEL_OUTPUT_NAME], name=MODEL_OUTPUT_NAME)
             )
         # One output, as for the torch models: the class label is argmax(probabilities).
         del graph.output[:]

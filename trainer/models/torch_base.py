@@ -15,9 +15,11 @@ from torch import nn
 from schema.artifacts import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME
 from schema.channels import SUMMARY_STATS
 from trainer.loop import LoopConfig, predict_logits, train_loop
-from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels
+from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels, check_rows
+from trainer.rows import Rows, as_rows, chunk_rows, sample_positions
 
 WEIGHTS_FILE = "weights.pt"
+NORM_MAX_ROWS = 200_000  # normalisation constants from at most this many train rows (a seeded sample)
 
 
 def signed_log(x: torch.Tensor) -> torch.Tensor:
@@ -42,10 +44,32 @@ class SignedLogStandardize(nn.Module):
         self.register_buffer("inv_std", torch.ones(shape))
 
     @torch.no_grad()
-    def fit(self, x: np.ndarray) -> None:
+    def fit(self, x: np.ndarray | Rows, max_rows: int | None = NORM_MAX_ROWS, seed: int = 0) -> None:
+        """Constants from a streaming pass (chunks merged as Chan et al.) over the rows, or over
+        a seeded sample of ``max_rows`` of them when there are more."""
         axes = (0, 2) if self.tensor else (0,)
-        z = signed_log(torch.from_numpy(x)).double()
-        mean, std = z.mean(dim=axes), z.std(dim=axes, correction=0)
+        rows = as_rows(x)
+        pos = sample_positions(len(rows), max_rows, seed)
+        step = chunk_rows(rows, 64 * 2**20)
+        n, mean, m2 = 0, None, None
+        for lo in range(0, len(pos), step):
+            chunk = rows.take(pos[lo : lo + step])
+            if not np.isfinite(chunk).all():
+                raise ValueError(
+                    "train inputs: rows contain NaN or inf; the extractor must skip such windows"
+                )
+            z = signed_log(torch.from_numpy(chunk)).double()
+            k = z.numel() // z.shape[1]
+            c_mean, c_m2 = z.mean(dim=axes), z.var(dim=axes, correction=0) * k
+            if mean is None:
+                n, mean, m2 = k, c_mean, c_m2
+            else:
+                delta = c_mean - mean
+                mean = mean + delta * k / (n + k)
+                m2 = m2 + c_m2 + delta**2 * n * k / (n + k)
+                n += k
+        assert mean is not None and m2 is not None, "no rows to fit the normalisation on"
+        std = torch.sqrt(m2 / n)
         # A constant feature (std 0) is passed through centred, not blown up.
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
         self.mean.copy_(mean.float().reshape(self.mean.shape))
@@ -56,14 +80,18 @@ class SignedLogStandardize(nn.Module):
 
 
 class WithSoftmax(nn.Module):
-    """What is exported: raw features in, class probabilities out."""
+    """What is exported: raw features in, calibrated class probabilities out.
 
-    def __init__(self, net: nn.Module) -> None:
+    ``beta`` = 1/T of temperature scaling (trainer.calibrate), folded into the graph as one Mul.
+    """
+
+    def __init__(self, net: nn.Module, beta: float = 1.0) -> None:
         super().__init__()
         self.net = net
+        self.register_buffer("beta", torch.tensor(float(beta)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(features), dim=-1)
+        return torch.softmax(self.net(features) * self.beta, dim=-1)
 
 
 class TorchModel(Model):
@@ -99,17 +127,18 @@ class TorchModel(Model):
         y_val: np.ndarray,
         progress: ProgressFn | None = None,
     ) -> FitResult:
-        x_tr = check_inputs(x_tr, self.input_shape, "train inputs")
-        x_val = check_inputs(x_val, self.input_shape, "validation inputs")
+        x_tr = check_rows(x_tr, self.input_shape, "train inputs")
+        x_val = check_rows(x_val, self.input_shape, "validation inputs")
         y_tr = check_labels(y_tr, len(x_tr), self.n_classes, "train labels")
         y_val = check_labels(y_val, len(x_val), self.n_classes, "validation labels")
         if len(x_tr) < 2 or len(x_val) < 1:
             raise ValueError(
                 f"{self.name}: need at least 2 train and 1 validation rows, got {len(x_tr)} and {len(x_val)}"
             )
-        self.norm.fit(x_tr)
+        self.norm.fit(x_tr, seed=self.seed)
         cfg = LoopConfig.from_config(self.config, seed=self.seed)
         self.fit_result = train_loop(self.net, x_tr, y_tr, x_val, y_val, cfg, self.n_classes, progress)
+        self.calibrate(x_val, y_val)
         return self.fit_result
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -117,7 +146,8 @@ class TorchModel(Model):
         if len(x) == 0:
             return np.zeros((0, self.n_classes), np.float32)
         logits = predict_logits(self.net, torch.from_numpy(np.ascontiguousarray(x)), torch.device("cpu"))
-        return torch.softmax(torch.from_numpy(logits), dim=-1).numpy().astype(np.float32)
+        scaled = torch.from_numpy(logits) * torch.tensor(self.inverse_temperature)  # as the graph's Mul
+        return torch.softmax(scaled, dim=-1).numpy().astype(np.float32)
 
     def _save_weights(self, directory: Path) -> None:
         torch.save(self.net.state_dict(), directory / WEIGHTS_FILE)
@@ -128,14 +158,16 @@ class TorchModel(Model):
         self.net.eval()
 
     def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
-        return export_onnx(self.net, self.input_shape, path, opset)
+        return export_onnx(self.net, self.input_shape, path, opset, beta=self.inverse_temperature)
 
 
-def export_onnx(net: nn.Module, input_shape: tuple[int, ...], path: Path | str, opset: int = 17) -> Path:
+def export_onnx(
+    net: nn.Module, input_shape: tuple[int, ...], path: Path | str, opset: int = 17, beta: float = 1.0
+) -> Path:
     """Classic TorchScript exporter: plain ONNX ops (GRU/LSTM as the ONNX RNN ops), no onnxscript."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = WithSoftmax(net).eval()
+    wrapped = WithSoftmax(net, beta).eval()
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     buf = io.BytesIO()
     with warnings.catch_warnings():

@@ -14,6 +14,7 @@ from schema.vocab import PROFILES
 
 GiB = 1 << 30
 MiB = 1 << 20
+DT = 0.1  # seconds per latent step of the simulator
 
 # Benign workloads a lab VM runs on its own. Several look like attacks on purpose:
 # a build pegs vCPUs and forks, a backup hammers the disk (and may upload),
