@@ -114,7 +114,6 @@ def test_edge_replay_keeps_everything_unless_told(tmp_path: Path) -> None:
     run(tmp_path / "two", Retention(tmp_path / "two", keep=2), 1)
     left = list((tmp_path / "two" / "h").iterdir())
     assert 1 <= len(left) <= 3  # the newest two finished, maybe one being written
-    assert all((p / "done.marker").exists() for p in left) or len(left) <= 3
 
 
 @pytest.mark.parametrize("flag", [["--keep", "-1"]])
