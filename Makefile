@@ -78,7 +78,7 @@ demo: $(STAMP)
 	@echo "deck: http://localhost:$(PORT)  (replaying $(STORE) at $(SPEED)x; Ctrl-C stops)"
 	$(BIN)/edge-daemon --models $(MODELS) --replay $(STORE) --store $(STORE) --port $(PORT) --speed $(SPEED)
 
-test: $(STAMP) browser mosquitto
+test: $(STAMP) browser mosquitto lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -126,6 +126,7 @@ class Daemon:
         self.started_at = time.time()
         self.store_error: str | None = None
         self.replay_dir: Path | None = None
+        self.replay_retention: Any = None  # edge.replay.Retention: deletes what the tailer finished
         self.listeners: list[trio.SocketListener] = []
         self._limiter = trio.CapacityLimiter(1)
         self._loaded_sig = self._dir_sig()
@@ -221,6 +222,9 @@ class Daemon:
             self.metrics.parse_errors.inc(stream=p.member or "?")
             if self.metrics.parse_errors.value(stream=p.member or "?") <= 3:
                 log.warning("%s/%s: %s", ep.host, ep.episode_id, p)
+        if self.replay_retention is not None:
+            for ep in batch.finished:
+                self.replay_retention.release(ep.path)  # a replayed episode leaves the disk
         for job in batch.jobs:
             try:
                 self._jobs_tx.send_nowait(job)
@@ -278,10 +282,19 @@ class Daemon:
             await trio.sleep(3.0)
 
     async def _replay(self, out: Path) -> None:
-        from edge.replay import replay_store
+        from edge.replay import Retention, replay_store
 
         assert self.replay is not None
-        await replay_store(self.replay, out, speed=self.speed, loop=True, concurrency=self.replay_concurrency)
+        # --replay loops forever: an episode is deleted once written and the tailer is done with it
+        self.replay_retention = Retention(out, keep=0, wait_for_reader=True)
+        await replay_store(
+            self.replay,
+            out,
+            speed=self.speed,
+            loop=True,
+            concurrency=self.replay_concurrency,
+            retention=self.replay_retention,
+        )
 
     # --- health ---
 

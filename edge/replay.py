@@ -1,6 +1,6 @@
 """Replay archived episodes as live ones: store -> private live directory, real time x speed.
 
-    python -m edge.replay STORE OUT [--speed 4] [--loop] [--concurrency 4]
+    python -m edge.replay STORE OUT [--speed 4] [--loop] [--concurrency 4] [--keep N]
     edge-daemon --models models --replay STORE --speed 4      # same thing, inside the daemon
 
 Each archive is read straight from its ``.tar.zst`` (never unpacked to disk) and written
@@ -9,6 +9,11 @@ out the way a collector writes a live episode (SPEC section 3): the directory an
 their time comes, a line now and then flushed in two writes, ``done.marker`` last.
 Timestamps are shifted so the episode starts now, and an episode replayed again by
 ``--loop`` gets a new id (``<id>-r<n>``), so a deck sees fresh live data.
+
+A looping replay would fill the disk, so what is kept is a :class:`Retention`: inside the
+daemon an episode's directory is deleted as soon as it is written out *and* the tailer has
+finished with it (``release``); ``edge-replay --keep N`` keeps the newest N written
+episodes for whoever tails ``OUT`` (default: keep everything, as a collector's tree does).
 
 Lines are kept as one bytes blob per member with an offsets array, not as Python
 objects, so an hour-long episode costs about its decompressed size.
@@ -22,6 +27,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -200,6 +206,55 @@ async def replay_episode(
     return d
 
 
+class Retention:
+    """Which replayed episode directories stay on disk. An episode is *finished* once replay
+    wrote its last line (and, with ``wait_for_reader``, once its reader called ``release``);
+    finished episodes beyond the newest ``keep`` are deleted, oldest first. ``keep`` None
+    deletes nothing."""
+
+    def __init__(self, out: Path, *, keep: int | None = None, wait_for_reader: bool = False) -> None:
+        self.out = out
+        self.keep = keep
+        self.wait_for_reader = wait_for_reader
+        self._writing: set[Path] = set()
+        self._half: set[Path] = set()  # one of the two (written, released) seen, waiting for the other
+        self._finished: list[Path] = []  # oldest first
+        self.deleted = 0
+
+    def _ours(self, d: Path) -> bool:
+        return d.parent.parent == self.out
+
+    def writing(self, d: Path) -> None:
+        self._writing.add(d)
+
+    def written(self, d: Path) -> None:
+        self._writing.discard(d)
+        if not self.wait_for_reader or d in self._half:
+            self._half.discard(d)
+            self._finish(d)
+        else:
+            self._half.add(d)  # written: waiting for the reader
+
+    def release(self, d: Path) -> None:
+        """The reader is done with ``d`` (done.marker seen and its streams drained, or idle)."""
+        if not self.wait_for_reader or not self._ours(d):
+            return
+        if d in self._writing:
+            self._half.add(d)  # finished early (idle): deleted once replay is done with it
+        elif d in self._half:
+            self._half.discard(d)
+            self._finish(d)
+
+    def _finish(self, d: Path) -> None:
+        if self.keep is None:
+            return  # nothing is deleted, so nothing needs remembering
+        self._finished.append(d)
+        while len(self._finished) > self.keep:
+            old = self._finished.pop(0)
+            shutil.rmtree(old, ignore_errors=True)
+            self.deleted += 1
+
+
 def list_archives(store: Path) -> list[Path]:
     return sorted(p for p in store.glob("*/*.tar.zst") if p.is_file())
 
@@ -214,6 +269,7 @@ async def replay_store(
     limit: int | None = None,
     seed: int = 0,
     stagger_s: float = 2.0,
+    retention: Retention | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Replay every archive of ``store`` (``limit`` of them), ``concurrency`` at a time; returns how many."""
@@ -244,7 +300,14 @@ async def replay_store(
             eid = ep.episode_id if r == 0 else f"{ep.episode_id}-r{r}"
             if (out / ep.host / eid).exists():
                 eid = f"{eid}-{time.time_ns() % 1_000_000}"
-            await replay_episode(ep, out, speed=speed, episode_id=eid, rng=random.Random(rng.random()))
+            d = out / ep.host / eid
+            if retention is not None:
+                retention.writing(d)
+            try:
+                await replay_episode(ep, out, speed=speed, episode_id=eid, rng=random.Random(rng.random()))
+            finally:
+                if retention is not None:
+                    retention.written(d)
             replayed += 1
 
     async with trio.open_nursery() as nursery:
@@ -262,9 +325,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="episodes replayed at once")
     ap.add_argument("--limit", type=int, default=None, help="replay only the first N archives")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--keep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="delete finished episodes but the newest N (default: keep all; use with --loop)",
+    )
     args = ap.parse_args(argv)
     if args.speed <= 0:
         ap.error("--speed must be > 0")
+    if args.keep is not None and args.keep < 0:
+        ap.error("--keep must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         n = trio.run(
@@ -276,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 concurrency=args.concurrency,
                 limit=args.limit,
                 seed=args.seed,
+                retention=Retention(args.out, keep=args.keep),
             )
         )
     except ReplayError as e:

@@ -24,6 +24,8 @@ from trio_websocket import open_websocket_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mosquitto_kit import Mosquitto, free_port, have_mosquitto
 
+from schema.vocab import MODELS, PROFILES
+
 pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="mosquitto not installed (make mosquitto)")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,12 +157,12 @@ def test_round_trip_node_broker_fleet_deck_with_retained_state(tmp_path: Path) -
         probe = Probe(broker.port, "phasewatch/v1/pi-a/#")
         try:
             topics = until(
-                lambda: (t := probe.topics()) and sum("/model_metric/" in k for k in t) >= 6 and t,
+                lambda: (t := probe.topics()) and sum("/model_metric/" in k for k in t) >= len(MODELS) and t,
                 what="retained",
             )
             assert topics["phasewatch/v1/pi-a/status"]["state"] == "online"
-            assert len({k for k in topics if "/attack_profile/" in k}) == 6
-            assert len({k for k in topics if "/model_perf/" in k}) == 6
+            assert len({k for k in topics if "/attack_profile/" in k}) == len(PROFILES)
+            assert len({k for k in topics if "/model_perf/" in k}) == len(MODELS)
             assert "phasewatch/v1/pi-a/snapshot" in topics
             retained = {t for t, _, r in probe.messages if r}
             assert (
@@ -179,7 +181,7 @@ def test_round_trip_node_broker_fleet_deck_with_retained_state(tmp_path: Path) -
             assert all(f.get("node") == "pi-a" for f in frames)
             assert frames[0]["type"] == "status"  # the replay starts with the fleet's nodes
             metrics = {f["model"] for f in frames if f["type"] == "model_metric"}
-            assert len(metrics) == 6
+            assert len(metrics) == len(MODELS)
             h = fleet.health()
             assert h["ok"] and h["fleet"]["connected"] and h["fleet"]["nodes"]["pi-a"]["state"] == "online"
             assert 'phasewatch_fleet_received_total{type="prediction"}' in fleet.metrics()

@@ -20,6 +20,8 @@ from browser import CHROMIUM, launch_chromium
 from mosquitto_kit import Mosquitto, have_mosquitto
 from test_fleet import daemon, until
 
+from schema.vocab import MODELS
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not have_mosquitto(), reason="mosquitto not installed (make mosquitto)"),
@@ -112,7 +114,7 @@ def test_fleet_deck_shows_two_nodes_and_the_picker_filters(tmp_path: Path, brows
                 assert page.evaluate("window.__deck.state.events") < all_events
                 page.evaluate("window.__deck.go('models')")
                 page.wait_for_function(
-                    "document.querySelectorAll('#models-chart g[data-model] rect').length === 6",
+                    f"document.querySelectorAll('#models-chart g[data-model] rect').length === {len(MODELS)}",
                     timeout=10_000,
                 )
                 n_a = page.evaluate("window.__deck.knn.count()")

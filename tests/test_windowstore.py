@@ -213,6 +213,7 @@ FAST = {
     "gbt": {"rounds": 12, "threads": 1},
     "mlp": {"epochs": 3, "threads": 1, "max_seconds": None, "min_steps": 0},
     "cnn": {"epochs": 2, "threads": 1, "max_seconds": None, "min_steps": 0},
+    "rocket": {"threads": 1},
 }
 
 
@@ -234,7 +235,7 @@ def test_streamed_training_equals_in_memory_training(
             split,
             tmp_path / name,
             profile="demo",
-            models=["gbt", "mlp", "cnn"],
+            models=["gbt", "mlp", "cnn", "rocket"],
             threats=["realistic"],
             n_boot=50,
             progress=False,
@@ -244,7 +245,9 @@ def test_streamed_training_equals_in_memory_training(
         for name, ws in (("store", store), ("ram", ram))
     ]
     a, b = (r["models"] | r["baselines"] for r in reports)
-    assert set(a) == set(b) == {f"{m}-realistic" for m in ("gbt", "mlp", "cnn", "majority", "logreg")}
+    assert (
+        set(a) == set(b) == {f"{m}-realistic" for m in ("gbt", "mlp", "cnn", "rocket", "majority", "logreg")}
+    )
     for key in a:
         assert a[key]["macro_f1"] == pytest.approx(b[key]["macro_f1"], abs=1e-6), key
         assert a[key]["macro_f1_ci"] == pytest.approx(b[key]["macro_f1_ci"], abs=1e-6), key

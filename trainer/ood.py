@@ -42,6 +42,23 @@ QUANTILE = 0.95
 HOLDBACK = 0.2
 MAD_TO_SD = 1.4826
 HIST_BINS = 20
+MAX_FIT_ROWS = 200_000  # medians and MADs from a seeded sample of at most this many windows
+SCORE_CHUNK = 65_536  # windows read and scored at a time (a full-width summary row is 1.5 kB)
+
+
+def _take(summary: Any, idx: np.ndarray) -> np.ndarray:
+    """Full-width summaries of windows ``idx``: an array, a rows.Gather or Rows over every window."""
+    idx = np.asarray(idx, np.int64)
+    if isinstance(summary, np.ndarray) or not hasattr(summary, "take"):  # an array or a rows.Gather
+        return np.asarray(summary[idx], np.float32)
+    return summary.take(idx)
+
+
+def _score(det: OodDetector, summary: Any, idx: np.ndarray) -> np.ndarray:
+    parts = [
+        ood_score(det, _take(summary, idx[i : i + SCORE_CHUNK])) for i in range(0, len(idx), SCORE_CHUNK)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def _holdback_episodes(episode: np.ndarray, profile: np.ndarray, share: float, seed: int) -> set[str]:
@@ -67,7 +84,7 @@ def _holdback_episodes(episode: np.ndarray, profile: np.ndarray, share: float, s
 
 
 def fit_detector(
-    summary: np.ndarray,
+    summary: Any,
     train: np.ndarray,
     episode: np.ndarray,
     profile: np.ndarray,
@@ -77,8 +94,9 @@ def fit_detector(
     holdback: float = HOLDBACK,
 ) -> tuple[OodDetector, np.ndarray]:
     """The detector for ``threat`` from full-width summaries; also the unseen training-host windows."""
-    if summary.ndim != 2 or summary.shape[1] != N_CHANNELS * len(SUMMARY_STATS):
-        raise ValueError(f"ood: expected full-width summaries, got shape {summary.shape}")
+    width = summary.shape[1] if hasattr(summary, "shape") else summary.row_shape[0]
+    if width != N_CHANNELS * len(SUMMARY_STATS):
+        raise ValueError(f"ood: expected full-width summaries, got rows of width {width}")
     channels = [CHANNEL_NAMES[i] for i in view_channels(threat)]
     train = np.asarray(train)
     held = _holdback_episodes(episode[train], profile[train], holdback, seed)
@@ -88,7 +106,11 @@ def fit_detector(
         raise ValueError(
             f"ood ({threat}): too few training episodes to fit and hold back ({len(train)} windows)"
         )
-    z = signed_log(summary[fit_idx][:, feature_index(channels)].astype(np.float64))
+    rng = np.random.default_rng(seed)
+    sample = (
+        np.sort(rng.choice(fit_idx, MAX_FIT_ROWS, replace=False)) if len(fit_idx) > MAX_FIT_ROWS else fit_idx
+    )
+    z = signed_log(_take(summary, sample)[:, feature_index(channels)].astype(np.float64))
     center = np.nanmedian(z, axis=0)
     mad = np.nanmedian(np.abs(z - center), axis=0)
     det = OodDetector(
@@ -102,7 +124,13 @@ def fit_detector(
         fitted_on=f"{len(fit_idx)} training-host windows; threshold on {len(unseen)} unseen ones",
         n_fit=int(len(fit_idx)),
     )
-    det.threshold = max(1e-6, float(np.quantile(raw_score(det, summary[unseen]), quantile)))
+    raw = np.concatenate(
+        [
+            raw_score(det, _take(summary, unseen[i : i + SCORE_CHUNK]))
+            for i in range(0, len(unseen), SCORE_CHUNK)
+        ]
+    )
+    det.threshold = max(1e-6, float(np.quantile(raw, quantile)))
     return det, unseen
 
 
@@ -196,7 +224,7 @@ def flagged_accuracy(
 
 
 def ood_for_threat(
-    summary: np.ndarray,
+    summary: Any,
     idx: dict[str, np.ndarray],
     y: np.ndarray,
     test_pred: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -217,7 +245,7 @@ def ood_for_threat(
     except ValueError as e:
         return {"skipped": str(e)}
     te, va = idx["test"], idx["val"]
-    s_unseen, s_test, s_val = (ood_score(det, summary[i]) for i in (unseen, te, va))
+    s_unseen, s_test, s_val = (_score(det, summary, i) for i in (unseen, te, va))
     auc, lo, hi = auroc_ci(s_test, episode[te], s_unseen, episode[unseen], n_boot, seed)
     auc_v, lo_v, hi_v = auroc_ci(s_val, episode[va], s_unseen, episode[unseen], n_boot, seed)
     flagged = s_test >= FLAG_AT

@@ -48,6 +48,27 @@ class ArrayRows:
         return np.ascontiguousarray(self.x[np.asarray(pos, np.int64)], np.float32)
 
 
+class Gather:
+    """Array-like over Rows for code written against arrays: ``g[idx]`` (int or bool array,
+    slice) reads just those rows; ``len``, ``shape`` and ``ndim`` as an array's."""
+
+    def __init__(self, rows: Rows) -> None:
+        self.rows = rows
+        self.shape = (len(rows), *rows.row_shape)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice):
+            pos = np.arange(len(self.rows))[key]
+        else:
+            pos = np.asarray(key)
+            pos = np.flatnonzero(pos) if pos.dtype == bool else pos.astype(np.int64)
+        return self.rows.take(pos)
+
+
 def as_rows(x: np.ndarray | Rows) -> Rows:
     return x if isinstance(x, Rows) and not isinstance(x, np.ndarray) else ArrayRows(np.asarray(x))
 

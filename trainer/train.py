@@ -40,7 +40,7 @@ from trainer.errors import DatasetError, TrainerError
 from trainer.models.base import BUDGETS
 from trainer.ood import ood_for_threat
 from trainer.report import summary_table, write_report
-from trainer.rows import Rows, chunk_rows, chunks, sample_positions
+from trainer.rows import Gather, Rows, chunk_rows, chunks, sample_positions
 
 SPLITS = ("host", "sample", "time")
 LOGREG_MAX_ROWS = 20_000  # the logistic baseline fits on a seeded sample of at most this many train windows
@@ -362,7 +362,16 @@ def train_windowset(
         # The OOD flag, fitted on this threat model's training windows only (trainer/ood.py);
         # its detector goes into the run as ood-<threat>.json for export.
         report.setdefault("ood", {})[threat] = ood_for_threat(
-            np.asarray(ws.summary), idx, y, test_pred, ws.episode, ws.profile, threat, out, n_boot, seed
+            Gather(ws.rows(None, "summary", np.arange(len(ws)))),  # full width, read as indexed
+            idx,
+            y,
+            test_pred,
+            ws.episode,
+            ws.profile,
+            threat,
+            out,
+            n_boot,
+            seed,
         )
         if trained:
             report["best"][threat] = max(

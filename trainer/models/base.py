@@ -147,6 +147,13 @@ class Model(ABC):
         """beta = 1/T that predict_proba and the ONNX graph apply to the logits (1.0: uncalibrated)."""
         return float(self.config.get("inverse_temperature", 1.0))
 
+    def predict_rows(self, x: Any, chunk: int = 65536) -> np.ndarray:
+        """predict_proba over an array or trainer.rows.Rows, ``chunk`` rows at a time."""
+        from trainer.rows import as_rows, chunks
+
+        parts = [self.predict_proba(c) for c in chunks(as_rows(x), chunk)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.n_classes), np.float32)
+
     def calibrate(self, x_val: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
         """Temperature scaling on the validation split (every ``fit`` ends with it).
 
@@ -156,7 +163,7 @@ class Model(ABC):
         from trainer.calibrate import ece, fit_inverse_temperature, log_probs, nll, rescale
 
         self.config["inverse_temperature"] = 1.0
-        p = self.predict_proba(x_val)
+        p = self.predict_rows(x_val)
         beta = fit_inverse_temperature(log_probs(p), y_val)
         self.config["inverse_temperature"] = beta
         q = rescale(p, beta)  # what predict_proba now returns, without a second pass

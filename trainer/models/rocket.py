@@ -31,8 +31,9 @@ from torch import nn
 
 from trainer.evaluate import macro_f1
 from trainer.loop import class_weights
-from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels
+from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels, check_rows
 from trainer.models.torch_base import WEIGHTS_FILE, SignedLogStandardize, export_onnx
+from trainer.rows import Gather
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
     "demo": {
@@ -183,8 +184,10 @@ class Rocket(Model):
         progress: ProgressFn | None = None,
     ) -> FitResult:
         started = time.perf_counter()
-        x_tr = check_inputs(x_tr, self.input_shape, "train inputs")
-        x_val = check_inputs(x_val, self.input_shape, "validation inputs")
+        x_tr = check_rows(x_tr, self.input_shape, "train inputs")
+        x_val = check_rows(x_val, self.input_shape, "validation inputs")
+        if not isinstance(x_val, np.ndarray):  # trainer.rows.Rows: validation is read once, whole
+            x_val = x_val.take(np.arange(len(x_val)))
         y_tr = check_labels(y_tr, len(x_tr), self.n_classes, "train labels")
         y_val = check_labels(y_val, len(x_val), self.n_classes, "validation labels")
         if len(x_tr) < 2 or len(x_val) < 1:
@@ -195,6 +198,8 @@ class Rocket(Model):
             torch.set_num_threads(int(self.config["threads"]))
         rng = np.random.default_rng(self.seed)
         self.net.norm.fit(x_tr)
+        if not isinstance(x_tr, np.ndarray):  # Rows: the batches below read only their rows
+            x_tr = Gather(x_tr)
         self._fit_biases(x_tr, rng)
 
         # Weighted sufficient statistics, one batch of features at a time.
