@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ from torch import nn
 from trainer.evaluate import macro_f1
 from trainer.loop import class_weights
 from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels, check_rows
-from trainer.models.torch_base import WEIGHTS_FILE, SignedLogStandardize, export_onnx
+from trainer.models.torch_base import SignedLogStandardize, TorchWeights
 from trainer.rows import Gather
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
@@ -135,7 +134,7 @@ class RocketNet(nn.Module):
         return self.head(self.features(x))
 
 
-class Rocket(Model):
+class Rocket(TorchWeights, Model):
     name = "rocket"
     input_kind = "tensor"
     profiles = PROFILE_CONFIG
@@ -285,14 +284,3 @@ class Rocket(Model):
         beta = torch.tensor(self.inverse_temperature)
         out = [torch.softmax(self.net(xt[i : i + bs]) * beta, dim=-1) for i in range(0, len(x), bs)]
         return torch.cat(out).numpy().astype(np.float32)
-
-    def _save_weights(self, directory: Path) -> None:
-        torch.save(self.net.state_dict(), directory / WEIGHTS_FILE)
-
-    def _load_weights(self, directory: Path) -> None:
-        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        self.net.load_state_dict(state)
-        self.net.eval()
-
-    def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
-        return export_onnx(self.net, self.input_shape, path, opset, beta=self.inverse_temperature)

@@ -94,7 +94,27 @@ class WithSoftmax(nn.Module):
         return torch.softmax(self.net(features) * self.beta, dim=-1)
 
 
-class TorchModel(Model):
+class TorchWeights:
+    """Weights on disk and the ONNX graph of any model whose network is ``self.net``
+    (the loop-trained ones below and rocket); calibration folded in as ``beta``."""
+
+    net: nn.Module
+    input_shape: tuple[int, ...]
+    inverse_temperature: float
+
+    def _save_weights(self, directory: Path) -> None:
+        torch.save(self.net.state_dict(), directory / WEIGHTS_FILE)
+
+    def _load_weights(self, directory: Path) -> None:
+        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state)
+        self.net.eval()
+
+    def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
+        return export_onnx(self.net, self.input_shape, path, opset, beta=self.inverse_temperature)
+
+
+class TorchModel(TorchWeights, Model):
     """A torch network ``norm -> body -> logits`` trained by :func:`trainer.loop.train_loop`."""
 
     def __init__(
@@ -148,17 +168,6 @@ class TorchModel(Model):
         logits = predict_logits(self.net, torch.from_numpy(np.ascontiguousarray(x)), torch.device("cpu"))
         scaled = torch.from_numpy(logits) * torch.tensor(self.inverse_temperature)  # as the graph's Mul
         return torch.softmax(scaled, dim=-1).numpy().astype(np.float32)
-
-    def _save_weights(self, directory: Path) -> None:
-        torch.save(self.net.state_dict(), directory / WEIGHTS_FILE)
-
-    def _load_weights(self, directory: Path) -> None:
-        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        self.net.load_state_dict(state)
-        self.net.eval()
-
-    def to_onnx(self, path: Path | str, opset: int = 17) -> Path:
-        return export_onnx(self.net, self.input_shape, path, opset, beta=self.inverse_temperature)
 
 
 def export_onnx(
