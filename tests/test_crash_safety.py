@@ -1,5 +1,6 @@
 """kill -9 and a full disk during the writes the edge depends on: the acceptance index
-(``phasewatch validate``) and the models directory (``phasewatch export``). Issue 14, item 9;
+(``phasewatch validate``), the run directory (``phasewatch train``) and the models directory
+(``phasewatch export``). Issue 14, item 9;
 docs/FAULTS.md. Each kill is a real SIGKILL of a real child process; the full disk is a real
 tmpfs mounted small (skipped where this user may not mount).
 """
@@ -221,3 +222,50 @@ def test_export_on_a_full_disk_keeps_the_previous_models_dir(tmp_path: Path) -> 
         )
         assert {p.name: _sha(p) for p in out.iterdir()} == before
         assert _temps(disk, "models") == [] and load_models(out).models
+
+
+_TRAIN_CHILD = """
+import sys
+from pathlib import Path
+from test_train import FAST, windowset
+from trainer.dataset import make_split
+from trainer.train import train_windowset
+
+ws = windowset()
+train_windowset(ws, make_split(ws, "host", seed=0), Path(sys.argv[1]), profile="demo",
+                models=["gbt", "mlp", "cnn"], threats=["realistic", "oracle"], n_boot=50,
+                progress=False, overrides=FAST)
+"""
+
+
+def _train_child(out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _TRAIN_CHILD, str(out)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_kill_9_during_train_leaves_the_previous_run_dir(tmp_path: Path) -> None:
+    """The run directory is written beside its place and swapped in whole: a SIGKILL while the
+    models train leaves the previous run byte for byte, and the next run removes the dead one's
+    temporary and lands."""
+    out = tmp_path / "run"
+    first = _train_child(out)
+    assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""
+    before = {p.relative_to(out): _sha(p) for p in out.rglob("*") if p.is_file()}
+    assert Path("run.json") in before
+    child = _train_child(out)
+    deadline = time.monotonic() + 240
+    while not any((d / "gbt-realistic").exists() for d in tmp_path.glob(".run.*")):  # mid-run
+        assert child.poll() is None and time.monotonic() < deadline, "the child ended before it was killed"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    after = {p.relative_to(out): _sha(p) for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert _temps(tmp_path, "run")  # the killed run's temporary is still there
+    third = _train_child(out)
+    assert third.wait(timeout=300) == 0, third.stderr.read() if third.stderr else ""
+    assert _temps(tmp_path, "run") == [] and (out / "run.json").exists()

@@ -16,7 +16,7 @@ import pytest
 from export_kit import SIGNAL, Corpus, load_standin, make_run, synthetic_windows
 from onnx import helper
 
-from schema import extract
+from schema import atomic, extract
 from schema.artifacts import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME
 from schema.channels import CHANNEL_NAMES, REALISTIC_CHANNELS, view_channels
 from schema.hashing import schema_hash
@@ -199,7 +199,7 @@ def test_reexport_replaces_directory_with_and_without_exchange(
     (out / "bench.json").write_text("{}")  # written by `phasewatch bench`; gone after a re-export
     export_run(standin_run, out, loader=load_standin, progress=False)
     assert not (out / "bench.json").exists()
-    monkeypatch.setattr(export_mod, "_exchange", lambda a, b: False)  # no renameat2: two renames
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # no renameat2: two renames
     (out / "bench.json").write_text("{}")
     export_run(standin_run, out, loader=load_standin, progress=False)
     assert not (out / "bench.json").exists() and (out / "SHA256SUMS").exists()
@@ -214,7 +214,7 @@ def test_failed_second_rename_puts_the_previous_export_back(
     (out / "SHA256SUMS").write_text("previous\n")
     new.mkdir()
     (new / "SHA256SUMS").write_text("new\n")
-    monkeypatch.setattr(export_mod, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     real_rename = os.rename
 
     def rename(a: Path, b: Path) -> None:

@@ -344,13 +344,12 @@ def test_chunked_bootstrap_draws_the_same_resamples(monkeypatch: pytest.MonkeyPa
 
 
 def test_heldout_file_keeps_whole_episodes_up_to_its_cap(pristine: Path, tmp_path: Path) -> None:
-    from trainer.heldout import Heldout
-    from trainer.train import _save_heldout
+    from trainer.heldout import Heldout, save_heldout_rows
 
     ws = load_windows(pristine, cache_dir=tmp_path / "cache", jobs=1, progress=False)
     te = np.arange(len(ws))
     full = {k: ws.rows(None, k, te) for k in ("tensor", "summary")}
-    _save_heldout(tmp_path / "h.npz", ws, full, te, max_windows=len(ws) // 2, budget_bytes=200_000)
+    save_heldout_rows(tmp_path / "h.npz", ws, full, te, max_windows=len(ws) // 2, budget_bytes=200_000)
     assert len(Heldout.load(tmp_path / "h.npz")) > 0  # the layout export and bench read
     with np.load(tmp_path / "h.npz") as z:
         kept, tensor, summary = z["index"], z["tensor"], z["summary"]

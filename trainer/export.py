@@ -15,14 +15,10 @@ swapped in at the end, so an interrupted export leaves the previous one intact.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import json
 import os
-import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata as importlib_metadata
@@ -55,7 +51,7 @@ from schema.artifacts import (
     projector_file,
     read_doc,
 )
-from schema.atomic import remove_stale, temp_prefix
+from schema.atomic import fsync_path, stage_dir, swap_dir
 from schema.channels import CHANNEL_NAMES, RATE_HZ, STRIDE_S, SUMMARY_STATS, WINDOW_S, view_channels
 from schema.extract import input_shape, select
 from schema.hashing import schema_hash as current_schema_hash
@@ -153,36 +149,11 @@ def _versions() -> dict[str, str]:
 # --- files ----------------------------------------------------------------------------------
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or a filesystem without it
-        return False
-    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
 
 
 def _replaceable(out: Path) -> bool:
@@ -193,26 +164,12 @@ def _replaceable(out: Path) -> bool:
 
 def swap_into_place(new: Path, out: Path) -> None:
     """Make `new` appear at `out`; the old `out` survives until the new one is in place."""
-    if out.exists() or out.is_symlink():
-        if out.is_symlink() or not _replaceable(out):
-            raise ExportError(
-                f"{out}: exists and is not a models directory (no {SUMS_FILE} or {MANIFEST_FILE}); "
-                f"refusing to replace it"
-            )
-        if _exchange(new, out):
-            shutil.rmtree(new)  # `new` now holds the previous export
-        else:
-            old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-            os.rename(out, old)
-            try:
-                os.rename(new, out)
-            except BaseException:
-                os.rename(old, out)  # put the previous export back before giving up
-                raise
-            shutil.rmtree(old)
-    else:
-        os.rename(new, out)
-    _fsync_path(out.parent)
+    if (out.exists() or out.is_symlink()) and (out.is_symlink() or not _replaceable(out)):
+        raise ExportError(
+            f"{out}: exists and is not a models directory (no {SUMS_FILE} or {MANIFEST_FILE}); "
+            f"refusing to replace it"
+        )
+    swap_dir(new, out)
 
 
 # --- the export -----------------------------------------------------------------------------
@@ -292,12 +249,7 @@ def export_run(
         "created": created,
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent, out.name)  # what a killed earlier export left
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would follow the directory to the Pi
+    tmp = stage_dir(out)  # beside out, after removing what a killed earlier export left
     try:
         files: list[FileEntry] = []
         entries: list[ModelEntry] = []
@@ -363,8 +315,8 @@ def export_run(
         sums = [(f.path, f.sha256) for f in files] + [(MANIFEST_FILE, sha256_file(tmp / MANIFEST_FILE))]
         _write_file(tmp / SUMS_FILE, "".join(f"{h}  {p}\n" for p, h in sums).encode())
         for f in tmp.iterdir():
-            _fsync_path(f)
-        _fsync_path(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         swap_into_place(tmp, out)
     except BaseException as e:
         # an interrupted or failed export leaves only the previous directory behind

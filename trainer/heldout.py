@@ -9,13 +9,16 @@ window to a graph, which gathers its own.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from schema.extract import input_shape
 from trainer.errors import DatasetError
+from trainer.rows import Rows, chunk_rows
 
 # Who each window is: one entry per window, saved beside the features.
 _WHO = ("episode", "host", "profile", "sample")
@@ -107,4 +110,63 @@ def save_heldout(
     }
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _heldout_positions(episode: np.ndarray, max_windows: int | None, seed: int) -> np.ndarray:
+    """Positions of the test windows the held-out file keeps: all, or whole episodes in a
+    seeded order up to ``max_windows`` (parity and the benchmark need thousands, not millions)."""
+    if max_windows is None or len(episode) <= max_windows:
+        return np.arange(len(episode))
+    eps, counts = np.unique(np.asarray(episode).astype(str), return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(eps))
+    take = order[np.cumsum(counts[order]) <= max_windows]
+    if not len(take):
+        take = order[:1]
+    return np.flatnonzero(np.isin(np.asarray(episode).astype(str), eps[take]))
+
+
+def _write_npy_member(zf: zipfile.ZipFile, name: str, rows: Rows, pos: np.ndarray, step: int) -> None:
+    """One float32 .npy member of an .npz, written ``step`` rows at a time."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False}
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header | {"shape": (len(pos), *rows.row_shape)})
+        for lo in range(0, len(pos), step):
+            f.write(np.ascontiguousarray(rows.take(pos[lo : lo + step]), "<f4").tobytes())
+
+
+def save_heldout_rows(
+    path: Path,
+    ws: Any,
+    full: dict[str, Rows],
+    te: np.ndarray,
+    max_windows: int | None = None,
+    seed: int = 0,
+    budget_bytes: float = 64 * 2**20,
+) -> None:
+    """The test windows (full width: ``full`` has "tensor" and "summary" Rows of ``te`` of the
+    window table ``ws``) plus who they are, in the layout ``Heldout`` reads, written in bounded
+    chunks: at most ``max_windows`` windows, whole episodes. Whole or not at all (temp file,
+    rename)."""
+    keep = _heldout_positions(np.asarray(ws.episode)[te], max_windows, seed)
+    sel = te[keep]
+    for kind, r in full.items():
+        if tuple(r.row_shape) != input_shape(kind):
+            raise ValueError(f"{path}: {kind} must be full width {input_shape(kind)}, got {r.row_shape}")
+    small = {
+        "y": np.asarray(ws.y, np.int64)[sel],
+        "episode": np.asarray(ws.episode)[sel].astype(str),
+        "host": np.asarray(ws.host)[sel].astype(str),
+        "profile": np.asarray(ws.profile)[sel].astype(str),
+        "sample": np.asarray(ws.sample)[sel].astype(str),
+        "window": np.asarray(ws.window)[sel],
+        "index": np.asarray(sel, np.int64),
+    }
+    tmp = path.with_name(path.name + ".tmp.npz")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for kind, r in full.items():
+            _write_npy_member(zf, kind, r, keep, chunk_rows(r, budget_bytes))
+        for name, arr in small.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
     os.replace(tmp, path)

@@ -14,8 +14,8 @@ import argparse
 import hashlib
 import itertools
 import os
+import shutil
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,12 +31,13 @@ from schema.artifacts import (
     estimate,
     heldout_file,
 )
-from schema.extract import input_shape
+from schema.atomic import fsync_path, stage_dir, swap_dir
 from schema.hashing import schema_hash
 from schema.vocab import INDEX_NAME, MODEL_INPUT, MODELS, THREAT_MODELS
 from trainer import evaluate as ev
 from trainer.calibrate import calibration_metrics
 from trainer.errors import DatasetError, TrainerError
+from trainer.heldout import save_heldout_rows
 from trainer.models.base import BUDGETS
 from trainer.ood import ood_for_threat
 from trainer.report import summary_table, write_report
@@ -220,7 +221,7 @@ def _progress_bar(key: str, enabled: bool):
     return bar, update
 
 
-def train_windowset(
+def _train_into(
     ws: Windows,
     split: Any,
     out: Path,
@@ -252,8 +253,6 @@ def train_windowset(
         import torch
 
         torch.set_num_threads(threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sh = schema_hash()
     y = np.asarray(ws.y, np.int64)
     report: dict[str, Any] = {
@@ -296,7 +295,7 @@ def train_windowset(
         _phase(f"heldout {threat}")
         # Full width (all 46 channels), like every array that crosses a file boundary.
         full = {k: ws.rows(None, k, te) for k in ("tensor", "summary")}
-        _save_heldout(out / heldout_file(threat), ws, full, te, heldout_max, seed, budget / 4)
+        save_heldout_rows(out / heldout_file(threat), ws, full, te, heldout_max, seed, budget / 4)
         meta = {"episode": ws.episode[te], "host": ws.host[te], "profile": ws.profile[te]}
 
         # Baselines on the same windows: what "the model learnt something" is measured against.
@@ -415,6 +414,36 @@ def train_windowset(
     (out / RUN_FILE).write_bytes(encode_doc(run_doc))
     _phase("report")
     write_report(out, report)
+    return report
+
+
+def _is_run_dir(path: Path) -> bool:
+    """May a new run replace ``path``? Only an empty directory or an earlier run."""
+    return path.is_dir() and not path.is_symlink() and (not any(path.iterdir()) or (path / RUN_FILE).exists())
+
+
+def train_windowset(
+    ws: Windows, split: Any, out: Path, progress: bool = True, **settings: Any
+) -> dict[str, Any]:
+    """Train ``models`` x ``threats`` on ``split`` of ``ws`` and write the run directory ``out``
+    whole or not at all: the run is written beside it and swapped in at the end, so a
+    ``kill -9`` or a full disk mid-training leaves the previous run as it was (the next run
+    removes the dead one's temporary). ``settings`` are ``_train_into``'s."""
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not _is_run_dir(out):
+        raise TrainerError(
+            f"{out}: exists and is not a run directory (no {RUN_FILE}); refusing to replace it"
+        )
+    stage = stage_dir(out)
+    try:
+        report = _train_into(ws, split, stage, progress=progress, **settings)
+        for f in stage.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        swap_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     _phase("done")
     if progress:
         print(summary_table(report))
@@ -469,64 +498,6 @@ def _paired(
         "f1_b": ev.macro_f1(y[common], pb[jb]),
         **gap.as_dict(),
     }
-
-
-def _heldout_positions(episode: np.ndarray, max_windows: int | None, seed: int) -> np.ndarray:
-    """Positions of the test windows the held-out file keeps: all, or whole episodes in a
-    seeded order up to ``max_windows`` (parity and the benchmark need thousands, not millions)."""
-    if max_windows is None or len(episode) <= max_windows:
-        return np.arange(len(episode))
-    eps, counts = np.unique(np.asarray(episode).astype(str), return_counts=True)
-    order = np.random.default_rng(seed).permutation(len(eps))
-    take = order[np.cumsum(counts[order]) <= max_windows]
-    if not len(take):
-        take = order[:1]
-    return np.flatnonzero(np.isin(np.asarray(episode).astype(str), eps[take]))
-
-
-def _write_npy_member(zf: zipfile.ZipFile, name: str, rows: Rows, pos: np.ndarray, step: int) -> None:
-    """One float32 .npy member of an .npz, written ``step`` rows at a time."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False}
-    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_1_0(f, header | {"shape": (len(pos), *rows.row_shape)})
-        for lo in range(0, len(pos), step):
-            f.write(np.ascontiguousarray(rows.take(pos[lo : lo + step]), "<f4").tobytes())
-
-
-def _save_heldout(
-    path: Path,
-    ws: Windows,
-    full: dict[str, Rows],
-    te: np.ndarray,
-    max_windows: int | None = None,
-    seed: int = 0,
-    budget_bytes: float = 64 * 2**20,
-) -> None:
-    """The test windows (full width: ``full`` has "tensor" and "summary" Rows of ``te``) plus who
-    they are, in trainer.heldout's layout, written in bounded chunks: at most ``max_windows``
-    windows, whole episodes. Whole or not at all (temp file, rename)."""
-    keep = _heldout_positions(np.asarray(ws.episode)[te], max_windows, seed)
-    sel = te[keep]
-    for kind, r in full.items():
-        if tuple(r.row_shape) != input_shape(kind):
-            raise ValueError(f"{path}: {kind} must be full width {input_shape(kind)}, got {r.row_shape}")
-    small = {
-        "y": np.asarray(ws.y, np.int64)[sel],
-        "episode": np.asarray(ws.episode)[sel].astype(str),
-        "host": np.asarray(ws.host)[sel].astype(str),
-        "profile": np.asarray(ws.profile)[sel].astype(str),
-        "sample": np.asarray(ws.sample)[sel].astype(str),
-        "window": np.asarray(ws.window)[sel],
-        "index": np.asarray(sel, np.int64),
-    }
-    tmp = path.with_name(path.name + ".tmp.npz")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for kind, r in full.items():
-            _write_npy_member(zf, kind, r, keep, chunk_rows(r, budget_bytes))
-        for name, arr in small.items():
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _phase(name: str) -> None:
