@@ -269,3 +269,40 @@ def test_kill_9_during_train_leaves_the_previous_run_dir(tmp_path: Path) -> None
     third = _train_child(out)
     assert third.wait(timeout=300) == 0, third.stderr.read() if third.stderr else ""
     assert _temps(tmp_path, "run") == [] and (out / "run.json").exists()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_kill_9_of_validate_leaves_no_worker_behind(tmp_path: Path) -> None:
+    """A SIGKILLed sweep's pool workers die with it (before, each slept on its queue forever)."""
+    store = _store(tmp_path / "store", 12)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "validate", str(store), "--jobs", "2", "--no-progress"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(workers := _children(child.pid)) < 2:
+        assert child.poll() is None and time.monotonic() < deadline, "no pool workers seen"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait(30)
+    deadline = time.monotonic() + 10
+    while alive := [w for w in workers if Path(f"/proc/{w}").exists() and _state(w) != "Z"]:
+        assert time.monotonic() < deadline, f"workers {alive} outlived their killed parent"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

@@ -16,7 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from schema.validation import (
     write_index_atomic,
 )
 from schema.vocab import INDEX_NAME, STATUSES, sidecar_path
+from trainer.workers import worker_pool
 
 
 @dataclass
@@ -109,7 +110,7 @@ def _load_old(index_path: Path) -> dict[str, IndexRecord]:
 def _run_isolated(path: Path, rel: str) -> IndexRecord:
     """Retry of an archive whose pool died under it, alone in a fresh process: if the
     process dies again the archive itself is the culprit."""
-    with ProcessPoolExecutor(max_workers=1) as ex:
+    with worker_pool(1) as ex:
         try:
             return ex.submit(validate_one, path, rel).result()
         except BrokenProcessPool as exc:
@@ -159,7 +160,7 @@ def validate_store(
     retry: list[tuple[Path, str]] = []
     rows_read = 0
     if todo:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo))) as ex:
+        with worker_pool(min(jobs, len(todo))) as ex:
             # A bounded number in flight: 76k futures at once would hold 76k results.
             pending: dict[Future[IndexRecord], tuple[Path, str]] = {}
             it = iter(todo)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from schema import extract
 from schema.channels import N_CHANNELS, SUMMARY_STATS, WINDOW_STEPS, view_channels
 from schema.hashing import schema_hash
 from schema.vocab import INDEX_NAME, THREAT_MODELS
+from trainer.workers import worker_pool
 
 LAYOUT = "windows"  # <cache>/windows/<schema>/...
 ARRAYS = ("tensor", "summary")
@@ -207,7 +208,7 @@ def build_shards(
             for rel, sha in todo:
                 done(rel, extract_shard(str(store / rel), sha, str(root)))
         elif todo:
-            with ProcessPoolExecutor(max_workers=jobs) as ex:
+            with worker_pool(jobs) as ex:
                 pending: dict[Future[ShardStat], str] = {}
                 it = iter(todo)
                 while True:

@@ -10,7 +10,6 @@ import os
 import tarfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import zstandard
 
 from schema.vocab import STATUSES, sidecar_path
+from trainer.workers import worker_pool
 
 from .episode import build_episode
 from .plan import EpisodeSpec, plan_store
@@ -156,7 +156,7 @@ def generate_store(
             results = map(ship_episode, specs)
             pool = None
         else:
-            pool = ProcessPoolExecutor(max_workers=jobs)
+            pool = worker_pool(jobs)
             results = pool.map(ship_episode, specs, chunksize=max(1, min(8, episodes // (4 * jobs))))
         try:
             for s in results:
