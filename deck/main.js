@@ -90,6 +90,7 @@ function pick(node) {
   scatter.clear();
   for (const ev of embeddings) if (!picked || ev.node === picked) scatter.add(ev);
   for (const id of Object.keys(RENDER)) dirty.add(id);
+  renderPicker(); // the picker answers the click at once; the scenes follow on the next frame
   schedule();
 }
 

@@ -123,8 +123,11 @@ def test_fleet_deck_shows_two_nodes_and_the_picker_filters(tmp_path: Path, brows
                 page.click('#fleet-table tr[data-node="pi-b"]')
                 page.wait_for_function("window.__deck.fleet.picked === 'pi-b'")
                 assert page.locator("#node-picker").input_value() == "pi-b"
-                assert "picked" in (
-                    page.locator('#fleet-table tr[data-node="pi-b"]').get_attribute("class") or ""
+                # the fleet table redraws on the next frame
+                page.wait_for_function(
+                    "document.querySelector('#fleet-table tr[data-node=\"pi-b\"]')"
+                    "?.classList.contains('picked') === true",
+                    timeout=10_000,
                 )
                 page.select_option("#node-picker", "")
                 page.wait_for_function("window.__deck.fleet.picked === ''")
