@@ -39,6 +39,9 @@ import numpy as np
 import trio
 import trio_websocket
 
+from schema.rows import row_fields
+from schema.vocab import SOURCES
+
 ROOT = Path(__file__).resolve().parents[1]
 STEP_NS = 100_000_000
 
@@ -187,64 +190,8 @@ def _projector(width: int, chans: list[str], threat: str, schema: str) -> bytes:
 
 # --- live episodes written at 10 Hz ------------------------------------------------------------
 
-_FIELDS = {
-    "proc": [
-        "pid",
-        "utime_ticks",
-        "stime_ticks",
-        "rss_kb",
-        "vsize_kb",
-        "num_threads",
-        "read_bytes",
-        "write_bytes",
-        "syscr",
-        "syscw",
-        "voluntary_ctxt_switches",
-        "nonvoluntary_ctxt_switches",
-        "majflt",
-    ],
-    "guest": [
-        "cpu_user_pct",
-        "cpu_system_pct",
-        "cpu_iowait_pct",
-        "mem_used_kb",
-        "mem_cached_kb",
-        "load1",
-        "procs_running",
-        "procs_blocked",
-        "procs_total",
-        "forks_total",
-        "disk_read_bytes",
-        "disk_write_bytes",
-        "net_rx_bytes",
-        "net_tx_bytes",
-        "tcp_established",
-        "tcp_syn_sent",
-    ],
-    "qmp": [
-        "vcpu_time_ns",
-        "blk_rd_bytes",
-        "blk_wr_bytes",
-        "blk_rd_ops",
-        "blk_wr_ops",
-        "net_rx_bytes",
-        "net_tx_bytes",
-        "balloon_actual_kb",
-    ],
-    "netflow": [
-        "interval_ms",
-        "pkts_in",
-        "pkts_out",
-        "bytes_in",
-        "bytes_out",
-        "flows_new",
-        "uniq_dst_ips",
-        "uniq_dst_ports",
-        "syn_out",
-        "rst_in",
-        "dns_queries",
-    ],
-}
+# Every numeric column of each stream, as schema/rows defines it (proc also carries its pid).
+_FIELDS = {s: (("pid",) if s == "proc" else ()) + row_fields(s) for s in SOURCES}
 _MEMBER = {
     "proc": "telemetry-proc.jsonl",
     "guest": "telemetry-guest.jsonl",
