@@ -134,3 +134,28 @@ def test_the_whole_ood_section_is_bounded_too(small_settings: None, tmp_path: Pa
         assert f["n_flagged"] + f["n_unflagged"] == n // 5  # every test window matched to its prediction
         a = rep["auroc_heldout_vs_training_hosts"]
         assert 0 <= a["lo"] <= a["point"] <= a["hi"] <= 1
+
+
+def test_auroc_bootstrap_by_weights_equals_resampling_by_concatenation() -> None:
+    """The weighted statistic is the AUROC of the concatenated resample, draw for draw."""
+    rng = np.random.default_rng(4)
+    pos = np.round(rng.normal(0.6, 1, 700), 1)  # rounded: many ties, within and across sides
+    neg = np.round(rng.normal(0.0, 1, 900), 1)
+    pos_g = np.array([f"p{i}" for i in rng.integers(0, 23, len(pos))], dtype=object)
+    neg_g = np.array([f"n{i}" for i in rng.integers(0, 31, len(neg))], dtype=object)
+
+    def by_concatenation(n_boot: int, seed: int) -> tuple[float, float, float]:
+        r = np.random.default_rng(seed)
+        gp = [pos[pos_g == g] for g in np.unique(pos_g)]
+        gn = [neg[neg_g == g] for g in np.unique(neg_g)]
+        boot = []
+        for _ in range(n_boot):
+            p = np.concatenate([gp[i] for i in r.integers(len(gp), size=len(gp))])
+            n = np.concatenate([gn[i] for i in r.integers(len(gn), size=len(gn))])
+            boot.append(ood._auroc(p, n))
+        lo, hi = np.nanquantile(boot, [0.025, 0.975])
+        return ood._auroc(pos, neg), float(lo), float(hi)
+
+    got = ood.auroc_ci(pos, pos_g, neg, neg_g, 300, seed=9)
+    assert got == pytest.approx(by_concatenation(300, 9), abs=1e-12)
+    assert 0.5 < got[1] < got[0] < got[2] < 1
