@@ -16,16 +16,24 @@ weights bit for bit.
 Data comes in as :class:`trainer.rows.Rows`: held in RAM when the split fits in the
 memory budget (one global permutation per epoch), else read block by block from the
 window store through :func:`trainer.rows.epoch_plan`. Either way the same seed and the
-same rows give the same batches, whether the rows live in RAM or on disk. Under torch DDP
-(``torchrun``), each rank trains on its share of the blocks (see docs/SCALE.md).
+same rows give the same batches, whether the rows live in RAM or on disk.
+
+Under torch DDP (``torchrun --nproc-per-node N -m trainer.cli train ...``: RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/PORT in the environment) each rank trains a
+``DistributedDataParallel`` copy on its share of each epoch's shuffled order, validates the
+whole validation set, and follows rank 0's validation score and time budget, so every rank
+stops at the same epoch with the same weights. One process (no WORLD_SIZE, or 1) is the
+loop as it always was. See docs/SCALE.md.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,12 +159,65 @@ def predict_logits(
 
 
 def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed (torchrun), else (0, 1)."""
+    """(rank, world size): torch.distributed's once initialised, else RANK / WORLD_SIZE as
+    torchrun sets them, else (0, 1)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join torchrun's process group (nccl on CUDA, else gloo) when WORLD_SIZE > 1; (rank, world)."""
+    import torch.distributed as dist
+
+    _, world = dist_rank_world()
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist_rank_world()
+
+
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the block first (extraction fills the window store), the others after it
+    (they find the shards cached). One process: just the block."""
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if on and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if on and dist.get_rank() == 0:
+        dist.barrier()
+
+
+def _sync_buffers(net: nn.Module, world: int) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts them
+    before each forward, so after an epoch's last step each rank holds its own batch's
+    update; validation and the kept weights must be the same everywhere."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for b in net.buffers():
+        dist.broadcast(b, src=0)
+
+
+def _follow_rank_zero(
+    val_f1: float, val_loss: float, over_time: bool, world: int, device: torch.device
+) -> tuple[float, float, bool]:
+    """Every rank takes rank 0's validation score, loss and time verdict: one decision, no rank
+    left waiting at an all-reduce for a step the others never take."""
+    if world == 1:
+        return val_f1, val_loss, over_time
+    import torch.distributed as dist
+
+    t = torch.tensor([val_f1, val_loss, float(over_time)], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t[0]), float(t[1]), bool(t[2])
 
 
 def train_loop(
@@ -173,15 +234,24 @@ def train_loop(
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    rank, world = init_distributed()
     device = pick_device()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(cfg.seed)  # dropout draws
+    # Dropout and augmentation draws differ by rank (as the rows do); the batch order's rng is
+    # the same on every rank: the sampler deals each rank its share of one shuffled order.
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout draws
     rng = np.random.default_rng(cfg.seed)  # batch order
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation draws
-    rank, world = dist_rank_world()
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)  # augmentation draws
 
     net.to(device)
+    model: nn.Module = net  # what the training steps run; under DDP it all-reduces the gradients
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     rows_tr, rows_val = as_rows(x_tr), as_rows(x_val)
     mem_bytes = cfg.memory_mb * 2**20
     buffer_rows = max(cfg.batch_size, int(mem_bytes / 2 // row_bytes(rows_tr)))
@@ -230,7 +300,7 @@ def train_loop(
     stopped, step, epoch = "max_epochs", 0, 0
     try:
         for epoch in range(1, budget.epochs + 1):
-            net.train()
+            model.train()
             loss_sum, seen = 0.0, 0
             for xb, yb in _batches(rows_tr, xt, yt, batch_size, buffer_rows, rng, rank, world):
                 if len(yb) < 2:  # a batch of one breaks BatchNorm; its sample comes back next epoch
@@ -243,7 +313,7 @@ def train_loop(
                     g["lr"] = lr_at(step, total, warmup, cfg.lr)
                 ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
                 with ctx:
-                    loss = loss_fn(net(xb).float(), yb)
+                    loss = loss_fn(model(xb).float(), yb)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -255,9 +325,15 @@ def train_loop(
                 loss_sum += float(loss.detach()) * len(yb)
                 seen += len(yb)
                 step += 1
+            _sync_buffers(net, world)
+            if ema is not None:  # each rank averaged its own BatchNorm statistics
+                _sync_buffers(ema.module, world)
             val_logits = predict_logits(judged, xv, device, chunk=val_chunk)
-            val_f1 = macro_f1(y_val, val_logits.argmax(axis=1))
             val_nll = float(nn.functional.cross_entropy(torch.from_numpy(val_logits), y_val_t))
+            over_time = cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds
+            val_f1, val_nll, over_time = _follow_rank_zero(
+                macro_f1(y_val, val_logits.argmax(axis=1)), val_nll, over_time, world, device
+            )
             # A tie on F1 goes to the lower validation loss: a small clean validation set
             # (8 series on BasicMotions) reaches F1 1.0 within a few epochs, and keeping
             # that first epoch kept a half-trained net. Only a higher F1 resets patience, so
@@ -282,7 +358,6 @@ def train_loop(
             if epoch - gained_epoch >= budget.patience:
                 stopped = "early_stopping"
                 break
-            over_time = cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds
             if over_time and step >= cfg.min_steps:
                 stopped = "time_budget"
                 break
