@@ -337,7 +337,9 @@ class DaemonProcess:
             "--idle-timeout",
             "600",
             "--tail-backend",
-            backend,
+            BACKENDS[backend]["backend"] if backend in BACKENDS else backend,
+            "--defer-ms",
+            str(1000 * BACKENDS.get(backend, {"defer_s": 1.0})["defer_s"]),
             "--run",
             run,
         ]
@@ -444,22 +446,34 @@ async def run_live(d: DaemonProcess, live: Path, n: int, seconds: float, seed: i
     }
 
 
+# How each --backends entry runs the tailer: the stat-polling path (what the daemon did
+# before inotify), inotify reading every changed file on every tick (last release), and
+# inotify reading a changed file when its next window can complete (TailConfig.defer_s).
+BACKENDS = {
+    "poll": {"backend": "poll", "defer_s": 0.0},
+    "inotify-eager": {"backend": "inotify", "defer_s": 0.0},
+    "inotify": {"backend": "inotify", "defer_s": 1.0},
+}
+
+
 def throughput(
     models: Path | None,
     work: Path,
     n: int,
     seconds: int,
     seed: int = 3,
-    backend: str = "auto",
+    backend: str = "inotify",
     run: str = "all",
 ) -> dict:
     """CPU time the daemon's own work costs per episode-second, in process, immune to a busy box.
 
-    N episodes are written second by second (not timed); each simulated second the tailer
-    ticks 50 times (the daemon's 20 ms tick, stat calls included), every ready window is
-    scored by all twelve models and the projector the moment it is ready, and its events
-    are encoded by the broadcaster (``models`` None: the tailer alone, windows extracted and
-    summarised but not scored). ``episodes_per_core`` = episode-seconds / CPU-seconds."""
+    N episodes are written in simulated real time: before each 20 ms tick (the daemon's
+    tick) every row stamped up to that tick is appended (not timed), so each tick reads what
+    a live collector wrote in those 20 ms, as the daemon does; then the tailer ticks (timed,
+    stat calls and inotify reads included) and every ready window is scored by the models
+    of ``--run`` and the projector the moment it is ready, and its events are encoded by the
+    broadcaster (``models`` None: the tailer alone, windows extracted and summarised but not
+    scored). ``episodes_per_core`` = episode-seconds / CPU-seconds."""
     import tempfile
 
     from edge.broadcast import Broadcaster
@@ -477,25 +491,28 @@ def throughput(
             Episode(Path(live), f"tp-{k:04d}", base - rng.randint(0, 5 * 10**9), random.Random(k))
             for k in range(n)
         ]
-        tailer = LiveTailer([Path(live)], TailConfig(idle_s=1e9, backend=backend))
+        for ep in eps:  # what the collectors wrote before the daemon looked
+            while ep.t0 + ep.i * STEP_NS <= base:
+                ep.write_tick(ep.t0 + ep.i * STEP_NS)
+        tailer = LiveTailer([Path(live)], TailConfig(idle_s=1e9, **BACKENDS[backend]))
         cpu = 0.0
         windows = 0
         now = 0.0
-        for sec in range(seconds):
-            t_end = base + sec * 10**9
+        ticks = seconds * 50
+        for k in range(ticks):
+            t_end = base + (k + 1) * 20_000_000
             for ep in eps:
                 while ep.t0 + ep.i * STEP_NS <= t_end:
                     ep.write_tick(ep.t0 + ep.i * STEP_NS)
             c0 = time.process_time()
-            for _ in range(50):
-                now += 0.02
-                jobs = tailer.poll(now).jobs
-                if jobs:
-                    windows += len(jobs)
-                    if engine is None:
-                        for j in jobs:
-                            summarize(extract_window(j.streams, j.t0_ns, j.w).tensor)
-                        continue
+            now += 0.02
+            jobs = tailer.poll(now).jobs
+            if jobs:
+                windows += len(jobs)
+                if engine is None:
+                    for j in jobs:
+                        summarize(extract_window(j.streams, j.t0_ns, j.w).tensor)
+                else:
                     for s in engine.score(jobs):
                         bc.publish_many(s.all_events)
             cpu += time.process_time() - c0
@@ -506,7 +523,7 @@ def throughput(
     return {
         "what": "tailer + extract + summarize"
         if engine is None
-        else f"tailer + extract + {len(engine.modelset.models)} models + projector",
+        else f"tailer + extract + {engine.run} models + projector",
         "backend": backend,
         "run": run if engine is not None else None,
         "episodes": n,
@@ -520,17 +537,27 @@ def throughput(
 
 
 def _ratios(rows: list[dict], key: str, what: str) -> None:
-    """poll / inotify for each episode count measured with both (> 1: inotify costs less)."""
+    """Every backend side by side for each episode count, and old / new for each of them
+    (poll = the old stat-polling path; > 1: that backend costs less than polling)."""
     by_n: dict[int, dict[str, dict]] = {}
     for r in rows:
         by_n.setdefault(r["episodes"], {})[r.get("backend", "auto")] = r
     for n, b in sorted(by_n.items()):
-        if "poll" in b and "inotify" in b and b["inotify"][key]:
-            line = f"{what} {n} episodes: {key} poll/inotify = {b['poll'][key] / b['inotify'][key]:.2f}"
-            lp, li = b["poll"].get("latency_ms"), b["inotify"].get("latency_ms")
-            if lp and li:
-                line += f", p99 poll {lp['p99']} ms / inotify {li['p99']} ms"
-            print(line, flush=True)
+        names = list(b)
+        print(f"{what}, {n} episodes: " + " | ".join(f"{k} {b[k][key]}" for k in names), flush=True)
+        if "poll" in b:
+            ratios = [
+                f"poll/{k} {b['poll'][key] / b[k][key]:.2f}" for k in names if k != "poll" and b[k][key]
+            ]
+            if ratios:
+                print(f"    {key} ratios: " + ", ".join(ratios), flush=True)
+        lat = [
+            f"{k} p50 {v['latency_ms']['p50']} / p99 {v['latency_ms']['p99']} ms"
+            for k, v in b.items()
+            if v.get("latency_ms")
+        ]
+        if lat:
+            print("    latency: " + ", ".join(lat), flush=True)
 
 
 def _r(x: float) -> float:
@@ -553,8 +580,9 @@ def main() -> int:
     ap.add_argument("--run", default="realistic", help="models run per window (the daemon's --run)")
     ap.add_argument(
         "--backends",
-        default="poll,inotify",
-        help="tailer backends measured side by side (poll = the old path)",
+        default="poll,inotify-eager,inotify",
+        help="tailer paths measured side by side: poll (the old stat-polling path), inotify-eager "
+        "(inotify, every change read at once), inotify (reads deferred to the next window)",
     )
     ap.add_argument("--throughput", default="100,200", help="episode counts for the in-process CPU-time runs")
     ap.add_argument("--throughput-seconds", type=int, default=60)

@@ -447,6 +447,13 @@ def _parser() -> argparse.ArgumentParser:
         help="how live files are watched: inotify events, or stat polling (NFS; default auto)",
     )
     ap.add_argument(
+        "--defer-ms",
+        type=float,
+        default=1000.0,
+        help="inotify: read a changed file when the next window can complete, or after this many ms "
+        "(default 1000; 0 reads on every change)",
+    )
+    ap.add_argument(
         "--idle-timeout", type=float, default=60.0, help="finalise a silent episode after this many s"
     )
     ap.add_argument(
@@ -544,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trust_loopback=args.trust_loopback,
         demo=args.demo,
         poll_s=args.poll_ms / 1000.0,
-        tail=TailConfig(idle_s=args.idle_timeout, backend=args.tail_backend),
+        tail=TailConfig(idle_s=args.idle_timeout, backend=args.tail_backend, defer_s=args.defer_ms / 1000.0),
         all_predictions=args.all_predictions,
         run=args.run,
         state_dir=Path(state.split(":")[0]) if state else None,

@@ -90,7 +90,7 @@ class Limits:
     ws_ping_interval: float = 10.0
     ws_pong_timeout: float = 10.0
     ws_send_timeout: float = 10.0  # one write (what was queued, up to ws_send_batch) to one client
-    ws_send_batch: int = 64 << 10  # bytes of queued frames one write to one client carries at most
+    ws_send_batch: int = 16 << 10  # bytes of queued frames one write to one client carries at most
     ws_max_incoming: int = 4 << 10  # largest client message; bigger ones close the socket (1009)
     ws_incoming_burst: int = 32  # client messages per ws_incoming_window s; more is a flood (1008)
     ws_incoming_window: float = 1.0

@@ -26,13 +26,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import numpy as np
 import trio
 
 from edge.follow import FD_ERRNOS, FdPressure, FileFollower, TailCounters
+from edge.schedule import ReadSchedule
 from edge.watch import Changes, PollWatch, Watch, open_watch
 from schema.channels import LOOKBACK_NS, STEP_NS, STRIDE_STEPS
 from schema.columns import ColumnBuilder, StreamColumns
@@ -45,6 +46,9 @@ log = logging.getLogger("edge.tail")
 
 _SIG_BYTES = 64  # how much of what was read last is compared to spot a rewrite
 _STRIDE_NS = STRIDE_STEPS * STEP_NS
+# What inotify's safety pass treats as changed in every episode: the directory (gone?), its
+# done.marker and every followed file (then read when the next window needs them).
+_SWEEP: Final = frozenset({"", DONE_MEMBER, LABELS_MEMBER, *SOURCE_MEMBER.values()})
 
 
 # --- one stream's rows ------------------------------------------------------------------
@@ -116,6 +120,9 @@ class TailConfig:
     backend: str = "auto"  # "inotify", "poll" (stat every tick: the fallback) or "auto"
     safety_s: float = 5.0  # with inotify: a full stat pass this often, in case an event was lost
     park_s: float = 10.0  # a file that has not grown for this long is closed until it changes
+    # With inotify, a file that changed is read when the next window can complete, and at
+    # least this often (well under grace_s); 0 reads on every event as polling does.
+    defer_s: float = 1.0
 
 
 class EpisodeTail:
@@ -160,6 +167,7 @@ class EpisodeTail:
             )
         self._grew_at = {m: now for m in self.followers}
         self._member_source = MEMBER_SOURCE
+        self.schedule = ReadSchedule(self.followers, cfg.defer_s)  # inotify: when named files are read
 
     @property
     def key(self) -> tuple[str, str]:
@@ -171,7 +179,9 @@ class EpisodeTail:
 
     def poll(self, now: float, changed: set[str] | None = None) -> EpisodeUpdate:
         """One look. ``changed`` None: stat everything (polling, or inotify's safety net);
-        a set: only the entries inotify named since the last look (empty: timers only)."""
+        a set: the entries inotify named since the last look (empty: timers only). Named
+        files are read when the next window can complete (:meth:`_to_read`), not on every
+        event: a file appended to at 10 Hz is read a few times a second, not fifty."""
         up = EpisodeUpdate()
         if self.finished:
             return up
@@ -182,14 +192,22 @@ class EpisodeTail:
             done = check and (self.path / DONE_MEMBER).exists()
             gone = check and not self.path.exists()
             members: list[str] = list(self.followers)
+            self.schedule.done(members, now, everything=True)
         else:
+            dir_event = self.schedule.note(changed, now)
             retry = [m for m, f in self.followers.items() if f.refused or f.behind]
-            check = bool(changed) or bool(retry)
+            members = self.schedule.to_read(now, self._reached)
+            everything = bool(members) and self.schedule.all_due(now)
+            if not (members or retry or dir_event) and now < self.due:
+                return up  # written to, but nothing a window needs yet: read later, in one go
+            check = bool(changed) or bool(retry) or bool(members)
             done = DONE_MEMBER in changed and (self.path / DONE_MEMBER).exists()
             gone = "" in changed and not self.path.exists()
-            members = (
-                list(self.followers) if done else [m for m in self.followers if m in changed or m in retry]
-            )
+            if done:
+                members = list(self.followers)
+            else:
+                members += [m for m in retry if m not in members]
+            self.schedule.done(members, now, everything or done)
         if self.meta is None and (check or done):
             self._read_meta(now)
         grew = False
@@ -208,6 +226,7 @@ class EpisodeTail:
         idle = now - self.last_activity >= self.cfg.idle_s or gone  # a gone directory sends nothing more
         final = done or idle
         self._windows(now, up, final)
+        self._update_schedule(now)
         self.due = self._next_due(now)
         if final:
             self.finished = True
@@ -217,14 +236,42 @@ class EpisodeTail:
             log.info("%s/%s finished (%s)", self.host, self.episode_id, "done.marker" if done else "idle")
         return up
 
+    def note(self, changed: set[str], now: float) -> bool:
+        """Remember what inotify named; True when that needs a look before :attr:`due`
+        (a directory event, or a stream the next window waits for, once its time has come)."""
+        if self.schedule.note(changed, now):
+            return True
+        return bool(self.schedule.to_read(now, self._reached))
+
+    def _reached(self, member: str, t_ns: int) -> bool:
+        src = self._member_source.get(member)
+        if src is None:
+            return False  # the labels: read with the window's rows
+        mx = self.buffers[src].max_t
+        return mx is not None and mx >= t_ns
+
+    def _last_sign(self, source: str) -> float:
+        """When the stream last showed life: rows read, or (inotify) its file named, unread yet."""
+        return max(self.buffers[source].last_append, self.schedule.heard.get(SOURCE_MEMBER[source], -1e18))
+
+    def _update_schedule(self, now: float) -> None:
+        t0 = self.meta.started_ns if self.meta is not None else None
+        held = [b for b in self.buffers.values() if b.max_t is not None]
+        latest = max((b.max_t for b in held if b.max_t is not None), default=None)
+        appended = any(b.last_append == now for b in held)
+        step = window_last_step_ns(t0, self.next_w) if t0 is not None else 0
+        self.schedule.update(now, t0, latest, appended, step)
+
     def _next_due(self, now: float) -> float:
         """The earliest time a look without new data could change something: a stream's grace
-        running out, the idle timeout, an idle file to park, a refused open to retry."""
+        running out, the idle timeout, an idle file to park, a refused open to retry, a named
+        file to read (its window's time, or ``defer_s`` after the last full read)."""
         cfg = self.cfg
         due = [self.last_activity + cfg.idle_s]
-        due += [
-            b.last_append + cfg.grace_s for b in self.buffers.values() if b.last_append + cfg.grace_s > now
-        ]
+        signs = [self._last_sign(s) + cfg.grace_s for s in self.buffers]
+        due += [t for t in signs if t > now]
+        if (read_at := self.schedule.due()) is not None:
+            due.append(read_at)
         due += [self._grew_at[m] + cfg.park_s for m, f in self.followers.items() if f.is_open]
         if self.meta is None:
             due.append(now + cfg.path_check_s)
@@ -316,7 +363,7 @@ class EpisodeTail:
             # A stream that sent nothing for the grace period (stalled or died) no longer
             # holds windows back. Judged by the tailer's clock, not by data time: a stream
             # catching up on a backlog is far behind in data time but still growing.
-            alive = [s for s in held if now - present[s].last_append < self.cfg.grace_s]
+            alive = [s for s in held if now - self._last_sign(s) < self.cfg.grace_s]
             complete = bool(alive) and all(present[s].reaches(last) for s in alive)
             forced = (complete and len(alive) < len(held)) or (not complete and final)
             if not (complete or forced):
@@ -413,15 +460,17 @@ class LiveTailer:
         if (full or listed) and now - self._last_scan >= (0.0 if listed else self.cfg.scan_s):
             self._last_scan = now
             self._scan(now, batch)
-        everything = isinstance(self.watch, PollWatch) or full
+        everything = isinstance(self.watch, PollWatch)
         named = {} if everything else self._named(ch)
         for key, ep in list(self.episodes.items()):
             if everything:
-                up = ep.poll(now)  # stat everything: the polling backend, or the safety net
+                up = ep.poll(now)  # stat everything: the polling backend
+            elif full:  # inotify's safety net: every file as if named (read on the usual schedule)
+                up = ep.poll(now, named.get(ep.path, set()) | _SWEEP)
             else:
                 names = named.get(ep.path)
-                if names is None and now < ep.due:
-                    continue  # nothing changed and no timer due
+                if now < ep.due and (names is None or not ep.note(names, now)):
+                    continue  # nothing a window needs yet, no timer due: named files are read later
                 up = ep.poll(now, names or set())
             batch.jobs.extend(up.jobs)
             batch.labels.extend((ep, lab) for lab in up.labels)

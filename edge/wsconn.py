@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final, Literal, Protocol
 
 import h11
@@ -42,6 +42,18 @@ Ending = Literal[
 # Endings the server announces with a close frame (code, and the reason text is the ending);
 # after the others (a peer that does not read or answer) there is no polite close.
 CLOSE_CODES: Final = {"ws_binary": 1003, "ws_flood": 1008, "ws_too_big": 1009, "ws_protocol": 1002}
+
+
+def batches(frames: Sequence[Frame], max_bytes: int) -> Iterator[Sequence[Frame]]:
+    """Consecutive runs of ``frames`` of about ``max_bytes`` of wire bytes (each at least one frame)."""
+    start = size = 0
+    for i, frame in enumerate(frames):
+        if size and size + len(frame.wire) > max_bytes:
+            yield frames[start:i]
+            start, size = i, 0
+        size += len(frame.wire)
+    if start < len(frames):
+        yield frames[start:]
 
 
 class WsLimits(Protocol):
@@ -125,9 +137,9 @@ class WebSocket:
         ``ws_send_batch`` bytes, each write under ``ws_send_timeout``."""
         replay, client.replay = client.replay, []  # the replay can be large: don't keep it
         try:
-            for i in range(0, len(replay), 64):  # in slices, so one write stays near the bound
-                await self._send_frames(replay[i : i + 64], limits, metrics)
-            del replay
+            for batch in batches(replay, limits.ws_send_batch):
+                await self._send_frames(batch, limits, metrics)
+            replay = []
             while True:
                 await self._send_frames(await client.receive_many(limits.ws_send_batch), limits, metrics)
         except ClientClosed as exc:

@@ -36,9 +36,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from edge.access import HostPolicy, host_name
-from edge.broadcast import Broadcaster, QueuePolicy
+from edge.broadcast import Broadcaster, Frame, QueuePolicy
 from edge.metrics import LATENCY_BUCKETS, Metrics, format_value
 from edge.server import Limits, Server, is_loopback, publish_allowed, serve
+from edge.wsconn import batches
 from schema.events import AttackProfile, Embedding, Episode, ModelMetric, PhaseEvent, Prediction, Snapshot
 from schema.publisher import Publisher, PublishError
 
@@ -710,6 +711,16 @@ class CountingStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def test_batches_split_frames_by_wire_bytes() -> None:
+    frames = [Frame.of("phase", "x" * n) for n in (10, 3000, 5000, 9000, 20000, 10, 10)]
+    got = list(batches(frames, 8192))
+    assert [f for batch in got for f in batch] == frames  # every frame once, in order
+    for batch in got:  # within the bound, unless one frame alone is over it
+        assert len(batch) == 1 or sum(len(f.wire) for f in batch) <= 8192
+    assert [len(b) for b in got] == [3, 1, 1, 2]
+    assert list(batches([], 8192)) == []
 
 
 @mock_clock
