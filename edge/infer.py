@@ -80,6 +80,11 @@ class Batch:
 # What the daemon runs on each window (``--run``): the primary alone; every realistic model
 # and the projector (the default: what the deck shows); or all twelve and the projector.
 RUN_CHOICES: Final = ("primary", "realistic", "all")
+# Windows per session.run: past a few windows a batch no longer gets cheaper per window
+# (measured on cnn/gru/lstm/transformer/rocket), while ORT's arena grows with the largest
+# batch it ever saw (rocket: ~1.6 MB of intermediates a window), which a backlog would make
+# the daemon's peak RSS.
+RUN_CHUNK: Final = 8
 
 
 class Engine:
@@ -246,7 +251,12 @@ class Engine:
         probs: np.ndarray | None = None
         if len(x) > 1 and self._batchable.get(model.key, True):
             try:
-                probs = np.asarray(model.predict_proba(x))
+                probs = np.concatenate(
+                    [
+                        np.asarray(model.predict_proba(x[i : i + RUN_CHUNK]))
+                        for i in range(0, len(x), RUN_CHUNK)
+                    ]
+                )
                 if probs.shape[0] != len(x):
                     raise ValueError(f"batch of {len(x)} gave {probs.shape[0]} rows")
             except Exception as e:  # a graph exported with a fixed batch of 1
