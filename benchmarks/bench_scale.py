@@ -10,6 +10,10 @@ first training step, and how many archives one added archive makes the next run 
 Prints the figures side by side and RSS(largest) / RSS(smallest) per phase; writes JSON.
 Targets (issue 11): every phase <= 2.5 GB at 4,800 episodes, the ratio <= 1.3, first step
 of a cached run within 10 s, one added archive extracts one archive.
+
+A synthesised store is kept (``store-N/.done``) and never synthesised again. After a change
+to training, ``--reuse <work>/bench-scale.json`` keeps the window stores too and measures
+train onward only, carrying the validate and extract figures over from that file.
 """
 
 from __future__ import annotations
@@ -116,8 +120,16 @@ def store_bytes(store: Path) -> int:
     return sum(p.stat().st_size for p in store.glob("*/*.tar.zst"))
 
 
-def bench_one(n: int, work: Path, models: str, env: dict[str, str]) -> dict:
+def bench_one(n: int, work: Path, models: str, env: dict[str, str], reuse: dict | None = None) -> dict:
+    """One store size. ``reuse``: this size's figures of an earlier run over the same work dir;
+    its store, index and window store are kept and only train, evaluate, export, the cached
+    re-run and the added archive are measured again (validate and extract figures carried over)."""
     store, run, out = work / f"store-{n}", work / f"run-{n}", work / f"models-{n}"
+    if reuse is not None:
+        if not (store / ".done").exists() or not (store / "cache").is_dir():
+            raise SystemExit(f"--reuse: {store} has no synthesised store and window store to reuse")
+        keep = ("episodes", "synth_s", "store_gb", "validate", "windows", "extract", "window_store_gb")
+        return _train_onward(n, store, run, out, work, models, env, {k: reuse[k] for k in keep if k in reuse})
     res: dict = {"episodes": n}
     if not (store / ".done").exists():
         shutil.rmtree(store, ignore_errors=True)
@@ -155,7 +167,12 @@ def bench_one(n: int, work: Path, models: str, env: dict[str, str]) -> dict:
     res["window_store_gb"] = round(
         sum(f.stat().st_size for f in (store / "cache").rglob("*") if f.is_file()) / 1e9, 3
     )
+    return _train_onward(n, store, run, out, work, models, env, res)
 
+
+def _train_onward(
+    n: int, store: Path, run: Path, out: Path, work: Path, models: str, env: dict[str, str], res: dict
+) -> dict:
     log = work / f"phases-{n}.log"
     log.unlink(missing_ok=True)
     m = measure(
@@ -167,7 +184,7 @@ def bench_one(n: int, work: Path, models: str, env: dict[str, str]) -> dict:
     if m.rc:
         raise SystemExit(f"train {n} failed:\n{m.out[-3000:]}")
     peaks = phase_peaks(m.samples, log)
-    plan = json.loads((run / "run.json").read_text()).get("plan", {})
+    plan = json.loads((run / "report.json").read_text()).get("plan", {})  # run.json (RunDoc) has none
     res["train"] = {
         "peak_mb": round(peaks["train"]),
         "seconds": round(m.seconds, 1),
@@ -221,6 +238,10 @@ def bench_one(n: int, work: Path, models: str, env: dict[str, str]) -> dict:
     for p in (host_dir / donor.name, host_dir / (donor.name + ".sha256")):
         p.unlink(missing_ok=True)
     shutil.rmtree(extra, ignore_errors=True)
+    # Back to the store as synthesised: its index without the extra archive, its shard gone
+    # (so a --reuse run starts from the same store and sees the added archive extract again).
+    measure(phasewatch("validate", str(store), "--json"), env)
+    measure(phasewatch("cache", "gc", "--store", str(store)), env)
     return res
 
 
@@ -235,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--results", type=Path, nargs="+", default=None, help="no run: print the table of earlier JSON files"
     )
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="an earlier run's JSON over the same --work: keep its stores and window stores, carry over"
+        " their validate/extract figures, measure train onward again",
+    )
     args = ap.parse_args(argv)
     if args.results:
         results = sorted(
@@ -245,10 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(int(s) for s in args.episodes.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    earlier = {}
+    if args.reuse:
+        earlier = {r["episodes"]: r for r in json.loads(args.reuse.read_text())["results"]}
+        if missing := [n for n in sizes if n not in earlier]:
+            raise SystemExit(f"--reuse {args.reuse}: no figures for {missing} episodes")
     results = []
     for n in sizes:
         print(f"--- {n} episodes", flush=True)
-        r = bench_one(n, args.work, args.models, env)
+        r = bench_one(n, args.work, args.models, env, earlier.get(n) if args.reuse else None)
         print(json.dumps(r), flush=True)
         results.append(r)
     return report(results, args.json or args.work / "bench-scale.json")

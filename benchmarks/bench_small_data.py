@@ -106,15 +106,16 @@ def main(argv: list[str] | None = None) -> int:
 
     ws = load_windows(args.store, cache_dir=args.cache)
     split = make_split(ws, "host", seed=args.seed)
-    usable = np.asarray(ws.mask(args.threat), bool)
+    usable = np.asarray(ws.mask(args.threat), bool) & np.asarray(ws.finite(args.threat), bool)
     rng = np.random.default_rng(args.seed)
     parts = {}
     for part, n in (("train", args.train), ("val", args.val), ("test", args.test)):
         idx = np.asarray(getattr(split, part))
         parts[part] = draw(idx[usable[idx]], n, rng)
     y = np.asarray(ws.y, np.int64)
-    raw = ws.view(args.threat, "tensor")
     te = parts["test"]
+    # Only the drawn windows are read from the window store: (n, C, 100) per part.
+    raw = {p: ws.rows(args.threat, "tensor", i).take(np.arange(len(i))) for p, i in parts.items()}
     print(
         f"small data: {len(parts['train'])} train / {len(parts['val'])} val / {len(te)} test windows "
         f"({split.description}); {len(np.unique(ws.episode[te]))} test episodes; profile {args.profile}",
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "lengths": {},
     }
     for steps in lengths:
-        views = {p: at_length(raw[i], steps) for p, i in parts.items()}
+        views = {p: at_length(raw[p], steps) for p in parts}
         labels = {p: y[i] for p, i in parts.items()}
         doc["lengths"][str(steps)] = score_models(views, labels, ws.episode[te], models, args, f"L={steps}")
     return finish(doc, args.out)

@@ -6,14 +6,15 @@
 
     async with broadcaster.subscribe() as client:     # what the server does per browser
         for frame in client.replay:                   # sticky state first
-            await ws.send_message(frame.text)
+            await stream.send_all(frame.wire)
         while True:
-            frame = await client.receive()            # raises ClientClosed when dropped
-            await ws.send_message(frame.text)
+            frames = await client.receive_many(64 << 10)  # all queued; raises ClientClosed when dropped
+            await stream.send_all(b"".join(f.wire for f in frames))
 
 ``publish`` is synchronous and must be called from the trio thread (from a worker thread use
-``trio.from_thread.run_sync(broadcaster.publish, event)``). Each event is encoded once and the
-same text goes to every client.
+``trio.from_thread.run_sync(broadcaster.publish, event)``). Each event is encoded once, as
+JSON text and as the bytes of its WebSocket text frame (``edge.wsconn.text_frame``), and the
+same bytes go to every client.
 
 Queue policy (``QueuePolicy``): each client has a queue of ``maxlen`` frames. When it is full
 the oldest queued *live* frame is dropped (``events_dropped{reason="overflow"}``) so a slow
@@ -55,6 +56,7 @@ from schema.events import (
 )
 
 from .metrics import Metrics
+from .wsframe import text_frame
 
 _EVENT_CLASSES: Final = (*get_args(Event), NodeStatus)  # a node's status only reaches a fleet deck
 
@@ -89,10 +91,15 @@ class StickyLimits:
 
 
 class Frame(NamedTuple):
-    """One encoded event: its ``type`` tag and the JSON text sent to every client."""
+    """One encoded event: its ``type`` tag, its JSON text and the WebSocket frame sent to every client."""
 
     type: str
-    text: str  # str, not bytes: browsers get a text message they can JSON.parse directly
+    text: str  # the JSON; browsers get it as a text message they can JSON.parse directly
+    wire: bytes  # ``text`` framed as one WebSocket text message: the bytes on every client's socket
+
+    @classmethod
+    def of(cls, kind: str, text: str) -> Frame:
+        return cls(kind, text, text_frame(text))
 
 
 class ClientClosed(Exception):
@@ -141,6 +148,18 @@ class Client:
             if self._queue:
                 return self._take()
             await self._lot.park()
+
+    async def receive_many(self, max_bytes: int) -> list[Frame]:
+        """Everything queued, at least one frame (waits for it), at most about ``max_bytes`` of
+        wire bytes: a client that fell behind catches up in one write, not one per frame."""
+        out = [await self.receive()]
+        size = len(out[0].wire)
+        q = self._queue
+        while q and size < max_bytes:
+            frame = self._take()
+            out.append(frame)
+            size += len(frame.wire)
+        return out
 
     def receive_nowait(self) -> Frame | None:
         if self.closed_reason is not None:
@@ -231,7 +250,7 @@ class Broadcaster:
                 f"publish takes a schema.events Struct, not {type(event).__name__}"
                 " (use schema.events.from_dict for a dict)"
             )
-        frame = Frame(event_type(event), encode_event(event).decode())
+        frame = Frame.of(event_type(event), encode_event(event).decode())
         self.published[frame.type] = self.published.get(frame.type, 0) + 1
         self._remember(event, frame)
         for tap in self.taps:

@@ -40,42 +40,11 @@ class Reply:
         return cls(status, _json.encode(obj), JSON, **kw)
 
 
-class ReplayStream(trio.abc.Stream):
-    """A stream that first hands back bytes already read, so trio-websocket sees the whole request."""
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            chunk, self._prefix = self._prefix[:n], self._prefix[n:]
-            await trio.lowlevel.checkpoint()
-            return chunk
-        return bytes(await self._stream.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
 def header(request: h11.Request, name: bytes) -> str | None:
     for key, value in request.headers:
         if key == name:
             return value.decode("latin-1")
     return None
-
-
-def request_head(request: h11.Request) -> bytes:
-    lines = [b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)]
-    lines += [name + b": " + value for name, value in request.headers.raw_items()]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 async def next_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:

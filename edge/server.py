@@ -12,12 +12,14 @@ Routes (HTTP/1.1 parsed with h11; keep-alive supported):
     the deck's static files from ``static_dir`` (``index.html`` for a directory), with the
     content type browsers insist on for ES modules; nothing outside ``static_dir`` is served.
 ``GET /ws``
-    WebSocket (trio-websocket on the same connection): the sticky replay, then live events,
-    one JSON event per text message. Pinged every ``ws_ping_interval`` s; a client that does
-    not pong within ``ws_pong_timeout`` s, or cannot take one message in ``ws_send_timeout``
-    s, is closed. What clients send is read and dropped; a binary frame (1003), a message over
-    ``ws_max_incoming`` (1009) or more than ``ws_incoming_burst`` messages in
-    ``ws_incoming_window`` s (1008) closes that client.
+    WebSocket on the same connection (wsproto, ``edge.wsconn``): the sticky replay, then live
+    events, one JSON event per text message, each framed once for all clients and sent many
+    to a write. Pinged every ``ws_ping_interval`` s; a client that does not pong within
+    ``ws_pong_timeout`` s, or cannot take one write (at most ``ws_send_batch`` bytes) in
+    ``ws_send_timeout`` s, or falls ``QueuePolicy`` frames behind (``stalled``), is closed.
+    What clients send is read and dropped; a binary frame (1003), a message over
+    ``ws_max_incoming`` (1009), a frame wsproto cannot parse (1002) or more than
+    ``ws_incoming_burst`` messages in ``ws_incoming_window`` s (1008) closes that client.
 ``POST /publish``
     one event or a JSON list (SPEC section 7), all validated before any is published.
     200 ``{"delivered": n}`` (n: browsers the events were queued for); 400
@@ -40,7 +42,6 @@ a peer runs under a deadline from ``Limits``.
 
 from __future__ import annotations
 
-import collections
 import logging
 import mimetypes
 import socket
@@ -53,17 +54,15 @@ from typing import Any, Final
 import h11
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from schema.events import decode_events
 from schema.publisher import MAX_BODY
 from schema.rows import error_path
 
 from .access import HostPolicy, host_name, is_loopback, publish_allowed
-from .broadcast import Broadcaster, Client, ClientClosed
+from .broadcast import Broadcaster, ClientClosed
 from .httpio import (
     RECV,
-    ReplayStream,
     Reply,
     TooLarge,
     discard_unread,
@@ -71,11 +70,11 @@ from .httpio import (
     header,
     next_request,
     read_body,
-    request_head,
     send_reply,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .wsconn import CLOSE_CODES, Ending, WebSocket, accept, handshake_problem
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +89,8 @@ class Limits:
     ws_handshake_timeout: float = 10.0
     ws_ping_interval: float = 10.0
     ws_pong_timeout: float = 10.0
-    ws_send_timeout: float = 10.0  # one message to one client
+    ws_send_timeout: float = 10.0  # one write (what was queued, up to ws_send_batch) to one client
+    ws_send_batch: int = 16 << 10  # bytes of queued frames one write to one client carries at most
     ws_max_incoming: int = 4 << 10  # largest client message; bigger ones close the socket (1009)
     ws_incoming_burst: int = 32  # client messages per ws_incoming_window s; more is a flood (1008)
     ws_incoming_window: float = 1.0
@@ -100,7 +100,7 @@ class Limits:
 
 
 # Why the server ends a WebSocket itself, and the close code the client is told.
-WS_CLOSE_CODES: Final[Mapping[str, int]] = {"ws_binary": 1003, "ws_flood": 1008, "ws_too_big": 1009}
+WS_CLOSE_CODES: Final[Mapping[str, int]] = CLOSE_CODES
 
 
 # What may end one connection, and the reason it is counted under
@@ -110,7 +110,6 @@ PEER_ERRORS: Final[Mapping[type[BaseException], str]] = {
     trio.BrokenResourceError: "broken",
     trio.ClosedResourceError: "closed",
     h11.RemoteProtocolError: "bad_http",
-    ConnectionClosed: "ws_closed",
     ClientClosed: "stalled",
 }
 
@@ -355,18 +354,14 @@ class Server:
         return Reply(200, data, ctype)
 
     async def _websocket(self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request) -> None:
-        if (
-            "websocket" not in (header(request, b"upgrade") or "").lower()
-            or not header(request, b"sec-websocket-key")
-            or header(request, b"sec-websocket-version") != "13"
-        ):
+        if problem := handshake_problem(request):
             with trio.fail_after(self.limits.request_timeout):
                 await send_reply(
                     stream,
                     conn,
                     Reply.json(
                         400,
-                        {"error": "bad WebSocket handshake"},
+                        {"error": f"bad WebSocket handshake: {problem}"},
                         headers=(("sec-websocket-version", "13"),),
                         close=True,
                     ),
@@ -377,93 +372,36 @@ class Server:
                 await send_reply(stream, conn, refused)
             return
         _set_send_buffer(stream, self.limits.ws_send_buffer)
-        # trio-websocket does the handshake itself: hand it the request exactly as received.
-        replay = ReplayStream(stream, request_head(request) + conn.trailing_data[0])
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(self.limits.ws_handshake_timeout):
-                proposal = await wrap_server_stream(
-                    nursery, replay, message_queue_size=4, max_message_size=self.limits.ws_max_incoming
-                )
-                ws = await proposal.accept()
-            ending = "closed"
-            try:
-                ending = await self._session(ws)
-            finally:
-                code = WS_CLOSE_CODES.get(ending)
-                if ending != "closed":
-                    self.metrics.connection_errors.inc(reason=ending)
-                if ending != "closed" and code is None:
-                    await trio.aclose_forcefully(replay)  # it is not reading: no polite close
-                with trio.move_on_after(self.limits.ws_close_timeout):
-                    await ws.aclose(code or 1000, None if code is None else ending)
-                nursery.cancel_scope.cancel()
+        with trio.fail_after(self.limits.ws_handshake_timeout):
+            ws = await accept(stream, conn, request)
+        ending: Ending = "closed"
+        try:
+            ending = await self._session(ws)
+        finally:
+            if ending != "closed":
+                self.metrics.connection_errors.inc(reason=ending)
+            await ws.close(ending, self.limits)  # ``handle`` closes the stream itself
 
-    async def _session(self, ws: WebSocketConnection) -> str:
-        """Serve one browser until it goes; returns why: closed, stalled, send_timeout,
-        pong_timeout, or a ``WS_CLOSE_CODES`` reason for what it sent."""
-        ending: list[str] = []
+    async def _session(self, ws: WebSocket) -> Ending:
+        """Serve one browser until it goes; returns why (``edge.wsconn.Ending``)."""
+        ending: list[Ending] = []
         async with self.broadcaster.subscribe() as client:
             async with trio.open_nursery() as nursery:
 
-                async def until_first_ends(task: Callable[[], Awaitable[str]]) -> None:
+                async def until_first_ends(task: Callable[[], Awaitable[Ending]]) -> None:
                     try:
                         ending.append(await task())
                     finally:
                         nursery.cancel_scope.cancel()
 
-                nursery.start_soon(until_first_ends, lambda: self._pump(ws, client))
-                nursery.start_soon(until_first_ends, lambda: self._keepalive(ws))
-                nursery.start_soon(until_first_ends, lambda: self._incoming(ws))
-                nursery.start_soon(until_first_ends, client.wait_closed)
-        return ending[0] if ending and ending[0] != "disconnected" else "closed"
+                async def dropped() -> Ending:
+                    return "stalled" if await client.wait_closed() == "stalled" else "closed"
 
-    async def _pump(self, ws: WebSocketConnection, client: Client) -> str:
-        sent = self.metrics.events_sent
-        timeout = self.limits.ws_send_timeout
-        try:
-            for frame in client.replay:
-                with trio.fail_after(timeout):
-                    await ws.send_message(frame.text)
-                sent.inc(type=frame.type)
-            client.replay = []  # the replay can be large; don't hold it for the life of the socket
-            while True:
-                frame = await client.receive()
-                with trio.fail_after(timeout):
-                    await ws.send_message(frame.text)
-                sent.inc(type=frame.type)
-        except ConnectionClosed:
-            return "closed"
-        except ClientClosed as exc:
-            return exc.reason
-        except trio.TooSlowError:
-            return "send_timeout"
-
-    async def _keepalive(self, ws: WebSocketConnection) -> str:
-        try:
-            while True:
-                await trio.sleep(self.limits.ws_ping_interval)
-                with trio.move_on_after(self.limits.ws_pong_timeout) as waited:
-                    await ws.ping()
-                if waited.cancelled_caught:
-                    return "pong_timeout"
-        except ConnectionClosed:
-            return "closed"
-
-    async def _incoming(self, ws: WebSocketConnection) -> str:
-        """What a client sends is read (so pongs and closes get through trio-websocket's small
-        queue) and dropped; a binary frame or a flood of text frames ends that client."""
-        burst, window = self.limits.ws_incoming_burst, self.limits.ws_incoming_window
-        seen: collections.deque[float] = collections.deque(maxlen=burst + 1)
-        try:
-            while True:
-                message = await ws.get_message()
-                if isinstance(message, bytes):
-                    return "ws_binary"
-                seen.append(trio.current_time())
-                if len(seen) > burst and seen[-1] - seen[0] < window:
-                    return "ws_flood"
-        except ConnectionClosed as exc:
-            return "ws_too_big" if exc.reason is not None and exc.reason.code == 1009 else "closed"
+                nursery.start_soon(until_first_ends, lambda: ws.pump(client, self.limits, self.metrics))
+                nursery.start_soon(until_first_ends, lambda: ws.keepalive(self.limits))
+                nursery.start_soon(until_first_ends, lambda: ws.incoming(self.limits))
+                nursery.start_soon(until_first_ends, dropped)
+        return ending[0] if ending else "closed"
 
 
 def _set_send_buffer(stream: trio.abc.Stream, size: int) -> None:

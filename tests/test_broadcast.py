@@ -7,6 +7,7 @@ import json
 import pytest
 import trio
 import trio.testing
+from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from edge.broadcast import Broadcaster, ClientClosed, QueuePolicy, StickyLimits
 from edge.metrics import Metrics
@@ -120,12 +121,43 @@ async def test_subscriber_gets_replay_then_live_in_order() -> None:
         got = [await client.receive(), await client.receive()]
         assert types(got) == ["phase", "episode"]
         assert json.loads(got[1].text) == {"type": "episode", "episode_id": "e1", "host": "h"}
-        # the same encoded text object goes to every client
+        # the same encoded text object goes to every client, and the same framed bytes
         async with b.subscribe() as other:
             b.publish(Snapshot(total_bytes=3))
-            assert (await client.receive()).text is (await other.receive()).text
+            mine, theirs = await client.receive(), await other.receive()
+            assert mine.text is theirs.text and mine.wire is theirs.wire
+            assert unframe(mine.wire) == mine.text
     assert b.client_count == 0 and metrics.clients.value() == 0
     assert b.publish(PhaseEvent(phase="armed")) == 0
+
+
+def unframe(wire: bytes) -> str:
+    """What a browser makes of the bytes: one whole text message (wsproto as the client)."""
+    proto = FrameProtocol(client=True, extensions=[])
+    proto.receive_bytes(wire)
+    frames = list(proto.received_frames())
+    assert len(frames) == 1 and frames[0].opcode is Opcode.TEXT and frames[0].message_finished
+    assert isinstance(frames[0].payload, str)
+    return frames[0].payload
+
+
+@trio.testing.trio_test
+async def test_receive_many_takes_the_backlog_up_to_a_byte_bound() -> None:
+    b = Broadcaster(policy=QueuePolicy(maxlen=1000, stall_drops=4000))
+    async with b.subscribe() as client:
+        for i in range(300):
+            b.publish(Episode(episode_id=f"e{i:03d}", host="h"))
+        first = await client.receive_many(4096)
+        size = sum(len(f.wire) for f in first)
+        assert 1 < len(first) < 300 and size >= 4096 and size - len(first[-1].wire) < 4096
+        rest = await client.receive_many(1 << 20)
+        assert [json.loads(f.text)["episode_id"] for f in first + rest] == [f"e{i:03d}" for i in range(300)]
+        assert client.queued == 0
+        with trio.testing.assert_checkpoints():
+            with trio.move_on_after(0.01):
+                await client.receive_many(1 << 20)  # waits for at least one frame
+        b.publish(PhaseEvent(phase="armed"))
+        assert types(await client.receive_many(1)) == ["phase"]  # at least one, whatever the bound
 
 
 @trio.testing.trio_test

@@ -145,19 +145,43 @@ def test_bad_inputs_name_the_problem() -> None:
         build_model("cnn", (F,))
 
 
-def test_kept_weights_are_the_best_on_validation() -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_kept_weights_are_the_best_on_validation(ema: float) -> None:
+    """With ``ema`` on, what validation scored and what is kept are the averaged weights."""
     kind = "tensor"
     x_tr, y_tr = toy(kind, 300, seed=1)
     x_val, y_val = toy(kind, 100, seed=9)
     # Noisy labels on half the training set make later epochs worse than the best one.
     y_tr = np.where(np.arange(300) % 2 == 0, (y_tr + 1) % 5, y_tr)
     model = build_model(
-        "cnn", x_tr.shape[1:], profile="demo", seed=0, epochs=8, patience=8, max_seconds=None, threads=1
+        "cnn",
+        x_tr.shape[1:],
+        profile="demo",
+        seed=0,
+        epochs=8,
+        patience=8,
+        max_seconds=None,
+        threads=1,
+        ema=ema,
     )
     fit = model.fit(x_tr, y_tr, x_val, y_val)
     scores = [row["val_f1"] for row in fit.history]
     assert fit.best_val_f1 == max(scores) and scores[fit.best_epoch - 1] == max(scores)
     assert macro_f1(y_val, model.predict(x_val)) == pytest.approx(fit.best_val_f1)
+
+
+def test_a_tie_on_validation_f1_goes_to_the_lower_loss() -> None:
+    """A separable set saturates validation F1 at 1.0 early; the kept epoch is the tied one
+    with the lowest validation loss, not the first to reach 1.0."""
+    x_tr, y_tr = toy("summary", 300, seed=1)
+    x_val, y_val = toy("summary", 100, seed=2)
+    cfg = {**FAST["mlp"], "epochs": 12, "patience": 3}
+    model = build_model("mlp", x_tr.shape[1:], profile="demo", seed=0, **cfg)
+    fit = model.fit(x_tr, y_tr, x_val, y_val)
+    top = max(r["val_f1"] for r in fit.history)
+    tied = [r for r in fit.history if r["val_f1"] == top]
+    assert len(tied) > 1, "toy problem should saturate validation F1 over several epochs"
+    assert fit.best_epoch == min(tied, key=lambda r: r["val_loss"])["epoch"] != tied[0]["epoch"]
 
 
 def test_schedule_and_class_weights() -> None:

@@ -39,7 +39,7 @@ def test_edge_extra_pulls_in_nothing_heavy() -> None:
         "zstandard",
         "onnxruntime",
         "trio",
-        "trio-websocket",
+        "wsproto",
         "h11",
         "paho-mqtt",
         "inotify-simple",

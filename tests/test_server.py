@@ -33,11 +33,13 @@ import pytest
 import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url, wrap_client_stream
+from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from edge.access import HostPolicy, host_name
-from edge.broadcast import Broadcaster, QueuePolicy
+from edge.broadcast import Broadcaster, Frame, QueuePolicy
 from edge.metrics import LATENCY_BUCKETS, Metrics, format_value
 from edge.server import Limits, Server, is_loopback, publish_allowed, serve
+from edge.wsconn import batches
 from schema.events import AttackProfile, Embedding, Episode, ModelMetric, PhaseEvent, Prediction, Snapshot
 from schema.publisher import Publisher, PublishError
 
@@ -536,6 +538,9 @@ async def test_stalled_client_never_slows_a_fast_one() -> None:
             elapsed = time.perf_counter() - start
             assert got == list(range(n))
             await wait_for(lambda: b.client_count == 1)
+            shown = parse_exposition(
+                (await http(port, "GET", "/metrics")).body.decode()
+            )  # an operator's view
     publish_s.sort()
     # publish is synchronous, so it cannot wait on a socket; on a loaded box the tail is the OS
     assert publish_s[len(publish_s) // 2] < 0.001 and publish_s[int(0.99 * n)] < 0.01, publish_s[-20:]
@@ -543,6 +548,9 @@ async def test_stalled_client_never_slows_a_fast_one() -> None:
     assert metrics.events_dropped.value(reason="overflow") > 0
     ended = {r: metrics.connection_errors.value(reason=r) for r in ("stalled", "send_timeout")}
     assert sum(ended.values()) == 1, ended
+    assert sum(shown.get(f'phasewatch_connection_errors_total{{reason="{r}"}}', 0) for r in ended) == 1
+    assert shown['phasewatch_events_dropped_total{reason="overflow"}'] > 0
+    assert shown["phasewatch_clients"] == 1
     print(
         f"\nfast client: {n} x 4 KiB in {elapsed:.2f} s, publish median {publish_s[n // 2] * 1e6:.0f} us, "
         f"stalled one ended by {[r for r, v in ended.items() if v]}"
@@ -623,6 +631,123 @@ async def test_hostile_websocket_clients_are_closed_alone() -> None:
             assert b.client_count == 2
     ended = {r: metrics.connection_errors.value(reason=r) for r in ("ws_binary", "ws_too_big", "ws_flood")}
     assert ended == {"ws_binary": 1, "ws_too_big": 1, "ws_flood": 1}
+
+
+async def closing_frame(stream: trio.abc.Stream) -> tuple[int, str]:
+    """Read a raw peer's stream to its end (after the 101): the code and reason of the server's close."""
+    proto = FrameProtocol(client=True, extensions=[])  # parses what a server sends
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(4096):
+            proto.receive_bytes(chunk)
+    closes = [f.payload for f in proto.received_frames() if f.opcode is Opcode.CLOSE]
+    assert len(closes) == 1, closes
+    code, reason = closes[0]  # type: ignore[misc]
+    return int(code), str(reason)
+
+
+def client_frame(payload: bytes | str, masked: bool = True) -> bytes:
+    """A frame as a browser sends it (masked), or as no client may (``masked=False``)."""
+    return bytes(FrameProtocol(client=masked, extensions=[]).send_data(payload, fin=True))
+
+
+@mock_clock
+async def test_bad_frames_and_frames_behind_the_handshake_close_that_client() -> None:
+    """A frame wsproto cannot parse (an unmasked client frame: 1002) ends that client; a binary
+    frame in the same write as the handshake is seen (h11's trailing bytes reach wsproto): 1003."""
+    metrics = Metrics()
+    b = Broadcaster(metrics=metrics)
+    async with in_memory(b, limits=Limits(ws_ping_interval=60)) as srv:
+        async with websocket(srv) as good:
+            await wait_for(lambda: b.client_count == 1)
+            bad = await raw_websocket(srv)
+            await bad.send_all(client_frame("hello", masked=False))
+            assert (await closing_frame(bad))[0] == 1002
+            early = srv()
+            await early.send_all(HANDSHAKE + client_frame(b"\x00\x01"))
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += await early.receive_some(1)
+            assert head.startswith(b"HTTP/1.1 101")
+            assert await closing_frame(early) == (1003, "ws_binary")
+            await wait_for(lambda: b.client_count == 1)
+            b.publish(PhaseEvent(phase="armed"))
+            assert (await get_json(good))["phase"] == "armed"
+    assert metrics.connection_errors.value(reason="ws_protocol") == 1
+    assert metrics.connection_errors.value(reason="ws_binary") == 1
+
+
+@mock_clock
+async def test_a_polite_close_is_answered_and_not_counted() -> None:
+    metrics = Metrics()
+    b = Broadcaster(metrics=metrics)
+    async with in_memory(b) as srv:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(nursery, srv(), "127.0.0.1", "/ws")  # type: ignore[arg-type]
+            await wait_for(lambda: b.client_count == 1)
+            with trio.fail_after(5):
+                await ws.aclose(code=1001, reason="tab closed")
+            assert ws.closed is not None and ws.closed.code == 1001  # the server echoed it
+            await wait_for(lambda: b.client_count == 0)
+            nursery.cancel_scope.cancel()
+    assert sum(metrics.connection_errors.value(reason=r) for r in ("ws_protocol", "stalled", "internal")) == 0
+
+
+class CountingStream(trio.abc.Stream):
+    """A stream that counts the server's writes (its ``send_all`` calls) and their bytes."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.writes: list[int] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(len(data))
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def test_batches_split_frames_by_wire_bytes() -> None:
+    frames = [Frame.of("phase", "x" * n) for n in (10, 3000, 5000, 9000, 20000, 10, 10)]
+    got = list(batches(frames, 8192))
+    assert [f for batch in got for f in batch] == frames  # every frame once, in order
+    for batch in got:  # within the bound, unless one frame alone is over it
+        assert len(batch) == 1 or sum(len(f.wire) for f in batch) <= 8192
+    assert [len(b) for b in got] == [3, 1, 1, 2]
+    assert list(batches([], 8192)) == []
+
+
+@mock_clock
+async def test_a_backlog_goes_out_in_few_writes_and_in_order() -> None:
+    """What was queued for a client while its pump waited goes out in one write of at most
+    ws_send_batch bytes (not one write per event), the events still one per message, in order."""
+    b = Broadcaster(policy=QueuePolicy(maxlen=4096, stall_drops=8192))
+    limits = Limits(ws_ping_interval=60, ws_send_batch=16 << 10)
+    server = Server(b, limits=limits)
+    n = 2000
+    async with trio.open_nursery() as nursery:
+        client_end, server_end = trio.testing.memory_stream_pair()
+        counted = CountingStream(server_end)
+        nursery.start_soon(server.handle, counted, "127.0.0.1")
+        ws = await wrap_client_stream(nursery, client_end, "127.0.0.1", "/ws")  # type: ignore[arg-type]
+        await wait_for(lambda: b.client_count == 1)
+        before = len(counted.writes)
+        for i in range(n):  # one synchronous burst, as a scored batch is published
+            b.publish(Episode(episode_id=f"e{i:04d}", host="h"))
+        got = [(await get_json(ws))["episode_id"] for _ in range(n)]
+        assert got == [f"e{i:04d}" for i in range(n)]
+        writes = counted.writes[before:]
+        total = sum(writes)
+        assert len(writes) <= total // limits.ws_send_batch + 2, (len(writes), total)
+        assert max(writes) < limits.ws_send_batch + 200  # the bound, give or take one frame
+        await ws.aclose()
+        nursery.cancel_scope.cancel()
 
 
 # --- robustness ----------------------------------------------------------------------------------

@@ -42,8 +42,13 @@ QUANTILE = 0.95
 HOLDBACK = 0.2
 MAD_TO_SD = 1.4826
 HIST_BINS = 20
-MAX_FIT_ROWS = 200_000  # medians and MADs from a seeded sample of at most this many windows
-SCORE_CHUNK = 65_536  # windows read and scored at a time (a full-width summary row is 1.5 kB)
+# Memory is set by these two, not by the store: the fit holds at most MAX_FIT_ROWS rows of the
+# view's features (float64: 48 MB realistic, 74 MB oracle) plus one chunk being read; scoring
+# reads SCORE_CHUNK full-width rows (1.5 kB each: 24 MB) at a time. Per window the detector
+# keeps only index arrays and one score (int64 / float64: 8 bytes each, a few per window).
+MAX_FIT_ROWS = 25_000  # medians and MADs from a seeded sample of at most this many windows
+SCORE_CHUNK = 16_384  # windows read and scored at a time
+MEDIAN_COLUMNS = 16  # features whose median and MAD are computed at a time (bounds the copies)
 
 
 def _take(summary: Any, idx: np.ndarray) -> np.ndarray:
@@ -54,17 +59,27 @@ def _take(summary: Any, idx: np.ndarray) -> np.ndarray:
     return summary.take(idx)
 
 
-def _score(det: OodDetector, summary: Any, idx: np.ndarray) -> np.ndarray:
-    parts = [
-        ood_score(det, _take(summary, idx[i : i + SCORE_CHUNK])) for i in range(0, len(idx), SCORE_CHUNK)
-    ]
-    return np.concatenate(parts) if parts else np.zeros(0)
+def _score(det: OodDetector, summary: Any, idx: np.ndarray, raw: bool = False) -> np.ndarray:
+    """Scores of windows ``idx``, read SCORE_CHUNK at a time: (len(idx),) float64."""
+    fn = raw_score if raw else ood_score
+    out = np.zeros(len(idx))
+    for i in range(0, len(idx), SCORE_CHUNK):
+        out[i : i + SCORE_CHUNK] = fn(det, _take(summary, idx[i : i + SCORE_CHUNK]))
+    return out
+
+
+def _codes(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values sorted, int64 code of each element): one 8-byte code a window, no strings."""
+    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
+    return uniq, inv.astype(np.int64).reshape(-1)
 
 
 def _holdback_episodes(episode: np.ndarray, profile: np.ndarray, share: float, seed: int) -> set[str]:
     rng = np.random.default_rng(seed)
+    uniq, first = np.unique(np.asarray(episode), return_index=True)  # one entry an episode
+    prof = np.asarray(profile)[first]
     by_profile: dict[str, list[str]] = {}
-    for e, p in sorted(set(zip(episode.astype(str), profile.astype(str)))):
+    for e, p in sorted(zip((str(e) for e in uniq), (str(p) for p in prof))):
         by_profile.setdefault(p, []).append(e)
     held: set[str] = set()
     singles: list[str] = []
@@ -98,9 +113,12 @@ def fit_detector(
     if width != N_CHANNELS * len(SUMMARY_STATS):
         raise ValueError(f"ood: expected full-width summaries, got rows of width {width}")
     channels = [CHANNEL_NAMES[i] for i in view_channels(threat)]
-    train = np.asarray(train)
+    train = np.asarray(train, np.int64)
     held = _holdback_episodes(episode[train], profile[train], holdback, seed)
-    unseen_mask = np.isin(episode[train].astype(str), list(held))
+    names, code = _codes(episode[train])
+    held_codes = np.flatnonzero(np.isin(names, np.array(sorted(held), dtype=names.dtype)))
+    unseen_mask = np.isin(code, held_codes)
+    del code
     fit_idx, unseen = train[~unseen_mask], train[unseen_mask]
     if len(fit_idx) == 0 or len(unseen) == 0:
         raise ValueError(
@@ -110,9 +128,18 @@ def fit_detector(
     sample = (
         np.sort(rng.choice(fit_idx, MAX_FIT_ROWS, replace=False)) if len(fit_idx) > MAX_FIT_ROWS else fit_idx
     )
-    z = signed_log(_take(summary, sample)[:, feature_index(channels)].astype(np.float64))
-    center = np.nanmedian(z, axis=0)
-    mad = np.nanmedian(np.abs(z - center), axis=0)
+    cols = feature_index(channels)
+    z = np.empty((len(sample), len(cols)))  # (S, F) signed-log features of the sample, S <= MAX_FIT_ROWS
+    for i in range(0, len(sample), SCORE_CHUNK):
+        z[i : i + SCORE_CHUNK] = signed_log(
+            _take(summary, sample[i : i + SCORE_CHUNK])[:, cols].astype(np.float64)
+        )
+    center, mad = np.empty(len(cols)), np.empty(len(cols))
+    for j in range(0, len(cols), MEDIAN_COLUMNS):
+        block = z[:, j : j + MEDIAN_COLUMNS]  # (S, <=16): nanmedian copies only this block
+        center[j : j + MEDIAN_COLUMNS] = np.nanmedian(block, axis=0)
+        mad[j : j + MEDIAN_COLUMNS] = np.nanmedian(np.abs(block - center[j : j + MEDIAN_COLUMNS]), axis=0)
+    del z
     det = OodDetector(
         threat_model=threat,
         channels=channels,
@@ -124,12 +151,7 @@ def fit_detector(
         fitted_on=f"{len(fit_idx)} training-host windows; threshold on {len(unseen)} unseen ones",
         n_fit=int(len(fit_idx)),
     )
-    raw = np.concatenate(
-        [
-            raw_score(det, _take(summary, unseen[i : i + SCORE_CHUNK]))
-            for i in range(0, len(unseen), SCORE_CHUNK)
-        ]
-    )
+    raw = _score(det, summary, unseen, raw=True)
     det.threshold = max(1e-6, float(np.quantile(raw, quantile)))
     return det, unseen
 
@@ -153,22 +175,31 @@ def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 def auroc_ci(
     pos: np.ndarray, pos_groups: np.ndarray, neg: np.ndarray, neg_groups: np.ndarray, n_boot: int, seed: int
 ) -> tuple[float, float, float]:
-    """AUROC and its 95 % CI, resampling episodes of each side with replacement."""
+    """AUROC and its 95 % CI, resampling episodes of each side with replacement.
+
+    A resample is the scores of the drawn episodes, each as often as it was drawn; its
+    AUROC is the Mann-Whitney statistic with each window weighted by its episode's draw
+    count, from per-value weight sums over the scores sorted once (no copy and no sort per
+    resample: O(windows) a resample, the same resamples and statistic as concatenating).
+    """
     point = _auroc(pos, neg)
     if not np.isfinite(point):
         return point, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-
-    def by_group(v: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
-        _, inv = np.unique(g.astype(str), return_inverse=True)
-        return [v[inv == i] for i in range(inv.max() + 1)]
-
-    gp, gn = by_group(pos, pos_groups), by_group(neg, neg_groups)
-    boot = []
-    for _ in range(n_boot):
-        p = np.concatenate([gp[i] for i in rng.integers(len(gp), size=len(gp))])
-        n = np.concatenate([gn[i] for i in rng.integers(len(gn), size=len(gn))])
-        boot.append(_auroc(p, n))
+    _, gp = _codes(pos_groups)
+    _, gn = _codes(neg_groups)
+    n_gp, n_gn = int(gp.max()) + 1, int(gn.max()) + 1
+    _, value = _codes(np.concatenate([pos, neg]))  # rank of each score among the distinct scores
+    vp, vn = value[: len(pos)], value[len(pos) :]
+    n_values = int(value.max()) + 1
+    boot = np.empty(n_boot)
+    for b in range(n_boot):
+        times_p = np.bincount(rng.integers(n_gp, size=n_gp), minlength=n_gp)  # draws of each episode
+        times_n = np.bincount(rng.integers(n_gn, size=n_gn), minlength=n_gn)
+        wp = np.bincount(vp, weights=times_p[gp], minlength=n_values)  # (V,) positives at each score
+        wn = np.bincount(vn, weights=times_n[gn], minlength=n_values)
+        below = np.cumsum(wn) - wn  # negatives strictly below each score
+        boot[b] = float((wp * (below + 0.5 * wn)).sum() / (wp.sum() * wn.sum()))
     lo, hi = np.nanquantile(boot, [0.025, 0.975])
     return point, float(lo), float(hi)
 
@@ -177,7 +208,7 @@ def flagged_accuracy(
     hit: np.ndarray, flagged: np.ndarray, groups: np.ndarray, n_boot: int, seed: int
 ) -> dict[str, Any]:
     """Accuracy on flagged vs unflagged windows, CIs and the paired gap, by episode bootstrap."""
-    _, inv = np.unique(groups.astype(str), return_inverse=True)
+    _, inv = _codes(groups)
     n_g = int(inv.max()) + 1 if len(inv) else 0
     sums = np.stack(
         [
@@ -258,14 +289,17 @@ def ood_for_threat(
     path = Path(out) / ood_file(threat)
     path.write_bytes(encode(det))
     per_model: dict[str, Any] = {}
-    pos = {int(g): i for i, g in enumerate(te)}
+    te_order = np.argsort(te, kind="stable")  # where each window index sits in te, by binary search
+    te_sorted = te[te_order]
     for key, (gidx, pred) in test_pred.items():
         if not key.endswith(f"-{threat}") or key.split("-")[0] in ("majority", "logreg"):
             continue
-        keep = np.array([int(g) in pos for g in gidx], bool)
-        rows = np.array([pos[int(g)] for g in np.asarray(gidx)[keep]], int)
-        hit = np.asarray(pred)[keep] == y[te][rows]
-        per_model[key] = flagged_accuracy(hit, flagged[rows], episode[te][rows], n_boot, seed)
+        gidx = np.asarray(gidx, np.int64)
+        at = np.minimum(np.searchsorted(te_sorted, gidx), max(len(te) - 1, 0))
+        keep = te_sorted[at] == gidx if len(te) else np.zeros(len(gidx), bool)
+        rows = te_order[at[keep]]
+        hit = np.asarray(pred)[keep] == y[te[rows]]
+        per_model[key] = flagged_accuracy(hit, flagged[rows], episode[te[rows]], n_boot, seed)
     return {
         "file": path.name,
         "threshold": det.threshold,

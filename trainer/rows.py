@@ -8,8 +8,9 @@ The sampler is what makes training stream. When the split's rows fit in the shuf
 it is one global permutation per epoch (the in-RAM loop's order, draw for draw); otherwise
 episodes are shuffled, packed into blocks of at most ``buffer_rows`` rows, each block is
 read once (shard after shard, sequentially) and its rows are shuffled into batches. With
-``world > 1`` (torch DDP) rank r trains on every world-th block (or batch), and every rank
-runs the same number of steps.
+``world > 1`` (torch DDP) rank r trains on every world-th episode of the epoch's shuffled
+order (or every world-th batch of the global permutation), and every rank runs the same
+number of steps.
 """
 
 from __future__ import annotations
@@ -128,22 +129,58 @@ def epoch_plan(
     rank: int = 0,
     world: int = 1,
 ) -> list[Block]:
-    """One epoch's blocks and batches (see the module docstring)."""
+    """One epoch's blocks and batches for ``rank`` of ``world`` (see the module docstring).
+
+    Every rank computes every rank's plan from the same ``rng`` state (no communication)
+    and keeps its own: the ranks' rows are disjoint, each runs the same number of steps,
+    and with ``world > 1`` no batch has fewer than two rows (BatchNorm; and a rank that
+    skipped a step would leave the others waiting at the all-reduce).
+    """
     if n <= buffer_rows:
         order = rng.permutation(n)
         steps = max(1, math.ceil(n / batch_size))
         batches = [order[b * batch_size : (b + 1) * batch_size] for b in range(steps)]
-        if world > 1:
-            per_rank = steps // world
-            batches = batches[rank::world][:per_rank]
+        if world > 1:  # batch b goes to rank b % world; the last < world batches are left out
+            batches = [b for b in batches if len(b) >= 2]
+            batches = batches[rank::world][: len(batches) // world]
         return [Block(np.arange(n), batches)]
     codes = canonical_groups(groups)
     by_group = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[by_group], np.arange(codes.max() + 2))
+    episodes = rng.permutation(len(bounds) - 1)
+    # Episode e of the shuffled order goes to rank e % world; each rank packs its own
+    # episodes into blocks, so a rank reads only its own shards.
+    packed = [_pack(episodes[r::world], by_group, bounds, buffer_rows) for r in range(world)]
+    plans: list[list[Block]] = []
+    for blocks in packed:  # every rank draws every block's permutation: the rng stays in step
+        plan = []
+        for pos in blocks:
+            pos = np.sort(pos)
+            perm = rng.permutation(len(pos))
+            batches = [perm[i : i + batch_size] for i in range(0, len(pos), batch_size)]
+            plan.append(Block(pos, [b for b in batches if len(b) >= 2] if world > 1 else batches))
+        plans.append(plan)
+    if world == 1:
+        return plans[0]
+    steps = min(sum(len(b.batches) for b in p) for p in plans)  # the same step count on every rank
+    kept: list[Block] = []
+    for b in plans[rank]:
+        if steps <= 0:
+            break
+        kept.append(Block(b.positions, b.batches[:steps]))
+        steps -= len(kept[-1].batches)
+    return kept
+
+
+def _pack(
+    episodes: np.ndarray, by_group: np.ndarray, bounds: np.ndarray, buffer_rows: int
+) -> list[np.ndarray]:
+    """Whole episodes, in the given order, packed into blocks of at most ``buffer_rows`` rows
+    (an episode larger than the buffer is a block of its own)."""
     blocks: list[np.ndarray] = []
     current: list[np.ndarray] = []
     size = 0
-    for g in rng.permutation(len(bounds) - 1):
+    for g in episodes:
         part = by_group[bounds[g] : bounds[g + 1]]
         if size and size + len(part) > buffer_rows:
             blocks.append(np.concatenate(current))
@@ -152,19 +189,4 @@ def epoch_plan(
         size += len(part)
     if current:
         blocks.append(np.concatenate(current))
-    out = []
-    for pos in blocks:  # every rank draws every block's permutation: the rng stays in step
-        pos = np.sort(pos)
-        perm = rng.permutation(len(pos))
-        out.append(Block(pos, [perm[i : i + batch_size] for i in range(0, len(pos), batch_size)]))
-    if world > 1:
-        mine = out[rank::world]
-        steps = min(sum(len(b.batches) for b in out[r::world]) for r in range(world))
-        kept: list[Block] = []
-        for b in mine:
-            if steps <= 0:
-                break
-            kept.append(Block(b.positions, b.batches[:steps]))
-            steps -= len(kept[-1].batches)
-        out = kept
-    return out
+    return blocks

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -131,10 +132,39 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 def cli_train(args: argparse.Namespace) -> int:
     models = _choices(args.models, MODELS, "models")
     threats = _choices(args.threat, THREAT_MODELS, "threat")
+    rank, world = 0, 1
+    if _world_size() > 1:  # under torchrun: join the process group (trainer/loop.py)
+        from trainer.loop import init_distributed
+
+        rank, world = init_distributed()
+    out, scratch = args.out, None
+    if rank != 0:  # only rank 0 writes the run; the other ranks' copies go to a scratch dir
+        scratch = out = Path(tempfile.mkdtemp(prefix=f"phasewatch-rank{rank}-"))
+        os.environ.pop(PHASE_LOG_ENV, None)
+    try:
+        _train_cli_run(args, out, models, threats, progress=rank == 0)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _train_cli_run(
+    args: argparse.Namespace, out: Path, models: list[str], threats: list[str], progress: bool
+) -> None:
     train_run(
         args.store,
         args.index,
-        args.out,
+        out,
+        progress=progress,
         split=args.split,
         profile=args.profile,
         models=models,
@@ -146,7 +176,6 @@ def cli_train(args: argparse.Namespace) -> int:
         memory_mb=args.memory_budget,
         jobs=args.jobs,
     )
-    return 0
 
 
 def train_run(
@@ -171,7 +200,13 @@ def train_run(
     store = Path(store)
     index = Path(index) if index else store / INDEX_NAME
     _phase("extract")
-    ws = load_windows(store, index, cache_dir=cache_dir, jobs=jobs, progress=progress)
+    if _world_size() > 1:  # rank 0 extracts, the other ranks then read its shards
+        from trainer.loop import rank_zero_first
+
+        with rank_zero_first():
+            ws = load_windows(store, index, cache_dir=cache_dir, jobs=jobs, progress=progress)
+    else:
+        ws = load_windows(store, index, cache_dir=cache_dir, jobs=jobs, progress=progress)
     _phase("split")
     sp = make_split(ws, kind=split, seed=seed)
     plan = memory_plan(ws, sp, models, memory_mb)

@@ -24,6 +24,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "max_seconds": 25,
     },
     "quick": {
+        "ema": 0.99,  # weight average over ~100 steps: validates, stops and ships (trainer.loop)
         "gain_jitter": 0.3,
         "width": 64,
         "blocks": 3,
@@ -37,6 +38,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "max_seconds": 150,
     },
     "full": {
+        "ema": 0.99,  # weight average over ~100 steps: validates, stops and ships (trainer.loop)
         "gain_jitter": 0.3,
         "width": 96,
         "blocks": 4,

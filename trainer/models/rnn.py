@@ -33,6 +33,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "max_seconds": 30,
     },
     "quick": {
+        "ema": 0.99,  # weight average over ~100 steps: validates, stops and ships (trainer.loop)
         "gain_jitter": 0.3,
         "hidden": 64,
         "layers": 1,
@@ -47,6 +48,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "max_seconds": 150,
     },
     "full": {
+        "ema": 0.99,  # weight average over ~100 steps: validates, stops and ships (trainer.loop)
         "gain_jitter": 0.3,
         "hidden": 128,
         "layers": 2,
