@@ -225,7 +225,8 @@ class EpisodeTail:
         idle = now - self.last_activity >= self.cfg.idle_s or gone  # a gone directory sends nothing more
         final = done or idle
         self._windows(now, up, final)
-        self._update_schedule(now)
+        if changed is not None:  # inotify (polling reads every tick: no schedule to keep)
+            self._update_schedule(now)
         self.due = self._next_due(now)
         if final:
             self.finished = True
