@@ -116,6 +116,16 @@ def phase_peaks(samples: list[tuple[float, float]], log: Path) -> dict[str, floa
     return peaks
 
 
+def mark_peaks(samples: list[tuple[float, float]], log: Path) -> dict[str, float]:
+    """Peak RSS between each phase line and the next ("fit cnn-oracle": 1104.0): which step it was."""
+    marks = [(float(t), name) for t, name in (line.split(" ", 1) for line in log.read_text().splitlines())]
+    out = {}
+    for i, (t, name) in enumerate(marks):
+        end = marks[i + 1][0] if i + 1 < len(marks) else float("inf")
+        out[name] = round(max((r for s, r in samples if t <= s < end), default=0.0))
+    return out
+
+
 def store_bytes(store: Path) -> int:
     return sum(p.stat().st_size for p in store.glob("*/*.tar.zst"))
 
@@ -191,6 +201,7 @@ def _train_onward(
         "plan_peak_mb": plan.get("expected_peak_mb"),
     }
     res["evaluate"] = {"peak_mb": round(peaks["evaluate"])}
+    res["train_steps_peak_mb"] = mark_peaks(m.samples, log)
     res["train_cached_table_mb"] = round(peaks["extract"])
 
     m = measure(phasewatch("export", "--run", str(run), "--out", str(out), "--quiet"), env)

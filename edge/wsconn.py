@@ -118,7 +118,6 @@ class WebSocket:
         self.stream = stream
         self.proto = Connection(ConnectionType.SERVER)
         self.broken = False  # a write failed or was cancelled part way: the framing is lost
-        self.sent = 0  # frames handed to the kernel
         self._lock = trio.StrictFIFOLock()
         self._pong: bytes | None = None  # the payload of the ping awaiting its pong
         self._peer_close: CloseConnection | None = None
@@ -154,7 +153,6 @@ class WebSocket:
             return
         with trio.fail_after(limits.ws_send_timeout):
             await self.send(b"".join(f.wire for f in frames))
-        self.sent += len(frames)
         if metrics is not None:
             for kind, n in collections.Counter(f.type for f in frames).items():
                 metrics.events_sent.inc(n, type=kind)

@@ -147,11 +147,16 @@ class Model(ABC):
         """beta = 1/T that predict_proba and the ONNX graph apply to the logits (1.0: uncalibrated)."""
         return float(self.config.get("inverse_temperature", 1.0))
 
-    def predict_rows(self, x: Any, chunk: int = 65536) -> np.ndarray:
-        """predict_proba over an array or trainer.rows.Rows, ``chunk`` rows at a time."""
-        from trainer.rows import as_rows, chunks
+    def predict_rows(self, x: Any, chunk: int | None = None) -> np.ndarray:
+        """predict_proba over an array or trainer.rows.Rows, ``chunk`` rows at a time (default:
+        a quarter of the memory budget, as the evaluation's chunks; 65,536 oracle tensor rows
+        were 1.2 GB, so calibrating on a 48k-window validation split held all of it at once)."""
+        from trainer.rows import as_rows, chunk_rows, chunks
 
-        parts = [self.predict_proba(c) for c in chunks(as_rows(x), chunk)]
+        rows = as_rows(x)
+        if chunk is None:
+            chunk = chunk_rows(rows, float(self.config.get("memory_mb") or 384) * 2**20 / 4)
+        parts = [self.predict_proba(c) for c in chunks(rows, chunk)]
         return np.concatenate(parts) if parts else np.zeros((0, self.n_classes), np.float32)
 
     def calibrate(self, x_val: np.ndarray, y_val: np.ndarray) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""The OOD detector's memory is set by MAX_FIT_ROWS and SCORE_CHUNK, not by the number of windows.
+"""Memory set by settings, not by the number of windows: the OOD detector (MAX_FIT_ROWS,
+SCORE_CHUNK) and the models' chunked prediction over Rows (a quarter of --memory-budget).
 
 The detector reads full-width summaries (1.5 kB a window) through a Rows that counts its
 reads; fitted on 4x the windows it must read the same sample, never more than a chunk at a
@@ -159,3 +160,17 @@ def test_auroc_bootstrap_by_weights_equals_resampling_by_concatenation() -> None
     got = ood.auroc_ci(pos, pos_g, neg, neg_g, 300, seed=9)
     assert got == pytest.approx(by_concatenation(300, 9), abs=1e-12)
     assert 0.5 < got[1] < got[0] < got[2] < 1
+
+
+def test_predict_rows_reads_a_quarter_of_the_memory_budget_at_a_time() -> None:
+    """Calibration predicts the whole validation split through predict_rows: in budget-sized
+    chunks (at 4,800 episodes one 65,536-row chunk was the whole 890 MB oracle split)."""
+    from trainer.models import build_model
+    from trainer.rows import chunk_rows
+
+    rows = CountingRows(6_000)
+    model = build_model("mlp", rows.row_shape, n_classes=5, profile="demo", seed=0, memory_mb=2.0)
+    p = model.predict_rows(rows)
+    assert p.shape == (6_000, 5) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    chunk = chunk_rows(rows, 2.0 * 2**20 / 4)
+    assert chunk < 6_000 and max(rows.reads) <= chunk and sum(rows.reads) == 6_000
