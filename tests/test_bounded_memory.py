@@ -174,3 +174,19 @@ def test_predict_rows_reads_a_quarter_of_the_memory_budget_at_a_time() -> None:
     assert p.shape == (6_000, 5) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
     chunk = chunk_rows(rows, 2.0 * 2**20 / 4)
     assert chunk < 6_000 and max(rows.reads) <= chunk and sum(rows.reads) == 6_000
+
+
+def test_logistic_baseline_predicts_in_bounded_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its pipeline copies the chunk several times (signed log, scaling): a few thousand rows
+    at a time, with the same probabilities as one call."""
+    from trainer import evaluate as ev
+
+    rng = np.random.default_rng(0)
+    clf = ev.fit_logistic(rng.lognormal(2, 1, (2_000, N_SUMMARY)), rng.integers(0, 5, 2_000))
+    x = rng.lognormal(2, 1, (16_384, N_SUMMARY)).astype(np.float32)  # 24 MB
+    monkeypatch.setattr(ev, "LOGISTIC_ROWS", len(x))
+    whole_peak, whole = traced_peak(ev.logistic_proba, clf, x)
+    monkeypatch.setattr(ev, "LOGISTIC_ROWS", 1_024)
+    piece_peak, pieces = traced_peak(ev.logistic_proba, clf, x)
+    assert np.array_equal(whole, pieces)
+    assert piece_peak < whole_peak / 4 and piece_peak < 8 * 2**20, (whole_peak, piece_peak)
