@@ -536,6 +536,74 @@ def throughput(
     }
 
 
+def path_cost(models: Path, store: Path, episodes: int = 3, repeats: int = 5) -> dict:
+    """The daemon's per-window path, median µs per window over the windows of ``episodes``
+    store archives, each window given only its own rows (as the tailer hands them over):
+    extract + summarize alone; + the six realistic models the issue names (all but rocket)
+    + the projector, at batch 1; + all seven realistic models + projector at batch 1; and
+    the real ``Engine`` (``--run realistic``: events, OOD score, projector) over 8 windows
+    at once (what a tick with several ready windows costs, per window)."""
+    from edge.infer import Engine
+    from edge.modelset import load_models
+    from edge.tail import WindowJob
+    from schema.columns import StreamColumns
+    from schema.extract import extract_window, n_windows, summarize, window_last_step_ns, window_start_ns
+    from schema.reader import read_episode
+
+    ms = load_models(models)
+    realistic = [m for m in ms.models if m.threat_model == "realistic"]
+    six = [m for m in realistic if m.name != "rocket"]
+    proj = ms.projectors.get("realistic")
+    jobs: list[WindowJob] = []
+    for path in sorted(store.glob("*/*.tar.zst"))[
+        :: max(1, len(list(store.glob("*/*.tar.zst"))) // episodes)
+    ][:episodes]:
+        ep = read_episode(path)
+        if ep.meta is None or "proc" not in ep.streams:
+            continue
+        t0 = ep.meta.started_ns
+        for w in range(n_windows(t0, int(ep.streams["proc"].t_wall_ns.max()))):
+            lo, hi = window_start_ns(t0, w) - 5_000_000_000, window_last_step_ns(t0, w)
+            cut = {}
+            for src, sc in ep.streams.items():
+                k = (sc.t_wall_ns >= lo) & (sc.t_wall_ns <= hi)
+                cut[src] = StreamColumns(src, sc.t_wall_ns[k], sc.t_mono_ns[k], sc.values[k], sc.malformed)
+            jobs.append(WindowJob(ep.meta.host_id, ep.meta.episode_id, w, t0, cut, None, 0.0))
+
+    def one(j: WindowJob, chosen: list) -> None:
+        win = extract_window(j.streams, j.t0_ns, j.w)
+        summary = summarize(win.tensor)
+        for m in chosen:
+            m.predict_proba(win.tensor if m.input_kind == "tensor" else summary)
+        if chosen and proj is not None:
+            proj.project(summary)
+
+    engine = Engine(ms, run="realistic")
+
+    def timed(fn, n: int) -> float:
+        med = []
+        for _ in range(repeats):
+            ts = []
+            for i in range(0, len(jobs) - n + 1, n):
+                t = time.perf_counter_ns()
+                fn(jobs[i : i + n])
+                ts.append((time.perf_counter_ns() - t) / 1000 / n)
+            med.append(float(np.median(ts)))
+        return round(float(np.median(med)), 1)
+
+    for j in jobs[:20]:
+        one(j, realistic)
+    out = {
+        "windows": len(jobs),
+        "extract_summarize_us": timed(lambda b: one(b[0], []), 1),
+        "six_realistic_models_us": timed(lambda b: one(b[0], six), 1),
+        "seven_realistic_models_us": timed(lambda b: one(b[0], realistic), 1),
+        "engine_realistic_batch8_us": timed(lambda b: engine.score(b), 8),
+        "models": [m.key for m in realistic],
+    }
+    return out
+
+
 def _ratios(rows: list[dict], key: str, what: str) -> None:
     """Every backend side by side for each episode count, and old / new for each of them
     (poll = the old stat-polling path; > 1: that backend costs less than polling)."""
@@ -591,6 +659,9 @@ def main() -> int:
         "--tail-cost", default="", help="episode counts for in-process runs of the tailer + extractor alone"
     )
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--path-store", type=Path, default=None, help="a store: time the per-window path on its windows"
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     need_models = bool(args.throughput.strip()) or not args.skip_live
@@ -618,6 +689,9 @@ def main() -> int:
             report["throughput"].append(r)
             print("throughput", r, flush=True)
     _ratios(report["throughput"], "cpu_ms_per_episode_second", "throughput")
+    if args.path_store is not None and models is not None:
+        report["path"] = path_cost(models, args.path_store)
+        print("path", report["path"], flush=True)
     os.sched_setaffinity(0, home)
     if args.skip_live:
         print(json.dumps(report, indent=2))

@@ -32,6 +32,7 @@ from edge.broadcast import Broadcaster
 from edge.infer import RUN_CHOICES, Engine, startup_events
 from edge.metrics import LATENCY_BUCKETS, Metrics, _Family, format_value
 from edge.modelset import ModelSet, ModelSetError, load_models
+from edge.scoring import ScoringLoop
 from edge.tail import LiveTailer, TailBatch, TailConfig, TailCounters, WindowJob
 from schema.hashing import schema_hash
 
@@ -61,7 +62,7 @@ def static_dir() -> Path | None:
     return None
 
 
-class Daemon:
+class Daemon(ScoringLoop):
     def __init__(
         self,
         models_dir: Path | None,
@@ -231,34 +232,6 @@ class Daemon:
             except trio.WouldBlock:
                 self.windows_dropped.inc()
         self.metrics.live_episodes.set(len(self.tailer.episodes))
-
-    async def _infer_loop(self) -> None:
-        while True:
-            job = await self._jobs_rx.receive()
-            jobs = [job]
-            while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self._jobs_rx.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            engine = self.engine
-            if engine is None:
-                continue
-            try:
-                # the timeline's events first (one model), then the other eleven and the projector
-                batch = await trio.to_thread.run_sync(engine.score_primary, jobs, limiter=self._limiter)
-                now = trio.current_time()
-                for s in batch.scored:
-                    self.broadcaster.publish_many(s.events)
-                    self.latency.observe(max(0.0, now - s.job.ready_at))
-                await trio.to_thread.run_sync(engine.score_rest, batch, limiter=self._limiter)
-            except Exception:  # one bad batch must not end the live view
-                log.exception("scoring %d windows failed", len(jobs))
-                continue
-            for s in batch.scored:
-                self.broadcaster.publish_many(s.late)
-                if self.all_predictions:
-                    self.broadcaster.publish_many(s.others)
 
     # --- optional sources ---
 

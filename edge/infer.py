@@ -76,6 +76,25 @@ class Batch:
     primary_pred: dict[int, str] = field(default_factory=dict)
     ood: dict[str, np.ndarray] = field(default_factory=dict)  # threat model -> (N,) ood score
 
+    @classmethod
+    def merge(cls, batches: Sequence[Batch]) -> Batch:
+        """Several ticks' batches as one, for ``score_rest`` (which is not latency-critical)."""
+        if len(batches) == 1:
+            return batches[0]
+        out = cls(
+            [s for b in batches for s in b.scored],
+            [w for b in batches for w in b.wins],
+            np.concatenate([b.tensors for b in batches]),
+            np.concatenate([b.summaries for b in batches]),
+        )
+        offset = 0
+        for b in batches:
+            out.primary_pred.update({i + offset: p for i, p in b.primary_pred.items()})
+            offset += len(b.scored)
+        for threat in batches[0].ood:
+            out.ood[threat] = np.concatenate([b.ood[threat] for b in batches])
+        return out
+
 
 # What the daemon runs on each window (``--run``): the primary alone; every realistic model
 # and the projector (the default: what the deck shows); or all twelve and the projector.

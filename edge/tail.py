@@ -5,12 +5,11 @@
 Everything here is synchronous and clock-agnostic: the daemon calls ``LiveTailer.poll(now)``
 from its trio loop every tick and passes ``trio.current_time()``; tests pass plain numbers.
 
-Discovery is plain ``stat`` polling, chosen over inotify because it is portable, needs no
-extra dependency on the Pi and copes with NFS/overlay mounts: the tree is listed once a
-second, and a host directory is re-listed only when its mtime moved. Within a known episode
-only the expected member files are touched: each open file costs one ``fstat`` per tick,
-and the paths themselves (rotation, late files, ``done.marker``) are stat'ed every
-``path_check_s``.
+Changes are noticed through ``edge.watch`` (inotify on the directories, or ``stat``
+polling where inotify is missing: the tree listed once a second, a host directory re-listed
+only when its mtime moved, each open file ``fstat``ed every tick). With inotify, the files
+an event names are read when the episode's next window can complete (``edge.schedule``),
+not on every event; a full pass every ``safety_s`` covers a lost event.
 
 A followed file keeps an open descriptor, its offset, the bytes of a partial last line and
 the last bytes it read (to notice a truncate-and-rewrite that grew past the old offset
@@ -226,7 +225,8 @@ class EpisodeTail:
         idle = now - self.last_activity >= self.cfg.idle_s or gone  # a gone directory sends nothing more
         final = done or idle
         self._windows(now, up, final)
-        self._update_schedule(now)
+        if changed is not None:  # inotify (polling reads every tick: no schedule to keep)
+            self._update_schedule(now)
         self.due = self._next_due(now)
         if final:
             self.finished = True

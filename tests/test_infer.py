@@ -499,3 +499,20 @@ def test_run_selects_the_models_scored(modelset, run: str, want: set[str]) -> No
     assert bool(s.late) == (run != "primary")  # the projector runs unless only the primary does
     with pytest.raises(ValueError, match="run must be one of"):
         Engine(modelset, run="some")
+
+
+def test_rest_of_several_ticks_merged_equals_each_tick_alone(modelset) -> None:
+    """The daemon runs the non-primary models on several ticks' batches at once (Batch.merge)."""
+    from edge.infer import Batch
+
+    streams = _streams(episode_members(duration_s=40, seed=5))
+    engine = Engine(modelset)
+    ticks = [engine.score_primary([_job(streams, w) for w in ws]) for ws in ([0, 1], [2], [3, 4])]
+    engine.score_rest(Batch.merge(ticks))
+    merged = [s for b in ticks for s in b.scored]
+    alone = [engine.score([_job(streams, w)])[0] for w in range(5)]
+    assert len(merged) == 5
+    for a, b in zip(merged, alone):
+        assert [msgspec.json.encode(e) for e in a.all_events] == [
+            msgspec.json.encode(e) for e in b.all_events
+        ]

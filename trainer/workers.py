@@ -17,11 +17,15 @@ from concurrent.futures import ProcessPoolExecutor
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Pool initializer: this worker gets SIGKILL when its parent process dies."""
+def die_with_parent(parent: int) -> None:
+    """Pool initializer: this worker gets SIGKILL when its parent process (pid ``parent``) dies.
+
+    The parent's pid comes from the parent itself: read here with ``getppid`` it would already
+    be the reaper's when the parent died between the fork and this line, and the check below
+    would pass.
+    """
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (AttributeError, OSError):
@@ -32,4 +36,4 @@ def die_with_parent() -> None:
 
 def worker_pool(max_workers: int) -> ProcessPoolExecutor:
     """The trainer's process pool: workers that die with their parent."""
-    return ProcessPoolExecutor(max_workers=max_workers, initializer=die_with_parent)
+    return ProcessPoolExecutor(max_workers=max_workers, initializer=die_with_parent, initargs=(os.getpid(),))
