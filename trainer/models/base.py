@@ -150,7 +150,7 @@ class Model(ABC):
     def predict_rows(self, x: Any, chunk: int | None = None) -> np.ndarray:
         """predict_proba over an array or trainer.rows.Rows, ``chunk`` rows at a time (default:
         a quarter of the memory budget, as the evaluation's chunks; 65,536 oracle tensor rows
-        were 1.2 GB, so calibrating on a 48k-window validation split held all of it at once)."""
+        are 1.2 GB, so calibrating on a 39k-window validation split held all of it, 0.7 GB, at once)."""
         from trainer.rows import as_rows, chunk_rows, chunks
 
         rows = as_rows(x)
