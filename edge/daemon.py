@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import os
 import signal
@@ -29,9 +30,9 @@ from typing import Any, Final, NoReturn
 import trio
 
 from edge.broadcast import Broadcaster
-from edge.infer import RUN_CHOICES, Engine, startup_events
+from edge.infer import Engine, startup_events
 from edge.metrics import LATENCY_BUCKETS, Metrics, _Family, format_value
-from edge.modelset import ModelSet, ModelSetError, load_models
+from edge.modelset import RUN_CHOICES, ModelSet, ModelSetError, load_models
 from edge.scoring import ScoringLoop
 from edge.tail import LiveTailer, TailBatch, TailConfig, TailCounters, WindowJob
 from schema.hashing import schema_hash
@@ -152,7 +153,7 @@ class Daemon(ScoringLoop):
     def load(self) -> None:
         """First load; a ModelSetError here stops the daemon (the caller prints it)."""
         assert self.models_dir is not None
-        self._install(load_models(self.models_dir, schema_hash()))
+        self._install(load_models(self.models_dir, schema_hash(), run=self.run_models))
 
     def _install(self, ms: ModelSet) -> None:
         self.modelset = ms
@@ -171,7 +172,9 @@ class Daemon(ScoringLoop):
         assert self.models_dir is not None
         log.info("reloading %s (%s)", self.models_dir, why)
         try:
-            ms = await trio.to_thread.run_sync(load_models, self.models_dir, schema_hash())
+            ms = await trio.to_thread.run_sync(
+                functools.partial(load_models, self.models_dir, schema_hash(), run=self.run_models)
+            )
             events = startup_events(ms)
         except Exception as e:
             detail = str(e) if isinstance(e, ModelSetError) else f"{type(e).__name__}: {e}"

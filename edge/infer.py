@@ -19,14 +19,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
-from edge.modelset import LoadedModel, ModelSet
+from edge.modelset import RUN_CHOICES, LoadedModel, ModelSet, pick_primary
 from edge.tail import WindowJob
 from schema.artifacts import BENCH_FILE, ArtifactError, BenchDoc, perf_events, read_doc
 from schema.events import AttackProfile, Embedding, Event, ModelMetric, PhaseEvent, Prediction
@@ -38,17 +38,6 @@ log = logging.getLogger("edge.infer")
 
 TIMELINE_CELLS = 6  # the deck's chunking timeline: window_idx = window_no % 6
 DRIFT_ALPHA = 0.01  # the drift gauge's moving average weighs the last ~100 windows
-
-
-def _accuracy(m: LoadedModel) -> float:
-    return m.metrics.accuracy.value if m.metrics is not None else -1.0
-
-
-def pick_primary(models: Sequence[LoadedModel]) -> LoadedModel:
-    """The realistic model with the best held-out accuracy (ties: model order); any model as fallback."""
-    realistic = [m for m in models if m.threat_model == "realistic"] or list(models)
-    scored = [(_accuracy(m), -i, m) for i, m in enumerate(realistic)]
-    return max(scored, key=lambda t: (t[0], t[1]))[2]
 
 
 @dataclass
@@ -96,9 +85,6 @@ class Batch:
         return out
 
 
-# What the daemon runs on each window (``--run``): the primary alone; every realistic model
-# and the projector (the default: what the deck shows); or all twelve and the projector.
-RUN_CHOICES: Final = ("primary", "realistic", "all")
 # Windows per session.run: past a few windows a batch no longer gets cheaper per window
 # (measured on cnn/gru/lstm/transformer/rocket), while ORT's arena grows with the largest
 # batch it ever saw (rocket: ~1.6 MB of intermediates a window), which a backlog would make
@@ -294,22 +280,19 @@ class Engine:
 # --- what the models directory knows, published once at start (and after a reload) ----------
 
 
-def _ordered(models: Iterable[LoadedModel]) -> list[LoadedModel]:
+def startup_events(modelset: ModelSet, bench_file: Path | None = None) -> list[Event]:
+    """model_metric per listed model (opened or not: ``--run`` limits what is scored, not what
+    the deck's bars show), attack_profile envelopes, model_perf from bench.json if present."""
+    events: list[Event] = []
     # oracle first, realistic last: a deck that keys bars by model name alone ("latest
     # wins") then shows the realistic figure, the one a deployment can reach.
-    return sorted(models, key=lambda m: (m.threat_model == "realistic", m.name))
-
-
-def startup_events(modelset: ModelSet, bench_file: Path | None = None) -> list[Event]:
-    """model_metric per model, attack_profile envelopes, model_perf from bench.json if present."""
-    events: list[Event] = []
-    for m in _ordered(modelset.models):
+    for m in sorted(modelset.listed, key=lambda e: (e.threat_model == "realistic", e.model)):
         if m.metrics is None:
             continue
         acc = m.metrics.accuracy
         lo, hi = acc.ci if acc.ci is not None else (None, None)
         events.append(
-            ModelMetric(model=m.name, accuracy=acc.value, ci_low=lo, ci_high=hi, threat_model=m.threat_model)
+            ModelMetric(model=m.model, accuracy=acc.value, ci_low=lo, ci_high=hi, threat_model=m.threat_model)
         )
     for env in modelset.manifest.envelopes:
         curve = [float(v) for v in env.curve if math.isfinite(v)]

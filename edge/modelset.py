@@ -20,7 +20,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Protocol, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from schema.artifacts import (
     ArtifactError,
     HeldoutMetrics,
     Manifest,
+    ModelEntry,
     read_doc,
 )
 from schema.channels import CHANNEL_NAMES, N_CHANNELS
@@ -43,6 +44,55 @@ from schema.ood import OodDetector, OodError, read_detector
 from schema.vocab import PHASES
 
 log = logging.getLogger(__name__)
+
+# What the daemon runs on each window (``--run``): the primary alone; every realistic model
+# and the projector (the default: what the deck shows); or every model and the projector.
+# Only those graphs get an ONNX Runtime session: a session costs ~5-10 MB of RSS on a Pi.
+RUN_CHOICES: Final = ("primary", "realistic", "all")
+
+
+class _Ranked(Protocol):
+    @property
+    def threat_model(self) -> str: ...
+    @property
+    def metrics(self) -> HeldoutMetrics | None: ...
+
+
+_M = TypeVar("_M", bound=_Ranked)
+
+
+def pick_primary(models: list[_M]) -> _M:
+    """The realistic model with the best held-out accuracy (ties: model order); any model as
+    fallback. Works on manifest entries (what to open) and loaded models alike."""
+    realistic = [m for m in models if m.threat_model == "realistic"] or list(models)
+    scored = [
+        (m.metrics.accuracy.value if m.metrics is not None else -1.0, -i, m) for i, m in enumerate(realistic)
+    ]
+    return max(scored, key=lambda t: (t[0], t[1]))[2]
+
+
+def served(manifest: Manifest, run: str) -> tuple[list[ModelEntry], set[str]]:
+    """The manifest's models that ``run`` scores, and the threat models whose projector it uses.
+
+    ``realistic`` is the primary and every realistic model (the primary is realistic unless the
+    set has none); ``primary`` is the primary alone and no projector, since its embedding pass
+    is off."""
+    if run not in RUN_CHOICES:
+        raise ValueError(f"run must be one of {', '.join(RUN_CHOICES)}, not {run!r}")
+    if not manifest.models:
+        return [], set()
+    primary = pick_primary(manifest.models)
+    if run == "primary":
+        return [primary], set()
+    entries = [e for e in manifest.models if run == "all" or e is primary or e.threat_model == "realistic"]
+    projected = {p.threat_model for p in manifest.projectors}
+    embed = (
+        primary.threat_model
+        if primary.threat_model in projected
+        else next((p.threat_model for p in manifest.projectors), None)
+    )
+    return entries, ({embed} if run != "all" and embed is not None else projected)
+
 
 # onnxruntime versions the exported graphs are made for (opset <= 20, IR <= 9: what 1.17
 # runs). 1.21.x dies with SIGILL on a Pi 4 (Cortex-A72), so it is excluded.
@@ -196,6 +246,11 @@ class ModelSet:
     sha256: dict[str, str]  # every verified file
     ood: dict[str, OodDetector] = field(default_factory=dict)  # threat model -> detector (schema/ood.py)
 
+    @property
+    def listed(self) -> list[ModelEntry]:
+        """Every model of the directory, opened or not (``models`` holds the opened ones)."""
+        return list(self.manifest.models)
+
     def run(self, tensor: np.ndarray, summary: np.ndarray) -> dict[str, np.ndarray]:
         """One window's (or a batch's) full-width views -> {"<model>-<threat>": probabilities}.
 
@@ -211,6 +266,9 @@ class ModelSet:
             "created": self.manifest.created,
             "files": dict(sorted(self.sha256.items())),
             "models": [m.key for m in self.models],
+            "not_loaded": sorted(
+                {f"{e.model}-{e.threat_model}" for e in self.manifest.models} - {m.key for m in self.models}
+            ),
             "projectors": sorted(self.projectors),
             "ood": sorted(self.ood),
         }
@@ -310,8 +368,13 @@ def load_models(
     directory: Path | str,
     expected_schema_hash: str | None = None,
     threads: int = 1,
+    run: str = "all",
 ) -> ModelSet:
-    """Verify a models directory and open one ONNX Runtime session per graph."""
+    """Verify a models directory and open one ONNX Runtime session per graph ``run`` uses.
+
+    Every listed file is checksum-verified whatever ``run`` says (a bad copy is refused now,
+    not when someone switches ``--run``); graphs outside the run set are not opened, and their
+    manifest entries stay in ``ModelSet.listed`` for the deck's accuracy bars."""
     directory = Path(directory)
     expected = expected_schema_hash or current_schema_hash()
     if not directory.is_dir():
@@ -342,8 +405,9 @@ def load_models(
                 f"SHA256SUMS says {listed or 'nothing (not listed)'}"
             )
 
+    entries, projected = served(manifest, run)
     models: list[LoadedModel] = []
-    for entry in manifest.models:
+    for entry in entries:
         path = directory / entry.file
         if entry.file not in sums:
             raise ModelSetError(f"{path}: in manifest.json but not in SHA256SUMS")
@@ -375,6 +439,8 @@ def load_models(
 
     projectors: dict[str, LoadedProjector] = {}
     for p in manifest.projectors:
+        if p.threat_model not in projected:
+            continue
         path = directory / p.file
         if p.file not in sums:
             raise ModelSetError(f"{path}: in manifest.json but not in SHA256SUMS")
@@ -386,7 +452,10 @@ def load_models(
         projectors[p.threat_model] = LoadedProjector(p.threat_model, channels, session, p.file, sums[p.file])
 
     ood: dict[str, OodDetector] = {}
+    threats = {m.threat_model for m in models}
     for o in manifest.ood:
+        if o.threat_model not in threats:
+            continue
         path = directory / o.file
         if o.file not in sums:
             raise ModelSetError(f"{path}: in manifest.json but not in SHA256SUMS")
@@ -398,8 +467,10 @@ def load_models(
     if not models:
         raise ModelSetError(f"{directory / MANIFEST_FILE}: lists no models")
     log.info(
-        "loaded %d models and %d projectors from %s (schema %s)",
+        "loaded %d of %d models (--run %s) and %d projectors from %s (schema %s)",
         len(models),
+        len(manifest.models),
+        run,
         len(projectors),
         directory,
         expected[:12],

@@ -501,6 +501,20 @@ def test_run_selects_the_models_scored(modelset, run: str, want: set[str]) -> No
         Engine(modelset, run="some")
 
 
+def test_a_set_loaded_for_its_run_scores_the_same_and_keeps_every_bar(tmp_path: Path, modelset) -> None:
+    """load_models(run=...) opens only what Engine(run=...) scores: the same events, fewer sessions;
+    the deck still gets every model's accuracy (oracle included) from the manifest."""
+    small = load_models(build_models_dir(tmp_path / "m"), schema_hash(), run="realistic")
+    assert {m.threat_model for m in small.models} == {"realistic"} and set(small.projectors) == {"realistic"}
+    streams = _streams(episode_members(duration_s=30, seed=2))
+    (a,) = Engine(modelset, run="realistic").score([_job(streams, 1)])
+    (b,) = Engine(small, run="realistic").score([_job(streams, 1)])
+    assert [msgspec.json.encode(e) for e in a.all_events] == [msgspec.json.encode(e) for e in b.all_events]
+    metrics = [e for e in startup_events(small) if isinstance(e, ModelMetric)]
+    assert {m.threat_model for m in metrics} == {"realistic", "oracle"}
+    assert metrics == [e for e in startup_events(modelset) if isinstance(e, ModelMetric)]
+
+
 def test_rest_of_several_ticks_merged_equals_each_tick_alone(modelset) -> None:
     """The daemon runs the non-primary models on several ticks' batches at once (Batch.merge)."""
     from edge.infer import Batch

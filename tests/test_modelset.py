@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from export_kit import make_run, synthetic_windows
 
-from edge.modelset import ModelSetError, check_runtime, load_models, sha256_file
+from edge.modelset import ModelSetError, check_runtime, load_models, pick_primary, sha256_file
 from schema import extract
 from schema.artifacts import MODEL_INPUT_NAME, MODEL_OUTPUT_NAME
 from schema.hashing import schema_hash
@@ -240,3 +240,35 @@ def test_loader_imports_nothing_the_pi_lacks(exported: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "8 []"
+
+
+@pytest.mark.parametrize(
+    ("run", "opened", "projectors"),
+    [
+        ("primary", 1, set()),
+        ("realistic", 4, {"realistic"}),
+        ("all", 8, {"realistic", "oracle"}),
+    ],
+)
+def test_only_the_run_set_gets_a_session(models: Path, run: str, opened: int, projectors: set[str]) -> None:
+    ms = load_models(models, run=run)
+    assert len(ms.models) == opened and set(ms.projectors) == projectors
+    if run != "all":
+        assert {m.threat_model for m in ms.models} == {"realistic"}
+        assert set(ms.ood) <= {"realistic"}
+    # every model stays listed (the deck's accuracy bars), the unopened ones named in /healthz
+    assert len(ms.listed) == 8
+    assert len(ms.describe()["not_loaded"]) == 8 - opened
+    # the primary is the one the whole set would pick
+    assert pick_primary(ms.models).key == pick_primary(load_models(models, run="all").models).key
+
+
+def test_a_graph_outside_the_run_set_is_still_verified(models: Path) -> None:
+    """--run realistic does not open the oracle graphs, but a flipped byte in one is still refused:
+    the copy is bad now, not when someone switches --run."""
+    oracle = models / "gbt-oracle.onnx"
+    data = bytearray(oracle.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    oracle.write_bytes(bytes(data))
+    with pytest.raises(ModelSetError, match="gbt-oracle.onnx"):
+        load_models(models, run="realistic")
