@@ -39,6 +39,7 @@ import numpy as np
 import trio
 import trio_websocket
 
+from edge.tail import TailConfig
 from schema.rows import row_fields
 from schema.vocab import SOURCES
 
@@ -337,15 +338,17 @@ class DaemonProcess:
             "--idle-timeout",
             "600",
             "--tail-backend",
-            BACKENDS[backend]["backend"] if backend in BACKENDS else backend,
+            backend_config(backend)["backend"],
             "--defer-ms",
-            str(1000 * BACKENDS.get(backend, {"defer_s": 1.0})["defer_s"]),
+            str(1000 * float(backend_config(backend)["defer_s"])),
             "--run",
             run,
         ]
         pre = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
         self.t_spawn = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=pre)
+        # The deployed unit (deploy/phasewatch-edge.service) sets MALLOC_ARENA_MAX=2: measure that.
+        env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=pre, env=env)
         self.ready_s = self._wait_ready()
         self.ready_cpu_s = cpu_seconds(self.proc.pid)  # what a busy machine's wall clock hides
 
@@ -452,8 +455,21 @@ async def run_live(d: DaemonProcess, live: Path, n: int, seconds: float, seed: i
 BACKENDS = {
     "poll": {"backend": "poll", "defer_s": 0.0},
     "inotify-eager": {"backend": "inotify", "defer_s": 0.0},
-    "inotify": {"backend": "inotify", "defer_s": 1.0},
+    "inotify": {"backend": "inotify", "defer_s": TailConfig.defer_s},
 }
+
+
+def backend_config(name: str) -> dict[str, str | float]:
+    """A --backends entry: a BACKENDS name, or ``inotify@MS`` for deferred reads with ``--defer-ms MS``."""
+    base, _, ms = name.partition("@")
+    if base not in BACKENDS:
+        raise SystemExit(
+            f"bench_daemon: unknown backend {name!r}: one of {', '.join(BACKENDS)} or inotify@MS"
+        )
+    cfg: dict[str, str | float] = dict(BACKENDS[base])
+    if ms:
+        cfg["defer_s"] = float(ms) / 1000.0
+    return cfg
 
 
 def throughput(
@@ -479,7 +495,7 @@ def throughput(
     from edge.broadcast import Broadcaster
     from edge.infer import Engine
     from edge.modelset import load_models
-    from edge.tail import LiveTailer, TailConfig
+    from edge.tail import LiveTailer
     from schema.extract import extract_window, summarize
 
     engine = Engine(load_models(models), run=run) if models is not None else None
@@ -494,7 +510,7 @@ def throughput(
         for ep in eps:  # what the collectors wrote before the daemon looked
             while ep.t0 + ep.i * STEP_NS <= base:
                 ep.write_tick(ep.t0 + ep.i * STEP_NS)
-        tailer = LiveTailer([Path(live)], TailConfig(idle_s=1e9, **BACKENDS[backend]))
+        tailer = LiveTailer([Path(live)], TailConfig(idle_s=1e9, **backend_config(backend)))  # type: ignore[arg-type]
         cpu = 0.0
         windows = 0
         now = 0.0

@@ -425,9 +425,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--defer-ms",
         type=float,
-        default=1000.0,
+        default=TailConfig.defer_s * 1000.0,
         help="inotify: read a changed file when the next window can complete, or after this many ms "
-        "(default 1000; 0 reads on every change)",
+        f"(default {TailConfig.defer_s * 1000:.0f}; 0 reads on every change)",
     )
     ap.add_argument(
         "--idle-timeout", type=float, default=60.0, help="finalise a silent episode after this many s"

@@ -307,6 +307,9 @@ def session_options(threads: int = 1) -> Any:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No CPU arena: ORT's arena keeps the largest run's intermediates for good (rocket: ~1.6 MB
+    # a window); without it, 300 live episodes peaked at 150 MB instead of 160 for the same CPU.
+    opts.enable_cpu_mem_arena = False
     opts.log_severity_level = 3
     return opts
 

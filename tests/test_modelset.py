@@ -270,5 +270,5 @@ def test_a_graph_outside_the_run_set_is_still_verified(models: Path) -> None:
     data = bytearray(oracle.read_bytes())
     data[len(data) // 2] ^= 0xFF
     oracle.write_bytes(bytes(data))
-    with pytest.raises(ModelSetError, match="gbt-oracle.onnx"):
+    with pytest.raises(ModelSetError, match=r"gbt-oracle\.onnx"):
         load_models(models, run="realistic")
