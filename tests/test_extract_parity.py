@@ -43,7 +43,9 @@ def _random_source(rng: np.random.Generator, source: str, seconds: float, seen: 
     late = float(rng.uniform(0, seconds * 0.6)) if rng.random() < 0.2 else 0.0
     n = max(0, int((seconds - late) * hz))
     step = S / hz
-    t = T0 + int(late * S) + (np.arange(n) * step + rng.normal(0, step * 0.08, n)).astype(np.int64)
+    # Jittered, or exactly on the 10 Hz grid (then some steps are exactly HOLD_NS after a row).
+    jitter = rng.normal(0, step * 0.08, n) if rng.random() < 0.7 else np.zeros(n)
+    t = T0 + int(late * 10) * S // 10 + (np.arange(n) * step + jitter).astype(np.int64)
     t.sort()
     if n > 20 and rng.random() < 0.3:  # the stream went silent for a while
         a = int(rng.integers(5, n - 10))
@@ -74,6 +76,10 @@ def _random_source(rng: np.random.Generator, source: str, seconds: float, seen: 
                 i = int(rng.integers(1, n))
                 col[i:] -= col[i - 1] - rng.uniform(0, 10)
                 seen.add("reset")
+            if n > 5 and rng.random() < 0.3:  # ... just below where it was: a delta in (-1, 0)
+                i = int(rng.integers(1, n))
+                col[i:] -= col[i] - col[i - 1] + rng.uniform(0, 1)
+                seen.add("small_reset")
         else:
             col = rng.normal(100.0 * (j + 1), 30.0, n)
             if n and rng.random() < 0.2:
@@ -151,7 +157,7 @@ def test_random_episodes_hit_every_branch() -> None:
             cov = win.coverage[present]
             unusable += int((cov < MIN_COVERAGE).any())
             filled += int(((cov >= MIN_COVERAGE) & (cov < 1)).any())
-    assert {"silence", "step_back", "repeat", "bad_interval", "reset", "nan", "absent"} <= seen
+    assert {"silence", "step_back", "repeat", "bad_interval", "reset", "small_reset", "nan", "absent"} <= seen
     assert unusable > 0 and filled > 0
 
 
