@@ -117,6 +117,7 @@ def _by_source() -> np.ndarray:
 _BY_SOURCE = _by_source()
 _NAN_GRID = np.full((N_CHANNELS, WINDOW_STEPS), np.nan)
 _INT64_MIN = np.iinfo(np.int64).min
+_F64 = np.dtype(np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +225,7 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
         if rows is None:
             continue
         t, v = rows
-        if v.shape[1] != _WIDTH[k] or v.dtype != np.float64:
+        if v.shape[1] != _WIDTH[k] or v.dtype is not _F64:
             v = np.ascontiguousarray(v[:, : _WIDTH[k]], dtype=np.float64)
         starts[k], v_base[k] = n_rows, n_vals
         spans.append((n_rows, n_rows + len(t)))
@@ -256,14 +257,15 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
     fresh = age.view(np.uint64) <= _HOLD
     # The previous row in arrival order, within the source; a source's first row is its own
     # previous (delta 0: no rate, as it has no previous row in the span).
-    start_col = np.array(starts, np.int64)[:, None]
+    # Per source: its first pool row, and where its row 0's fields would start in the value pool.
+    start_col, base_col = np.array(
+        [starts, [b - a * n for a, b, n in zip(starts, v_base, _WIDTH)]], np.int64
+    )[:, :, None]
     prev = np.maximum(row - 1, start_col)
     den = _DEN_TEMPLATE.copy()
     np.subtract(t_row, t_pool.take(prev, mode="clip"), out=age)
     np.divide(age, 1e9, out=den[:_N_SRC])  # int64 -> float64, / 1e9, as before
-    # (source, step): where the held row's fields start in the value pool
-    base_col = np.array([b - a * n for a, b, n in zip(starts, v_base, _WIDTH)], np.int64)[:, None]
-    at_cur = row * _WIDTH_COL + base_col
+    at_cur = row * _WIDTH_COL + base_col  # (source, step): where the held row's fields start
     for k in _INTERVAL_SRC:
         np.divide(v_pool.take(at_cur[k] + _INTERVAL_FIELD[k], mode="clip"), 1000.0, out=den[_INTERVAL_DEN[k]])
     ok = den > 0
@@ -279,15 +281,16 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
     # coverage = share of steps where every channel of the source is finite
     finite = np.isfinite(grid).take(_BY_SOURCE, axis=0).reshape(_N_SRC, _MAX_CH, WINDOW_STEPS)
     n_ok = np.logical_and.reduce(finite, axis=1).sum(axis=1)
-    cov = n_ok / WINDOW_STEPS  # float64, as the per-source Python float was
-    usable = cov >= MIN_COVERAGE
-    if not usable.all():
-        grid[~usable[_CH_SRC]] = np.nan  # a source below MIN_COVERAGE is unusable here
+    # Four numbers: plain Python is cheaper than numpy calls on them.
+    cov = [n / WINDOW_STEPS for n in n_ok.tolist()]  # the same float64 quotients as n_ok / T
+    usable = [c >= MIN_COVERAGE for c in cov]
+    if not all(usable):
+        grid[~np.array(usable)[_CH_SRC]] = np.nan  # a source below MIN_COVERAGE is unusable here
     # Holes of usable sources: hold the previous value, then the next. A full channel is its
     # own fill and an all-NaN one stays NaN, so filling every channel changes nothing else.
-    if bool((usable & (n_ok < WINDOW_STEPS)).any()):
+    if any(u and c < 1.0 for u, c in zip(usable, cov)):
         grid = _fill_holes(grid.T).T
-    return Window(w, start, np.ascontiguousarray(grid, dtype=np.float32), cov.astype(np.float32))
+    return Window(w, start, np.ascontiguousarray(grid, dtype=np.float32), np.array(cov, np.float32))
 
 
 def window_complete(streams: Mapping[str, Columns], t0_ns: int, w: int) -> bool:
@@ -297,9 +300,10 @@ def window_complete(streams: Mapping[str, Columns], t0_ns: int, w: int) -> bool:
     return bool(present) and all(int(c.t_wall_ns.max()) >= last for c in present)
 
 
-def _pct_plan(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """p10 and p90 by linear interpolation, as numpy's default percentile: the lower and
-    upper order statistics and the fraction between them, for a series of ``n`` steps."""
+def _order_plan(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which order statistics the summary reads, for a series of ``n`` steps: min, max, then
+    the lower and the upper neighbours of p10 and p90, and the fractions between those
+    (linear interpolation, as numpy's default percentile)."""
     lo, hi, frac = [], [], []
     for q in (0.10, 0.90):
         pos = q * (n - 1)
@@ -307,10 +311,10 @@ def _pct_plan(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lo.append(i)
         hi.append(min(i + 1, n - 1))
         frac.append(pos - i)
-    return np.array(lo, np.intp), np.array(hi, np.intp), np.array(frac)
+    return np.array([0, n - 1, *lo, *hi], np.intp), np.array(frac)
 
 
-_PCT = {WINDOW_STEPS: _pct_plan(WINDOW_STEPS)}
+_ORDER = {WINDOW_STEPS: _order_plan(WINDOW_STEPS)}
 _N_STATS = len(SUMMARY_STATS)
 assert SUMMARY_STATS == ("mean", "std", "min", "max", "last_minus_first", "p10", "p90", "mean_abs_diff")
 
@@ -323,31 +327,32 @@ def summarize(tensor: np.ndarray) -> np.ndarray:
     and standard deviation are numpy's own reductions spelled out (sum / n, then the mean
     square deviation), so the sum is shared and every bit is as ``x.mean()``/``x.std()``.
     Each statistic is written straight into its column of one (..., C, k) array; min, max
-    and the percentiles share one sort."""
+    and the percentiles are read from one sort."""
     x = np.asarray(tensor, dtype=np.float64)
     n = x.shape[-1]
     out = np.empty((*x.shape[:-1], _N_STATS))
-    mean = np.add.reduce(x, axis=-1, keepdims=True)
-    mean /= n
-    out[..., 0] = mean[..., 0]
+    mean = out[..., 0:1]
+    np.divide(np.add.reduce(x, axis=-1, keepdims=True), n, out=mean)
     dev = x - mean
     np.multiply(dev, dev, out=dev)
     std = np.add.reduce(dev, axis=-1)
     std /= n
     np.sqrt(std, out=out[..., 1])
-    xs = np.sort(x, axis=-1)
-    out[..., 2] = xs[..., 0]
-    out[..., 3] = xs[..., -1]
     np.subtract(x[..., -1], x[..., 0], out=out[..., 4])
-    lo_i, hi_i, frac = _PCT[n] if n in _PCT else _pct_plan(n)
-    below = xs[..., lo_i]
-    pct = xs[..., hi_i] - below
-    pct *= frac
-    np.add(below, pct, out=out[..., 5:7])
-    step = x[..., 1:] - x[..., :-1]
+    step = np.subtract(x[..., 1:], x[..., :-1], out=dev[..., 1:])  # dev is spent: reuse it
     np.abs(step, out=step)
-    mad = np.add.reduce(step, axis=-1)
-    np.divide(mad, n - 1, out=out[..., 7])
+    np.divide(np.add.reduce(step, axis=-1), n - 1, out=out[..., 7])
+    # The sort last: it may then sort x in place when x is this function's own float64 copy.
+    if x is tensor or not x.flags.owndata:
+        x = np.sort(x, axis=-1)
+    else:
+        x.sort(axis=-1)
+    at, frac = _ORDER[n] if n in _ORDER else _order_plan(n)
+    order = x.take(at, axis=-1)  # (..., C, 6): min, max, p10 and p90 below, p10 and p90 above
+    out[..., 2:4] = order[..., 0:2]
+    between = order[..., 4:6] - order[..., 2:4]
+    between *= frac
+    np.add(order[..., 2:4], between, out=out[..., 5:7])
     out32 = out.astype(np.float32)
     return out32.reshape(*out32.shape[:-2], -1)
 
