@@ -176,11 +176,6 @@ def _fill_holes(block: np.ndarray) -> np.ndarray:
 def _rows_in(cols: Columns, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The rows with ``lo <= t_wall_ns <= hi``, in arrival order (views when contiguous)."""
     t_all = cols.t_wall_ns
-    n = len(t_all)
-    # The daemon hands over exactly a window's rows (ColumnBuilder.window), the trainer a
-    # window's slice of a sorted stream (extract_streams): two scalar reads confirm it.
-    if n and int(t_all[0]) >= lo and int(t_all[n - 1]) <= hi:
-        return t_all, cols.values
     sel = np.flatnonzero((t_all >= lo) & (t_all <= hi))
     if sel.size == 0:
         return None
@@ -221,10 +216,16 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
     n_rows = n_vals = 0
     for k, source in enumerate(SOURCES):
         cols = streams.get(source)
-        rows = None if cols is None or len(cols.t_wall_ns) == 0 else _rows_in(cols, lo, hi)
-        if rows is None:
+        if cols is None or len(t := cols.t_wall_ns) == 0:
             continue
-        t, v = rows
+        # The daemon hands over exactly a window's rows (ColumnBuilder.window), the trainer a
+        # window's slice of a sorted stream (extract_streams): two scalar reads confirm it.
+        if t[0] >= lo and t[len(t) - 1] <= hi:
+            v = cols.values
+        elif (rows := _rows_in(cols, lo, hi)) is not None:
+            t, v = rows
+        else:
+            continue
         if v.shape[1] != _WIDTH[k] or v.dtype is not _F64:
             v = np.ascontiguousarray(v[:, : _WIDTH[k]], dtype=np.float64)
         starts[k], v_base[k] = n_rows, n_vals
@@ -251,13 +252,13 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
         at -= 1
         row = kept.take(at, mode="clip")
         t_row = t_kept.take(at, mode="clip")
-    # Fresh: the held row is at or before the step (age >= 0) and at most HOLD_NS old; one
-    # unsigned comparison does both (a negative age is a huge unsigned one).
+    # Stale: the held row is after the step (age < 0) or older than HOLD_NS; one unsigned
+    # comparison does both (a negative age is a huge unsigned one).
     age = _BAND_STEPS - t_row
-    fresh = age.view(np.uint64) <= _HOLD
+    stale = age.view(np.uint64) > _HOLD
     # The previous row in arrival order, within the source; a source's first row is its own
-    # previous (delta 0: no rate, as it has no previous row in the span).
-    # Per source: its first pool row, and where its row 0's fields would start in the value pool.
+    # previous (delta 0: no rate, as it has no previous row in the span). Per source: its
+    # first pool row, and where its row 0's fields would start in the value pool.
     start_col, base_col = np.array(
         [starts, [b - a * n for a, b, n in zip(starts, v_base, _WIDTH)]], np.int64
     )[:, :, None]
@@ -265,19 +266,28 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
     den = _DEN_TEMPLATE.copy()
     np.subtract(t_row, t_pool.take(prev, mode="clip"), out=age)
     np.divide(age, 1e9, out=den[:_N_SRC])  # int64 -> float64, / 1e9, as before
-    at_cur = row * _WIDTH_COL + base_col  # (source, step): where the held row's fields start
+    at_cur = row * _WIDTH_COL  # (source, step): where the held row's fields start
+    at_cur += base_col
     for k in _INTERVAL_SRC:
         np.divide(v_pool.take(at_cur[k] + _INTERVAL_FIELD[k], mode="clip"), 1000.0, out=den[_INTERVAL_DEN[k]])
-    ok = den > 0
-    ok &= fresh.take(_DEN_SRC, axis=0)
-    den[~ok] = np.nan
-    num = v_pool.take(at_cur.take(_CH_SRC, axis=0) + _CH_FIELD, mode="clip")  # (46, T) held values
-    at_prev = (prev * _WIDTH_COL + base_col).take(_RATE_SRC, axis=0) + _RATE_FIELD
+    bad = den <= 0  # a NaN denominator needs no mark: it gives NaN anyway
+    bad |= stale.take(_DEN_SRC, axis=0)
+    den[bad] = np.nan
+    # In-place steps from here on: every (46, T) temporary not made saves an allocation.
+    at = at_cur.take(_CH_SRC, axis=0)
+    at += _CH_FIELD
+    num = v_pool.take(at, mode="clip")  # (46, T) the held rows' values
+    prev *= _WIDTH_COL
+    prev += base_col
+    at = prev.take(_RATE_SRC, axis=0)
+    at += _RATE_FIELD
     held = num.take(_RATE_CH, axis=0)
-    delta = held - v_pool.take(at_prev, mode="clip")
+    delta = v_pool.take(at, mode="clip")
+    np.subtract(held, delta, out=delta)
     np.copyto(delta, held, where=delta < 0)  # a counter that went down restarted from zero
     num[_RATE_CH] = delta
-    grid = num / den.take(_DEN_ROW, axis=0)
+    grid = den.take(_DEN_ROW, axis=0)
+    np.divide(num, grid, out=grid)
     # coverage = share of steps where every channel of the source is finite
     finite = np.isfinite(grid).take(_BY_SOURCE, axis=0).reshape(_N_SRC, _MAX_CH, WINDOW_STEPS)
     n_ok = np.logical_and.reduce(finite, axis=1).sum(axis=1)
