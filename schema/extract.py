@@ -20,6 +20,13 @@ Per source, per window:
 
 Alignment is on ``t_wall_ns`` only: netflow rows come from another machine whose
 ``t_mono_ns`` has a different base.
+
+A window costs numpy calls, not arithmetic (a few hundred rows), so the rules above are
+computed for all four sources at once, on only the rows the grid reads: one binary search
+over every source's times (each in its own band), one gather of the held and the previous
+rows' values, one division for rates, interval rates and unit scales. The result is bit for
+bit what the per-source version gave (kept as tests/extract_reference.py; the parity test
+holds the two together), so ``EXTRACTOR_VERSION`` did not change (issue 13).
 """
 
 from __future__ import annotations
