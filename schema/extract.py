@@ -125,6 +125,7 @@ _BY_SOURCE = _by_source()
 _NAN_GRID = np.full((N_CHANNELS, WINDOW_STEPS), np.nan)
 _INT64_MIN = np.iinfo(np.int64).min
 _F64 = np.dtype(np.float64)
+_I64 = np.dtype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,46 @@ def _forward_rows(t_pool: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarra
     return np.concatenate(keep)
 
 
+_Pool = tuple[np.ndarray, np.ndarray, list[int], list[int], list[tuple[int, int]]]
+
+
+def _pool(streams: Mapping[str, Columns], lo: int, hi: int, *, trust_ends: bool) -> _Pool | None:
+    """Every source's rows in ``[lo, hi]`` in one pool: (times, each source in its band; flat
+    values; per source its first pool row and where its values start; the sources' row spans).
+    None when no source has a row there. With ``trust_ends``, a stream whose first and last
+    rows are in the span is taken whole (what the daemon and the trainer hand over); a caller
+    that finds the pool out of order asks again without it."""
+    ts, vs, spans = [], [], []
+    starts = [0] * _N_SRC  # first pool row of each source (0 for one with no rows: unused)
+    v_base = [0] * _N_SRC  # where its values start in the flat value pool
+    n_rows = n_vals = 0
+    for k, source in enumerate(SOURCES):
+        cols = streams.get(source)
+        if cols is None or len(t := cols.t_wall_ns) == 0:
+            continue
+        if trust_ends and t[0] >= lo and t[len(t) - 1] <= hi:
+            v = cols.values
+        elif (rows := _rows_in(cols, lo, hi)) is not None:
+            t, v = rows
+        else:
+            continue
+        if v.ndim != 2 or v.shape[1] < _WIDTH[k]:
+            raise ValueError(f"{source}: values of shape {v.shape}, need {_WIDTH[k]} fields a row")
+        if v.shape[1] != _WIDTH[k] or v.dtype is not _F64:
+            v = np.ascontiguousarray(v[:, : _WIDTH[k]], dtype=np.float64)
+        if t.dtype is not _I64:
+            t = t.astype(np.int64)
+        starts[k], v_base[k] = n_rows, n_vals
+        spans.append((n_rows, n_rows + len(t)))
+        n_rows += len(t)
+        n_vals += v.size
+        ts.append(t + (k * _BAND_NS - lo))
+        vs.append(v.reshape(-1))
+    if not ts:
+        return None
+    return np.concatenate(ts), np.concatenate(vs), starts, v_base, spans
+
+
 def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window:
     """Window ``w`` of an episode whose grid starts at ``t0_ns``, from whatever rows are given.
 
@@ -217,34 +258,10 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
     (tests/test_extract_parity.py)."""
     start = window_start_ns(t0_ns, w)
     lo, hi = start - LOOKBACK_NS, start + (WINDOW_STEPS - 1) * STEP_NS
-    ts, vs, spans = [], [], []
-    starts = [0] * _N_SRC  # first pool row of each source (0 for one with no rows: unused)
-    v_base = [0] * _N_SRC  # where its values start in the flat value pool
-    n_rows = n_vals = 0
-    for k, source in enumerate(SOURCES):
-        cols = streams.get(source)
-        if cols is None or len(t := cols.t_wall_ns) == 0:
-            continue
-        # The daemon hands over exactly a window's rows (ColumnBuilder.window), the trainer a
-        # window's slice of a sorted stream (extract_streams): two scalar reads confirm it.
-        if t[0] >= lo and t[len(t) - 1] <= hi:
-            v = cols.values
-        elif (rows := _rows_in(cols, lo, hi)) is not None:
-            t, v = rows
-        else:
-            continue
-        if v.shape[1] != _WIDTH[k] or v.dtype is not _F64:
-            v = np.ascontiguousarray(v[:, : _WIDTH[k]], dtype=np.float64)
-        starts[k], v_base[k] = n_rows, n_vals
-        spans.append((n_rows, n_rows + len(t)))
-        n_rows += len(t)
-        n_vals += v.size
-        ts.append(t + (k * _BAND_NS - lo))
-        vs.append(v.reshape(-1))
-    if not ts:
+    pool = _pool(streams, lo, hi, trust_ends=True)
+    if pool is None:
         return Window(w, start, _NAN_GRID.astype(np.float32), np.zeros(_N_SRC, np.float32))
-    t_pool = np.concatenate(ts)
-    v_pool = np.concatenate(vs)
+    t_pool, v_pool, starts, v_base, _ = pool
     # Sample and hold: each step takes the latest row at or before it. One search for all
     # sources; a step of a source without rows finds another source's row, in another band,
     # and the age test below rejects it.
@@ -253,6 +270,12 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
         row -= 1  # -1: no row at or before the step (clipped to row 0 below, too young)
         t_row = t_pool.take(row, mode="clip")
     else:
+        # A clock stepped back in some stream. Rows between two in-span ends may then lie
+        # outside the span: select each stream's rows strictly, then drop the rows that do
+        # not move forward.
+        pool = _pool(streams, lo, hi, trust_ends=False)
+        assert pool is not None  # the in-span ends found above are still there
+        t_pool, v_pool, starts, v_base, spans = pool
         kept = _forward_rows(t_pool, spans)
         t_kept = t_pool[kept]
         at = t_kept.searchsorted(_BAND_STEPS, side="right")

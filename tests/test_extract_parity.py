@@ -210,3 +210,30 @@ def test_store_windows_are_bit_identical_to_the_reference(store: Path) -> None:
         ew = extract.extract_episode(ep)
         assert _same_bits(ew.summary, ref.summarize(ew.tensor))
     assert n > 100
+
+
+def test_rows_outside_the_span_between_in_span_ends() -> None:
+    """A stream whose first and last rows are in the span is not necessarily all in it: after
+    clock steps, rows in between may lie before or after it, and are not the window's."""
+    from test_extract import fixed_episode
+
+    streams = fixed_episode(40)
+    w = 3
+    own = _own_rows(streams, T0, w)
+    lo, hi = extract.window_start_ns(T0, w) - LOOKBACK_NS, extract.window_last_step_ns(T0, w)
+    proc, qmp = own["proc"], own["qmp"]
+    proc.t_wall_ns[40] = lo - 3 * S  # stepped back far, then forward again
+    proc.t_wall_ns[90] = hi + 2 * S  # stepped forward past the window, then back
+    qmp.t_wall_ns[5] = lo - 1
+    win = extract.extract_window(own, T0, w)
+    want_t, want_c = ref.extract_window(own, T0, w)
+    assert _same_bits(win.tensor, want_t) and _same_bits(win.coverage, want_c)
+
+
+def test_values_narrower_than_the_row_fields_are_refused() -> None:
+    from test_extract import fixed_episode
+
+    streams = _own_rows(fixed_episode(20), T0, 1)
+    streams["guest"] = Cols(streams["guest"].t_wall_ns, streams["guest"].values[:, :-2])
+    with pytest.raises(ValueError, match="guest"):
+        extract.extract_window(streams, T0, 1)
