@@ -248,7 +248,7 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
     Per source: its rows in ``[start - LOOKBACK_NS, last step]`` in arrival order; per step
     the row it holds (the latest at or before it, rows after a clock step back dropped, none
     when older than ``HOLD_NS``) and, for counters, the row before that one in arrival order.
-    Only those rows' values are read. Then, for all 46 channels at once: counter deltas (a
+    Only those rows' values are used. Then, for all 46 channels at once: counter deltas (a
     counter that went down restarted from zero: the delta is its new value), rates, interval
     rates and unit scales in one division, coverage, unusable sources and hole filling.
 
