@@ -319,8 +319,11 @@ def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window
     grid = den.take(_DEN_ROW, axis=0)
     np.divide(num, grid, out=grid)
     # coverage = share of steps where every channel of the source is finite
-    finite = np.isfinite(grid).take(_BY_SOURCE, axis=0).reshape(_N_SRC, _MAX_CH, WINDOW_STEPS)
-    n_ok = np.logical_and.reduce(finite, axis=1).sum(axis=1)
+    finite = np.isfinite(grid)
+    if finite.all():  # most windows: every source covers every step, nothing to fill
+        return Window(w, start, grid.astype(np.float32), np.ones(_N_SRC, np.float32))
+    by_source = finite.take(_BY_SOURCE, axis=0).reshape(_N_SRC, _MAX_CH, WINDOW_STEPS)
+    n_ok = np.logical_and.reduce(by_source, axis=1).sum(axis=1)
     # Four numbers: plain Python is cheaper than numpy calls on them.
     cov = [n / WINDOW_STEPS for n in n_ok.tolist()]  # the same float64 quotients as n_ok / T
     usable = [c >= MIN_COVERAGE for c in cov]
