@@ -202,6 +202,13 @@ def _forward_rows(t_pool: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarra
     return np.concatenate(keep)
 
 
+def _conform(source: str, t: np.ndarray, v: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows as the extractor reads them: int64 clocks, float64 values, ``width`` fields a row."""
+    if v.ndim != 2 or v.shape[1] < width:
+        raise ValueError(f"{source}: values of shape {v.shape}, need {width} fields a row")
+    return t.astype(np.int64, copy=False), np.ascontiguousarray(v[:, :width], dtype=np.float64)
+
+
 _Pool = tuple[np.ndarray, np.ndarray, list[int], list[int], list[tuple[int, int]]]
 
 
@@ -211,30 +218,28 @@ def _pool(streams: Mapping[str, Columns], lo: int, hi: int, *, trust_ends: bool)
     None when no source has a row there. With ``trust_ends``, a stream whose first and last
     rows are in the span is taken whole (what the daemon and the trainer hand over); a caller
     that finds the pool out of order asks again without it."""
-    ts, vs, spans = [], [], []
+    ts, vs, spans = [], [], []  # spans: each source's pool rows, for the strict pass only
     starts = [0] * _N_SRC  # first pool row of each source (0 for one with no rows: unused)
     v_base = [0] * _N_SRC  # where its values start in the flat value pool
     n_rows = n_vals = 0
     for k, source in enumerate(SOURCES):
         cols = streams.get(source)
-        if cols is None or len(t := cols.t_wall_ns) == 0:
+        if cols is None or not len(t := cols.t_wall_ns):
             continue
-        if trust_ends and t[0] >= lo and t[len(t) - 1] <= hi:
+        if trust_ends and t[0] >= lo and t[-1] <= hi:
             v = cols.values
         elif (rows := _rows_in(cols, lo, hi)) is not None:
             t, v = rows
         else:
             continue
-        if v.ndim != 2 or v.shape[1] < _WIDTH[k]:
-            raise ValueError(f"{source}: values of shape {v.shape}, need {_WIDTH[k]} fields a row")
-        if v.shape[1] != _WIDTH[k] or v.dtype is not _F64:
-            v = np.ascontiguousarray(v[:, : _WIDTH[k]], dtype=np.float64)
-        if t.dtype is not _I64:
-            t = t.astype(np.int64)
+        if v.shape[1:] != (_WIDTH[k],) or v.dtype is not _F64 or t.dtype is not _I64:
+            t, v = _conform(source, t, v, _WIDTH[k])
         starts[k], v_base[k] = n_rows, n_vals
-        spans.append((n_rows, n_rows + len(t)))
-        n_rows += len(t)
-        n_vals += v.size
+        n = len(t)
+        if not trust_ends:
+            spans.append((n_rows, n_rows + n))
+        n_rows += n
+        n_vals += n * _WIDTH[k]
         ts.append(t + (k * _BAND_NS - lo))
         vs.append(v.reshape(-1))
     if not ts:
