@@ -54,11 +54,12 @@ train: validate
 export: $(STAMP)
 	$(BIN)/phasewatch export --run $(RUN) --out $(MODELS)
 
-# The deck's model_perf points (models/bench.json, bench.png), then the reader and the
-# daemon benchmarks; each prints its figures measured side by side in one run.
+# The deck's model_perf points (models/bench.json, bench.png), then the reader, the extractor
+# and the daemon benchmarks; each prints its figures measured side by side in one run.
 bench: $(STAMP)
 	$(BIN)/phasewatch bench --models $(MODELS) --store $(STORE)
 	$(BIN)/python benchmarks/bench_reader.py --store $(STORE)
+	$(BIN)/python benchmarks/bench_extract.py --store $(STORE)
 	@mkdir -p out
 	$(BIN)/python benchmarks/bench_daemon.py --models $(MODELS) --out out/bench-daemon.json
 

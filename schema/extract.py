@@ -20,6 +20,13 @@ Per source, per window:
 
 Alignment is on ``t_wall_ns`` only: netflow rows come from another machine whose
 ``t_mono_ns`` has a different base.
+
+A window costs numpy calls, not arithmetic (a few hundred rows), so the rules above are
+computed for all four sources at once, on only the rows the grid reads: one binary search
+over every source's times (each in its own band), one gather of the held and the previous
+rows' values, one division for rates, interval rates and unit scales. The result is bit for
+bit what the per-source version gave (kept as tests/extract_reference.py; the parity test
+holds the two together), so ``EXTRACTOR_VERSION`` did not change (issue 13).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from .channels import (
     WINDOW_STEPS,
     view_channels,
 )
+from .rows import row_fields
 from .vocab import PHASE_INDEX, SOURCES, THREAT_SOURCES
 
 
@@ -54,51 +62,70 @@ class Columns(Protocol):
 
 
 _SOURCE_POS = {s: i for i, s in enumerate(SOURCES)}
-_N_FIELDS = {s: SOURCE_SLICE[s].stop - SOURCE_SLICE[s].start for s in SOURCES}
+# --- the pool layout, made once ----------------------------------------------------------------
+# A window is computed channel-major, (channel, step), for all sources at once. The rows in a
+# window's span of every source go into one pool: their times side by side, each source
+# shifted into its own band (_BAND_NS apart, so the pool is sorted when every source is and
+# one binary search serves all four), their fields side by side in one flat array (a value is
+# found at base + row * width + field). Each source's channels are its first fields, in
+# channel order (rows.row_fields), so channel c of source k is field c - SOURCE_SLICE.start.
+_N_SRC = len(SOURCES)
+_CH_SRC = np.array([_SOURCE_POS[c.source] for c in CHANNELS], np.intp)  # (46,) source of a channel
+_CH_FIELD = np.array([i - SOURCE_SLICE[c.source].start for i, c in enumerate(CHANNELS)], np.intp)[:, None]
+_WIDTH = [len(row_fields(s)) for s in SOURCES]  # fields a row of each source carries
+_WIDTH_COL = np.array(_WIDTH, np.intp)[:, None]
+# netflow's per-interval counts are per interval_ms: the field that follows its channels.
+_INTERVAL_SRC = tuple(
+    k for k, s in enumerate(SOURCES) if any(c.transform == "interval_rate" for c in CHANNELS[SOURCE_SLICE[s]])
+)
+_INTERVAL_FIELD = {k: row_fields(SOURCES[k]).index("interval_ms") for k in _INTERVAL_SRC}
+_BAND_NS = 1 << 36  # ~69 s: more than a span (15 s) plus the longest hold (2.5 s)
+assert LOOKBACK_NS + WINDOW_STEPS * STEP_NS + max(HOLD_NS.values()) < _BAND_NS
+# Per source and step, the step's time in the source's band (times are relative to the span's start).
+_BAND_STEPS = (
+    np.arange(_N_SRC, dtype=np.int64)[:, None] * _BAND_NS
+    + LOOKBACK_NS
+    + np.arange(WINDOW_STEPS, dtype=np.int64)[None, :] * STEP_NS
+)
+_HOLD = np.array([HOLD_NS[s] for s in SOURCES], np.uint64)[:, None]
+# The one division's denominator, per channel, is a row of the (len(_DEN_KEYS), T) array `den`,
+# one row per (source, transform): a rate divides by its source's t_wall_ns delta in seconds
+# (rows 0..3, by source position); an interval rate by interval_ms / 1000; identity by 1 and
+# kB -> MB by 1024. x / 1 == x * 1 and x / 1024 == x * 2**-10 exactly (the same real number,
+# so the same rounded double): this is bit for bit the old scale multiply. A row is NaN where
+# its source has no fresh row, or where its denominator is not > 0 (the first row of a span
+# has no previous row: its delta is 0 here; an interval must be positive): no value there.
+_DEN_KEYS = [(k, "rate") for k in range(_N_SRC)] + sorted(
+    {(_SOURCE_POS[c.source], c.transform) for c in CHANNELS if c.transform != "rate"}
+)
+_DEN_ROW = np.array([_DEN_KEYS.index((_SOURCE_POS[c.source], c.transform)) for c in CHANNELS], np.intp)
+_DEN_SRC = np.array([k for k, _ in _DEN_KEYS], np.intp)
+_DEN_TEMPLATE = np.ones((len(_DEN_KEYS), WINDOW_STEPS))
+_DEN_TEMPLATE[[i for i, (_, kind) in enumerate(_DEN_KEYS) if kind == "kb_to_mb"]] = 1024.0
+_INTERVAL_DEN = {k: _DEN_KEYS.index((k, "interval_rate")) for k in _INTERVAL_SRC}
+# Counters: only their channels need the previous row.
+_RATE_CH = np.flatnonzero([c.transform == "rate" for c in CHANNELS])
+_RATE_SRC = _CH_SRC[_RATE_CH]
+_RATE_FIELD = _CH_FIELD[_RATE_CH]
+# Coverage needs "every channel of the source finite" per step: channel rows regrouped as
+# (source, _MAX_CH, step) reduce in one call (a source with fewer channels repeats its first
+# one, which changes no "all"); np.logical_and.reduceat over the 46 rows is much slower.
+_MAX_CH = max(sl.stop - sl.start for sl in SOURCE_SLICE.values())
 
 
-def _columns_of(source: str, kind: str) -> np.ndarray:
-    return np.array(
-        [j for j, c in enumerate(CHANNELS[SOURCE_SLICE[source]]) if c.transform == kind], dtype=np.intp
-    )
+def _by_source() -> np.ndarray:
+    rows = []
+    for s in SOURCES:
+        sl = SOURCE_SLICE[s]
+        rows += [*range(sl.start, sl.stop), *[sl.start] * (_MAX_CH - (sl.stop - sl.start))]
+    return np.array(rows, np.intp)
 
 
-def _index(cols: np.ndarray) -> slice | np.ndarray:
-    """A slice where the columns are contiguous (a view, not a gather), else the indices."""
-    if cols.size and int(cols[-1]) - int(cols[0]) + 1 == cols.size:
-        return slice(int(cols[0]), int(cols[-1]) + 1)
-    return cols
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Per source, precomputed once: how row fields become channels (``Transform``)."""
-
-    n_ch: int
-    scale: np.ndarray  # (n_ch,) 1 for identity (and rates, overwritten), 1/1024 for kb -> MB
-    rate: slice | np.ndarray | None  # counters -> per-second rates
-    interval: slice | np.ndarray | None  # netflow: counts per interval_ms -> per second
-    hold_ns: int
-
-
-def _plan(source: str) -> _Plan:
-    n_ch = SOURCE_SLICE[source].stop - SOURCE_SLICE[source].start
-    scale = np.ones(n_ch)
-    # x * 2**-10 and x / 1024 are the same real number, so the same correctly rounded double.
-    scale[_columns_of(source, "kb_to_mb")] = 1.0 / 1024.0
-    rate, interval = _columns_of(source, "rate"), _columns_of(source, "interval_rate")
-    return _Plan(
-        n_ch,
-        scale,
-        _index(rate) if rate.size else None,
-        _index(interval) if interval.size else None,
-        HOLD_NS[source],
-    )
-
-
-_PLANS = {s: _plan(s) for s in SOURCES}
-_STEP_OFFSETS = np.arange(WINDOW_STEPS, dtype=np.int64) * STEP_NS
+_BY_SOURCE = _by_source()
+_NAN_GRID = np.full((N_CHANNELS, WINDOW_STEPS), np.nan)
 _INT64_MIN = np.iinfo(np.int64).min
+_F64 = np.dtype(np.float64)
+_I64 = np.dtype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,32 +167,6 @@ def n_windows(t0_ns: int, end_ns: int) -> int:
     return 0 if span < 0 else int(span // (STRIDE_STEPS * STEP_NS)) + 1
 
 
-def _transform(source: str, t: np.ndarray, v: np.ndarray, increasing: bool = False) -> np.ndarray:
-    """Row fields (n, fields) -> channel values (n, channels) for one source, float64.
-
-    Rates are between rows adjacent in arrival order (a counter that went down restarted
-    from zero: its delta is its new value); a pair that does not move forward has none."""
-    p = _PLANS[source]
-    out = v[:, : p.n_ch] * p.scale
-    if p.rate is not None:
-        out[0, p.rate] = np.nan  # no previous row in the span
-        if len(t) > 1:
-            dt_s = (t[1:] - t[:-1]).astype(np.float64) / 1e9
-            if not increasing:
-                dt_s[dt_s <= 0] = np.nan
-            cum = v[:, p.rate]
-            delta = cum[1:] - cum[:-1]
-            np.copyto(delta, cum[1:], where=delta < 0)  # the counter restarted from zero
-            out[1:, p.rate] = delta / dt_s[:, None]
-    if p.interval is not None:
-        interval_s = v[:, p.n_ch] / 1000.0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[:, p.interval] = np.where(
-                (interval_s > 0)[:, None], v[:, p.interval] / interval_s[:, None], np.nan
-            )
-    return out
-
-
 def _fill_holes(block: np.ndarray) -> np.ndarray:
     """Hold the previous finite value along time, then back-fill the leading gap. (T, C)."""
     n = block.shape[0]
@@ -180,80 +181,164 @@ def _fill_holes(block: np.ndarray) -> np.ndarray:
     return np.take_along_axis(block, src, axis=0)
 
 
-def _rows_in(cols: Columns, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
-    """The rows with ``lo <= t_wall_ns <= hi``, in arrival order (views when contiguous), and
-    whether their clock strictly increases (then no row is dropped after a step back)."""
+def _rows_in(cols: Columns, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The rows with ``lo <= t_wall_ns <= hi``, in arrival order (views when contiguous)."""
     t_all = cols.t_wall_ns
-    n = len(t_all)
-    # The daemon hands over exactly a window's rows (ColumnBuilder.window), the trainer a
-    # window's slice of a sorted stream (extract_streams): both are whole and, nearly
-    # always, increasing, which two scalar reads and one comparison confirm.
-    whole = bool(n) and int(t_all[0]) >= lo and int(t_all[n - 1]) <= hi
-    if whole and (n == 1 or bool((t_all[1:] > t_all[:-1]).all())):
-        return t_all, cols.values, True
     sel = np.flatnonzero((t_all >= lo) & (t_all <= hi))
     if sel.size == 0:
         return None
     a, b = int(sel[0]), int(sel[-1]) + 1
-    t, v = (t_all[a:b], cols.values[a:b]) if b - a == sel.size else (t_all[sel], cols.values[sel])
-    return t, v, len(t) == 1 or bool((t[1:] > t[:-1]).all())
+    return (t_all[a:b], cols.values[a:b]) if b - a == sel.size else (t_all[sel], cols.values[sel])
 
 
-# --- the window ----------------------------------------------------------------------------
-_N_SRC = len(SOURCES)
-_CH_SRC = np.array([_SOURCE_POS[c.source] for c in CHANNELS], np.intp)  # (46,) source of a channel
-_SRC_STARTS = np.array([SOURCE_SLICE[s].start for s in SOURCES], np.intp)
-
-
-def _held(source: str, cols: Columns, lo: int, steps: np.ndarray) -> np.ndarray | None:
-    """One source's channels sampled and held onto the grid, (100, C) float64 (NaN where no
-    row is fresh enough); None when no row falls in the span."""
-    rows = _rows_in(cols, lo, int(steps[-1]))
-    if rows is None:
-        return None
-    t, v, increasing = rows
-    ch = _transform(source, t, v, increasing)
-    # Rows that do not move forward in time came after a clock step back: drop them.
-    if not increasing:
+def _forward_rows(t_pool: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Pool rows that move forward in time within their source: a row that does not came
+    after a clock step back and is dropped (a source's first row always stays)."""
+    keep = []
+    for a, b in spans:
+        t = t_pool[a:b]
         prev_max = np.maximum.accumulate(np.concatenate(([_INT64_MIN], t[:-1])))
-        keep = t > prev_max
-        t, ch = t[keep], ch[keep]
-    # Sample and hold: each step takes the latest row at or before it, if fresh enough.
-    idx = np.searchsorted(t, steps, side="right") - 1
-    at = np.maximum(idx, 0)
-    grid = ch[at]
-    grid[(idx < 0) | (steps - t[at] > _PLANS[source].hold_ns)] = np.nan
-    return grid
+        keep.append(np.flatnonzero(t > prev_max) + a)
+    return np.concatenate(keep)
+
+
+def _conform(source: str, t: np.ndarray, v: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows as the extractor reads them: int64 clocks, float64 values, ``width`` fields a row."""
+    if v.ndim != 2 or v.shape[1] < width:
+        raise ValueError(f"{source}: values of shape {v.shape}, need {width} fields a row")
+    return t.astype(np.int64, copy=False), np.ascontiguousarray(v[:, :width], dtype=np.float64)
+
+
+_Pool = tuple[np.ndarray, np.ndarray, list[int], list[int], list[tuple[int, int]]]
+
+
+def _pool(streams: Mapping[str, Columns], lo: int, hi: int, *, trust_ends: bool) -> _Pool | None:
+    """Every source's rows in ``[lo, hi]`` in one pool: (times, each source in its band; flat
+    values; per source its first pool row and where its values start; the sources' row spans).
+    None when no source has a row there. With ``trust_ends``, a stream whose first and last
+    rows are in the span is taken whole (what the daemon and the trainer hand over); a caller
+    that finds the pool out of order asks again without it."""
+    ts, vs, spans = [], [], []  # spans: each source's pool rows, for the strict pass only
+    starts = [0] * _N_SRC  # first pool row of each source (0 for one with no rows: unused)
+    v_base = [0] * _N_SRC  # where its values start in the flat value pool
+    n_rows = n_vals = 0
+    for k, source in enumerate(SOURCES):
+        cols = streams.get(source)
+        if cols is None or not len(t := cols.t_wall_ns):
+            continue
+        if trust_ends and t[0] >= lo and t[-1] <= hi:
+            v = cols.values
+        elif (rows := _rows_in(cols, lo, hi)) is not None:
+            t, v = rows
+        else:
+            continue
+        if v.shape[1:] != (_WIDTH[k],) or v.dtype is not _F64 or t.dtype is not _I64:
+            t, v = _conform(source, t, v, _WIDTH[k])
+        starts[k], v_base[k] = n_rows, n_vals
+        n = len(t)
+        if not trust_ends:
+            spans.append((n_rows, n_rows + n))
+        n_rows += n
+        n_vals += n * _WIDTH[k]
+        ts.append(t + (k * _BAND_NS - lo))
+        vs.append(v.reshape(-1))
+    if not ts:
+        return None
+    return np.concatenate(ts), np.concatenate(vs), starts, v_base, spans
 
 
 def extract_window(streams: Mapping[str, Columns], t0_ns: int, w: int) -> Window:
     """Window ``w`` of an episode whose grid starts at ``t0_ns``, from whatever rows are given.
 
-    Per source: its rows in ``[start - LOOKBACK_NS, last step]`` in arrival order, their
-    channels (``_transform``), rows after a clock step back dropped, sample-and-hold onto the
-    grid; then coverage, unusable sources and hole filling for all 46 channels at once."""
+    Per source: its rows in ``[start - LOOKBACK_NS, last step]`` in arrival order; per step
+    the row it holds (the latest at or before it, rows after a clock step back dropped, none
+    when older than ``HOLD_NS``) and, for counters, the row before that one in arrival order.
+    Only those rows' values are used. Then, for all 46 channels at once: counter deltas (a
+    counter that went down restarted from zero: the delta is its new value), rates, interval
+    rates and unit scales in one division, coverage, unusable sources and hole filling.
+
+    Each value comes from the same floating-point operations on the same operands as in the
+    straightforward version (tests/extract_reference.py), done on a few arrays for all
+    sources instead of many per source: the output is bit-identical to it
+    (tests/test_extract_parity.py)."""
     start = window_start_ns(t0_ns, w)
-    steps = start + _STEP_OFFSETS
-    lo = start - LOOKBACK_NS
-    grid = np.full((N_CHANNELS, WINDOW_STEPS), np.nan)
-    for source in SOURCES:
-        cols = streams.get(source)
-        if cols is None or len(cols.t_wall_ns) == 0:
-            continue
-        held = _held(source, cols, lo, steps)
-        if held is not None:
-            grid[SOURCE_SLICE[source]] = held.T
+    lo, hi = start - LOOKBACK_NS, start + (WINDOW_STEPS - 1) * STEP_NS
+    pool = _pool(streams, lo, hi, trust_ends=True)
+    if pool is None:
+        return Window(w, start, _NAN_GRID.astype(np.float32), np.zeros(_N_SRC, np.float32))
+    t_pool, v_pool, starts, v_base, _ = pool
+    # Sample and hold: each step takes the latest row at or before it. One search for all
+    # sources; a step of a source without rows finds another source's row, in another band,
+    # and the age test below rejects it.
+    if bool((t_pool[1:] > t_pool[:-1]).all()):
+        row = t_pool.searchsorted(_BAND_STEPS, side="right")
+        row -= 1  # -1: no row at or before the step (clipped to row 0 below, too young)
+        t_row = t_pool.take(row, mode="clip")
+    else:
+        # A clock stepped back in some stream. Rows between two in-span ends may then lie
+        # outside the span: select each stream's rows strictly, then drop the rows that do
+        # not move forward.
+        pool = _pool(streams, lo, hi, trust_ends=False)
+        assert pool is not None  # the in-span ends found above are still there
+        t_pool, v_pool, starts, v_base, spans = pool
+        kept = _forward_rows(t_pool, spans)
+        t_kept = t_pool[kept]
+        at = t_kept.searchsorted(_BAND_STEPS, side="right")
+        at -= 1
+        row = kept.take(at, mode="clip")
+        t_row = t_kept.take(at, mode="clip")
+    # Stale: the held row is after the step (age < 0) or older than HOLD_NS; one unsigned
+    # comparison does both (a negative age is a huge unsigned one).
+    age = _BAND_STEPS - t_row
+    stale = age.view(np.uint64) > _HOLD
+    # The previous row in arrival order, within the source; a source's first row is its own
+    # previous (delta 0: no rate, as it has no previous row in the span). Per source: its
+    # first pool row, and where its row 0's fields would start in the value pool.
+    start_col, base_col = np.array(
+        [starts, [b - a * n for a, b, n in zip(starts, v_base, _WIDTH)]], np.int64
+    )[:, :, None]
+    prev = np.maximum(row - 1, start_col)
+    den = _DEN_TEMPLATE.copy()
+    np.subtract(t_row, t_pool.take(prev, mode="clip"), out=age)
+    np.divide(age, 1e9, out=den[:_N_SRC])  # int64 -> float64, / 1e9, as before
+    at_cur = row * _WIDTH_COL  # (source, step): where the held row's fields start
+    at_cur += base_col
+    for k in _INTERVAL_SRC:
+        np.divide(v_pool.take(at_cur[k] + _INTERVAL_FIELD[k], mode="clip"), 1000.0, out=den[_INTERVAL_DEN[k]])
+    bad = den <= 0  # a NaN denominator needs no mark: it gives NaN anyway
+    bad |= stale.take(_DEN_SRC, axis=0)
+    den[bad] = np.nan
+    # In-place steps from here on: every (46, T) temporary not made saves an allocation.
+    at = at_cur.take(_CH_SRC, axis=0)
+    at += _CH_FIELD
+    num = v_pool.take(at, mode="clip")  # (46, T) the held rows' values
+    prev *= _WIDTH_COL
+    prev += base_col
+    at = prev.take(_RATE_SRC, axis=0)
+    at += _RATE_FIELD
+    held = num.take(_RATE_CH, axis=0)
+    delta = v_pool.take(at, mode="clip")
+    np.subtract(held, delta, out=delta)
+    np.copyto(delta, held, where=delta < 0)  # a counter that went down restarted from zero
+    num[_RATE_CH] = delta
+    grid = den.take(_DEN_ROW, axis=0)
+    np.divide(num, grid, out=grid)
     # coverage = share of steps where every channel of the source is finite
-    ok = np.logical_and.reduceat(np.isfinite(grid), _SRC_STARTS, axis=0)  # (4, 100)
-    n_ok = np.count_nonzero(ok, axis=1)
-    cov = n_ok / WINDOW_STEPS  # float64, as the per-source Python float was
-    usable = cov >= MIN_COVERAGE
-    grid[~usable[_CH_SRC]] = np.nan  # a source below MIN_COVERAGE is unusable here
+    finite = np.isfinite(grid)
+    if finite.all():  # most windows: every source covers every step, nothing to fill
+        return Window(w, start, grid.astype(np.float32), np.ones(_N_SRC, np.float32))
+    by_source = finite.take(_BY_SOURCE, axis=0).reshape(_N_SRC, _MAX_CH, WINDOW_STEPS)
+    n_ok = np.logical_and.reduce(by_source, axis=1).sum(axis=1)
+    # Four numbers: plain Python is cheaper than numpy calls on them.
+    cov = [n / WINDOW_STEPS for n in n_ok.tolist()]  # the same float64 quotients as n_ok / T
+    usable = [c >= MIN_COVERAGE for c in cov]
+    if not all(usable):
+        grid[~np.array(usable)[_CH_SRC]] = np.nan  # a source below MIN_COVERAGE is unusable here
     # Holes of usable sources: hold the previous value, then the next. A full channel is its
     # own fill and an all-NaN one stays NaN, so filling every channel changes nothing else.
-    if bool((usable & (n_ok < WINDOW_STEPS)).any()):
+    if any(u and c < 1.0 for u, c in zip(usable, cov)):
         grid = _fill_holes(grid.T).T
-    return Window(w=w, start_ns=start, tensor=grid.astype(np.float32), coverage=cov.astype(np.float32))
+    return Window(w, start, np.ascontiguousarray(grid, dtype=np.float32), np.array(cov, np.float32))
 
 
 def window_complete(streams: Mapping[str, Columns], t0_ns: int, w: int) -> bool:
@@ -263,41 +348,61 @@ def window_complete(streams: Mapping[str, Columns], t0_ns: int, w: int) -> bool:
     return bool(present) and all(int(c.t_wall_ns.max()) >= last for c in present)
 
 
+def _order_plan(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which order statistics the summary reads, for a series of ``n`` steps: min, max, then
+    the lower and the upper neighbours of p10 and p90, and the fractions between those
+    (linear interpolation, as numpy's default percentile)."""
+    lo, hi, frac = [], [], []
+    for q in (0.10, 0.90):
+        pos = q * (n - 1)
+        i = int(pos)
+        lo.append(i)
+        hi.append(min(i + 1, n - 1))
+        frac.append(pos - i)
+    return np.array([0, n - 1, *lo, *hi], np.intp), np.array(frac)
+
+
+_ORDER = {WINDOW_STEPS: _order_plan(WINDOW_STEPS)}
+_N_STATS = len(SUMMARY_STATS)
+assert SUMMARY_STATS == ("mean", "std", "min", "max", "last_minus_first", "p10", "p90", "mean_abs_diff")
+
+
 def summarize(tensor: np.ndarray) -> np.ndarray:
     """Summary view: float32 [C * len(SUMMARY_STATS)], channel-major (feature c*k + s).
 
     Accepts one window (C, T) or a batch (N, C, T) -> (N, C*k); row i of a batch equals
     the summary of window i alone (the daemon summarises one window at a time). The mean
     and standard deviation are numpy's own reductions spelled out (sum / n, then the mean
-    square deviation), so the sum is shared and every bit is as ``x.mean()``/``x.std()``."""
+    square deviation), so the sum is shared and every bit is as ``x.mean()``/``x.std()``.
+    Each statistic is written straight into its column of one (..., C, k) array; min, max
+    and the percentiles are read from one sort."""
     x = np.asarray(tensor, dtype=np.float64)
-    xs = np.sort(x, axis=-1)
     n = x.shape[-1]
-
-    def pct(q: float) -> np.ndarray:  # linear interpolation, as numpy's default percentile
-        pos = q * (n - 1)
-        lo = int(pos)
-        return xs[..., lo] + (pos - lo) * (xs[..., min(lo + 1, n - 1)] - xs[..., lo])
-
-    mean = np.add.reduce(x, axis=-1, keepdims=True) / n
+    out = np.empty((*x.shape[:-1], _N_STATS))
+    mean = out[..., 0:1]
+    np.divide(np.add.reduce(x, axis=-1, keepdims=True), n, out=mean)
     dev = x - mean
     np.multiply(dev, dev, out=dev)
-    std = np.sqrt(np.add.reduce(dev, axis=-1) / n)
-    step = x[..., 1:] - x[..., :-1]
+    std = np.add.reduce(dev, axis=-1)
+    std /= n
+    np.sqrt(std, out=out[..., 1])
+    np.subtract(x[..., -1], x[..., 0], out=out[..., 4])
+    step = np.subtract(x[..., 1:], x[..., :-1], out=dev[..., 1:])  # dev is spent: reuse it
     np.abs(step, out=step)
-    stats = (
-        mean[..., 0],
-        std,
-        xs[..., 0],
-        xs[..., -1],
-        x[..., -1] - x[..., 0],
-        pct(0.10),
-        pct(0.90),
-        np.add.reduce(step, axis=-1) / (n - 1),
-    )
-    assert len(stats) == len(SUMMARY_STATS)
-    out = np.stack(stats, axis=-1).astype(np.float32)  # (..., C, k)
-    return out.reshape(*out.shape[:-2], -1)
+    np.divide(np.add.reduce(step, axis=-1), n - 1, out=out[..., 7])
+    # The sort last: it may then sort x in place when x is this function's own float64 copy.
+    if x is tensor or not x.flags.owndata:
+        x = np.sort(x, axis=-1)
+    else:
+        x.sort(axis=-1)
+    at, frac = _ORDER[n] if n in _ORDER else _order_plan(n)
+    order = x.take(at, axis=-1)  # (..., C, 6): min, max, p10 and p90 below, p10 and p90 above
+    out[..., 2:4] = order[..., 0:2]
+    between = order[..., 4:6] - order[..., 2:4]
+    between *= frac
+    np.add(order[..., 2:4], between, out=out[..., 5:7])
+    out32 = out.astype(np.float32)
+    return out32.reshape(*out32.shape[:-2], -1)
 
 
 def phase_at(label_t_ns: np.ndarray, label_phase: Sequence[int] | np.ndarray, t_ns: int) -> int:

@@ -214,8 +214,29 @@ class StoreSample:
     windows: list[tuple[Mapping[str, Any], int, int]] = field(default_factory=list)  # (streams, t0, w)
 
 
+def _windows_as_tailed(
+    streams: Mapping[str, Any], t0: int, ws: range
+) -> list[tuple[Mapping[str, Any], int, int]]:
+    """Each window with its own rows, as the daemon's tailer hands them to the extractor: per
+    stream a copy of the rows in the window's span (``ColumnBuilder.window``), not the whole
+    episode, so the extractor figure is what a window costs on the edge."""
+    from schema.channels import LOOKBACK_NS
+    from schema.columns import ColumnBuilder
+    from schema.extract import window_last_step_ns, window_start_ns
+
+    builders = {}
+    for source, c in streams.items():
+        builders[source] = b = ColumnBuilder(source)
+        b.append(c.t_wall_ns, c.t_mono_ns, c.values)
+    out = []
+    for w in ws:
+        lo, hi = window_start_ns(t0, w) - LOOKBACK_NS, window_last_step_ns(t0, w)
+        out.append(({s: b.window(lo, hi) for s, b in builders.items()}, t0, w))
+    return out
+
+
 def sample_store(store: Path, episodes: int) -> StoreSample | None:
-    """A few readable archives spread over the store, and every window of them."""
+    """A few readable archives spread over the store, and every window of them (its own rows)."""
     from schema.extract import n_windows
     from schema.reader import read_episode
 
@@ -236,7 +257,7 @@ def sample_store(store: Path, episodes: int) -> StoreSample | None:
             continue
         sample.archives.append(path)
         sample.rows += sum(len(s.t_wall_ns) for s in ep.streams.values())
-        sample.windows += [(ep.streams, t0, w) for w in ws]
+        sample.windows += _windows_as_tailed(ep.streams, t0, ws)
         if len(sample.archives) == episodes:
             break
     return sample if sample.archives else None

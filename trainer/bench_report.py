@@ -65,7 +65,7 @@ def format_table(doc: BenchDoc) -> str:
         lines.append(
             f"- extractor (extract_window + summarize): {_us(ex.p50_us)} µs/window p50, "
             f"{_us(ex.p99_us)} p99, spread {_us(ex.spread_us)} "
-            f"({ex.windows} windows of {ex.episodes} archives)"
+            f"({ex.windows} windows of {ex.episodes} archives, each given its own rows as the tailer does)"
         )
     if path:
         lines.append(
