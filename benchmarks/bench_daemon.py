@@ -462,6 +462,8 @@ BACKENDS = {
 def backend_config(name: str) -> dict[str, str | float]:
     """A --backends entry: a BACKENDS name, or ``inotify@MS`` for deferred reads with ``--defer-ms MS``."""
     base, _, ms = name.partition("@")
+    if base == "auto":  # the daemon's own default (the start-up and latency runs)
+        return {"backend": "auto", "defer_s": TailConfig.defer_s}
     if base not in BACKENDS:
         raise SystemExit(
             f"bench_daemon: unknown backend {name!r}: one of {', '.join(BACKENDS)} or inotify@MS"
