@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/bench_small_data.py --store data/store [--lengths 20,50,100,200]
         [--train 300 --val 100 --test 400] [--models gbt,mlp,...] [--profile quick] [--out runs/small-data]
+        [--seeds 0,1,2]
 
 Draws ``--train`` windows from the training hosts, ``--val`` from a validation host and
 ``--test`` from a held-out host of the synthetic store (the same host split as
@@ -11,7 +12,10 @@ the window's last L steps; L > 100: the 100 steps linearly resampled to L, so th
 model trains through ``build_model(...).fit`` exactly as a new user would. It prints, per
 length, each model's held-out macro F1 with its episode-bootstrap CI and the paired
 bootstrap gap to the best model of that length; the target is every model within
-``--within`` (default 0.03) of the best. Writes ``small-data.json`` and ``small-data.png``.
+``--within`` (default 0.03) of the best. ``--seeds 0,1,2`` runs the whole check once per
+seed (split, draws, model seeds) and prints each model's mean ± sd macro F1 and its mean gap
+to each seed's best; the target is then judged on the mean gap. Writes ``small-data.json``
+and ``small-data.png``.
 Not part of ``make test``: on the shared 2-core box a full sweep takes tens of minutes.
 """
 
@@ -63,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--threat", default="realistic", choices=("realistic", "oracle"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds (e.g. 0,1,2): the whole check once per seed, then mean ± sd per model",
+    )
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--within", type=float, default=0.03, help="target gap to the best model")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "small-data")
@@ -78,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from trainer.dataset import load_windows, make_split
-
     torch.set_num_threads(1)
     lengths = [int(s) for s in args.lengths.split(",") if s.strip()]
     models = [m for m in args.models.split(",") if m.strip()]
@@ -87,6 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--models: unknown {', '.join(bad)}; choose from {', '.join(MODELS)}")
     if bad_len := [n for n in lengths if not 2 <= n <= 10 * WINDOW_STEPS]:
         raise SystemExit(f"--lengths: {bad_len} outside 2..{10 * WINDOW_STEPS}")
+    if args.seeds is None:
+        return finish(run_once(args, lengths, models), args.out)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    docs = []
+    for seed in seeds:
+        print(f"--- seed {seed} ---", flush=True)
+        args.seed = seed
+        docs.append(run_once(args, lengths, models))
+    return finish(aggregate(docs, args.within), args.out)
+
+
+def run_once(args: argparse.Namespace, lengths: list[int], models: list[str]) -> dict[str, Any]:
+    """One seed of the check: the split and draws, every model's fit and its scores."""
+    from trainer.dataset import load_windows, make_split
 
     if args.ts:
         doc: dict[str, Any] = {
@@ -102,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["lengths"][d.name] = score_models(views, labels, groups, models, args, d.name)
             doc.setdefault("windows", {})[d.name] = {k: int(len(v)) for k, v in labels.items()}
         doc["threat_model"] = "n/a (public .ts sets)"
-        return finish(doc, args.out)
+        return doc
 
     ws = load_windows(args.store, cache_dir=args.cache)
     split = make_split(ws, "host", seed=args.seed)
@@ -137,7 +158,42 @@ def main(argv: list[str] | None = None) -> int:
         views = {p: at_length(raw[p], steps) for p in parts}
         labels = {p: y[i] for p, i in parts.items()}
         doc["lengths"][str(steps)] = score_models(views, labels, ws.episode[te], models, args, f"L={steps}")
-    return finish(doc, args.out)
+    return doc
+
+
+def aggregate(docs: list[dict[str, Any]], within: float) -> dict[str, Any]:
+    """Several seeds' docs -> one: per model and length, mean ± sd (population) of macro F1,
+    accuracy and the paired gap to that seed's best; within target when the mean gap is."""
+    first = docs[0]
+    out: dict[str, Any] = {k: v for k, v in first.items() if k not in ("lengths", "seed", "split")}
+    out["seeds"] = [d["seed"] for d in docs]
+    out["per_seed"] = docs
+    out["lengths"] = {}
+    for key, block in first["lengths"].items():
+        rows: dict[str, Any] = {}
+        for m in block["models"]:
+            per = [d["lengths"][key]["models"][m] for d in docs]
+            f1 = np.array([r["macro_f1"] for r in per])
+            acc = np.array([r["accuracy"] for r in per])
+            gap = np.array([r["gap_to_best"]["diff"] for r in per])
+            rows[m] = {
+                "macro_f1": float(f1.mean()),
+                "macro_f1_sd": float(f1.std()),
+                # the band the plot draws: mean ± sd over seeds (not a bootstrap CI)
+                "macro_f1_ci": [float(f1.mean() - f1.std()), float(f1.mean() + f1.std())],
+                "accuracy": float(acc.mean()),
+                "accuracy_sd": float(acc.std()),
+                "gap_to_best": {"diff": float(gap.mean()), "sd": float(gap.std()), "per_seed": gap.tolist()},
+                "within_target": bool(gap.mean() >= -within),
+                "within_target_seeds": int(sum(r["within_target"] for r in per)),
+            }
+        best = max(rows, key=lambda m: rows[m]["macro_f1"])
+        out["lengths"][key] = {
+            "best": best,
+            "models": rows,
+            "best_per_seed": [d["lengths"][key]["best"] for d in docs],
+        }
+    return out
 
 
 def finish(doc: dict[str, Any], out: Path) -> int:
@@ -246,10 +302,16 @@ def ts_set(
 def format_table(doc: dict[str, Any]) -> str:
     lengths = list(doc["lengths"])
     models = list(next(iter(doc["lengths"].values()))["models"]) if lengths else []
-    head = f"{'model':<12}" + "".join(f"{('L=' + n) if n.isdigit() else n:>22}" for n in lengths)
+    w = 30 if "seeds" in doc else 22  # "0.969±0.005 (-0.024±0.006)" is wider than one seed's cell
+    head = f"{'model':<12}" + "".join(f"{('L=' + n) if n.isdigit() else n:>{w}}" for n in lengths)
+    over = (
+        f"mean ± sd over seeds {','.join(map(str, doc['seeds']))} (mean gap to each seed's best ± sd)"
+        if "seeds" in doc
+        else "gap to the best of that length, paired episode bootstrap 95% CI"
+    )
     lines = [
-        f"held-out macro F1 (gap to the best of that length, paired episode bootstrap 95% CI); "
-        f"* = more than {doc['within']:.2f} behind",
+        f"held-out macro F1 ({over}); * = {'mean gap ' if 'seeds' in doc else ''}more than "
+        f"{doc['within']:.2f} behind",
         head,
         "-" * len(head),
     ]
@@ -259,8 +321,13 @@ def format_table(doc: dict[str, Any]) -> str:
             r = doc["lengths"][n]["models"][m]
             g = r["gap_to_best"]
             mark = " " if r["within_target"] else "*"
-            cells.append(f"{r['macro_f1']:.3f} ({g['diff']:+.3f} [{g['lo']:+.2f},{g['hi']:+.2f}]){mark}")
-        lines.append(f"{m:<12}" + "".join(f"{c:>22}" for c in cells))
+            if "sd" in g:  # several seeds: mean ± sd of F1, mean gap ± sd
+                cells.append(
+                    f"{r['macro_f1']:.3f}±{r['macro_f1_sd']:.3f} ({g['diff']:+.3f}±{g['sd']:.3f}){mark}"
+                )
+            else:
+                cells.append(f"{r['macro_f1']:.3f} ({g['diff']:+.3f} [{g['lo']:+.2f},{g['hi']:+.2f}]){mark}")
+        lines.append(f"{m:<12}" + "".join(f"{c:>{w}}" for c in cells))
     if doc.get("untested_profiles"):
         lines.append(f"untested profiles (no held-out windows): {', '.join(doc['untested_profiles'])}")
     return "\n".join(lines)
@@ -291,7 +358,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     else:
         ax.set_xticks(xs, keys)
         ax.set_title(f"public multivariate sets, profile {doc['profile']}")
-    ax.set_ylabel("held-out macro F1")
+    ax.set_ylabel("held-out macro F1" + (f" (mean ± sd, seeds {doc['seeds']})" if "seeds" in doc else ""))
     ax.grid(alpha=0.3)
     ax.legend(ncol=4, fontsize=8)
     fig.tight_layout()

@@ -128,6 +128,41 @@ def test_gbt_keeps_all_classes_when_one_is_absent_from_training() -> None:
     assert model.predict_proba(x[:5]).shape == (5, 5)
 
 
+def test_gbt_small_set_settings_below_the_threshold_explicit_ones_win_and_export(tmp_path: Path) -> None:
+    """quick gbt: under ``small_rows`` training rows the small-set settings train (and are
+    recorded); at or above it the profile's own; an explicit setting is never replaced."""
+    import json
+
+    import onnxruntime as ort
+
+    x, y = toy("summary", 400, seed=9)
+    x_val, y_val = toy("summary", 60, seed=10)
+
+    def fit(n: int, **over: object):
+        model = build_model("gbt", (F,), profile="quick", rounds=30, threads=1, small_rows=200, **over)
+        model.fit(x[:n], y[:n], x_val, y_val)
+        # What xgboost itself trained with: max_depth, min_child_weight, colsample_bynode.
+        tp = json.loads(model.booster.save_config())["learner"]["gradient_booster"]["tree_train_param"]
+        used = (
+            int(tp["max_depth"]),
+            round(float(tp["min_child_weight"]), 6),
+            round(float(tp["colsample_bynode"]), 6),
+        )
+        return model, used
+
+    small, used = fit(150)
+    assert used == (4, 0.1, 0.1) and small.config["max_depth"] == 4
+    assert fit(150, max_depth=2)[1] == (2, 0.1, 0.1)
+    big, used = fit(300)
+    assert used == (6, 1.0, 0.3) and big.config["max_depth"] == 6
+    path = small.to_onnx(tmp_path / "gbt-small.onnx")
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["probabilities"], {"features": x[150:]}
+    )[0]
+    assert np.abs(got - small.predict_proba(x[150:])).max() <= 1e-4
+    assert (got.argmax(axis=1) == small.predict(x[150:])).all()
+
+
 def test_bad_inputs_name_the_problem() -> None:
     model = build_model("mlp", (F,), profile="demo")
     x, y = toy("summary", 40, seed=8)
