@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from torch import nn
 from trainer.evaluate import macro_f1
 from trainer.loop import class_weights
 from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels, check_rows
-from trainer.models.torch_base import SignedLogStandardize, TorchWeights
+from trainer.models.torch_base import SignedLogStandardize, TorchWeights, signed_log
 from trainer.rows import Gather
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
@@ -39,7 +39,8 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "features": 1008,  # total PPV features (rounded to whole biases per kernel/dilation)
         "max_dilations": 3,  # dilations spread exponentially up to (T - 1) / 8
         "bias_windows": 32,  # training windows whose outputs set the biases
-        "soft": 0.05,  # PPV sigmoid width, as a share of each output's standard deviation
+        "soft": 0.05,  # PPV width tau, as a share of each output's standard deviation
+        "ppv": "ramp",  # the soft step: "ramp" (hard sigmoid, DECISIONS) or "sigmoid"
         "alphas": (0.1, 1.0, 10.0, 100.0),  # ridge penalties tried, times mean feature variance
         "batch_size": 256,
     },
@@ -48,6 +49,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "max_dilations": 8,
         "bias_windows": 64,
         "soft": 0.05,
+        "ppv": "ramp",
         "alphas": (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
         "batch_size": 256,
     },
@@ -56,6 +58,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "max_dilations": 16,
         "bias_windows": 128,
         "soft": 0.05,
+        "ppv": "ramp",
         "alphas": (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
         "batch_size": 256,
     },
@@ -79,13 +82,34 @@ def low_discrepancy(n: int) -> np.ndarray:
     return (np.arange(1, n + 1) * ((math.sqrt(5) + 1) / 2)) % 1
 
 
+PPV_KINDS = ("ramp", "sigmoid")
+
+
 class RocketNet(nn.Module):
-    """Raw (N, C, T) -> logits (N, n_classes). Kernels, biases and widths are fixed buffers."""
+    """Raw (N, C, T) -> logits (N, n_classes). Kernels, biases and widths are fixed buffers.
+
+    ``ppv`` is the soft step each conv output is compared with its biases through: "ramp"
+    (the default) is the hard sigmoid with the sigmoid's slope at the bias,
+    ``clip((conv - bias) / (4 tau) + 1/2, 0, 1)``; "sigmoid" is ``sigmoid((conv - bias) / tau)``,
+    kept for checkpoints written before the ramp (their config has no "ppv").
+    """
 
     def __init__(
-        self, channels: int, steps: int, n_classes: int, features: int, max_dilations: int, seed: int
+        self,
+        channels: int,
+        steps: int,
+        n_classes: int,
+        features: int,
+        max_dilations: int,
+        seed: int,
+        ppv: str = "ramp",
+        stride: int = 1,
     ) -> None:
         super().__init__()
+        if ppv not in PPV_KINDS:
+            raise ValueError(f"rocket: ppv {ppv!r} is not one of {', '.join(PPV_KINDS)}")
+        self.ppv = ppv
+        self.stride = int(stride)
         self.norm = SignedLogStandardize(channels, tensor=True)
         self.dilations = dilations_for(steps, max_dilations)
         self.n_bias = max(1, features // (N_KERNELS * len(self.dilations)))
@@ -115,20 +139,45 @@ class RocketNet(nn.Module):
     def n_features(self) -> int:
         return self.head.in_features
 
-    def conv(self, z: torch.Tensor, i: int) -> torch.Tensor:
-        d = self.dilations[i]
-        summed = nn.functional.conv1d(z, getattr(self, f"select{i}"))  # (N, C, T) -> (N, 84, T)
-        pad = (KERNEL_LENGTH - 1) // 2 * d
-        return nn.functional.conv1d(summed, self.kernels, dilation=d, padding=pad, groups=N_KERNELS)
+    def conv(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw (N, C, T) -> every kernel at every dilation, (N, D * 84, 1, T'), dilation-major.
+
+        One 1x1 Conv selects the channels of all dilations at once, with the standardisation
+        and ``scale`` (shape (D * 84,); the kernels are linear) folded into its weights and
+        bias; then one grouped Conv per dilation, keeping every ``stride``-th step (T' =
+        ceil(T / stride)). The grouped Convs are 2-D over (1, T): ONNX Runtime's x86 build runs
+        a 2-D depthwise Conv in its blocked (NCHWc) layout, ~2x faster than the 1-D one, and
+        elsewhere both are the same code (benchmarks/bench_rocket.py).
+        """
+        sel = torch.cat([getattr(self, f"select{i}") for i in range(len(self.dilations))])[:, :, 0]
+        if scale is not None:
+            sel = sel * scale[:, None]
+        weight = sel * self.norm.inv_std[:, 0]  # (D * 84, C): sel @ ((g - mean) * inv_std)
+        offset = -(weight @ self.norm.mean[:, 0])
+        summed = nn.functional.conv1d(signed_log(x), weight[:, :, None], offset).unsqueeze(2)
+        kernels = self.kernels.unsqueeze(2)  # (84, 1, 1, 9)
+        out = []
+        for i, d in enumerate(self.dilations):
+            part = summed[:, i * N_KERNELS : (i + 1) * N_KERNELS]
+            pad = (KERNEL_LENGTH - 1) // 2 * d
+            step, dil = (1, self.stride), (1, d)
+            out.append(nn.functional.conv2d(part, kernels, None, step, (0, pad), dil, groups=N_KERNELS))
+        return torch.cat(out, dim=1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.norm(x)  # (N, C, T)
-        out = []
-        for i in range(len(self.dilations)):
-            v = self.conv(z, i).unsqueeze(2)  # (N, 84, 1, T)
-            s = torch.sigmoid((v - getattr(self, f"bias{i}")) * getattr(self, f"inv_tau{i}"))  # (N, 84, B, T)
-            out.append(s.mean(dim=3).flatten(1))  # (N, 84 * B)
-        return torch.cat(out, dim=1)  # (N, n_features)
+        """(N, C, T) -> soft PPVs (N, D * 84 * B), dilation-major, then kernel, then bias."""
+        d = len(self.dilations)
+        inv_tau = torch.cat([getattr(self, f"inv_tau{i}") for i in range(d)])  # (D * 84, 1, 1)
+        bias = torch.cat([getattr(self, f"bias{i}") for i in range(d)])  # (D * 84, B, 1)
+        # The width folds into the kernels and the biases, so only one Sub, the step and the
+        # mean touch the (N, D * 84, B, T') tensor, the bulk of the graph's work.
+        if self.ppv == "ramp":
+            v = self.conv(x, inv_tau.flatten() / 4)  # (N, D * 84, 1, T')
+            s = torch.clamp(v - (bias * inv_tau / 4 - 0.5), 0.0, 1.0)
+        else:
+            v = self.conv(x, inv_tau.flatten())
+            s = torch.sigmoid(v - bias * inv_tau)
+        return s.mean(dim=3).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -138,6 +187,7 @@ class Rocket(TorchWeights, Model):
     name = "rocket"
     input_kind = "tensor"
     profiles = PROFILE_CONFIG
+    legacy_config: ClassVar[dict[str, Any]] = {"ppv": "sigmoid"}  # checkpoints before the ramp
 
     def __init__(
         self,
@@ -150,7 +200,15 @@ class Rocket(TorchWeights, Model):
         super().__init__(input_shape, n_classes, profile, seed, **overrides)
         c = self.config
         self.config["alphas"] = [float(a) for a in c["alphas"]]  # JSON round trip keeps equality
-        self.net = RocketNet(*self.input_shape, n_classes, c["features"], c["max_dilations"], self.seed)
+        self.net = RocketNet(
+            *self.input_shape,
+            n_classes,
+            c["features"],
+            c["max_dilations"],
+            self.seed,
+            c["ppv"],
+            int(c.get("stride", 1)),
+        )
 
     # --- fitting ---------------------------------------------------------------------------
 
@@ -158,10 +216,11 @@ class Rocket(TorchWeights, Model):
     def _fit_biases(self, x: np.ndarray, rng: np.random.Generator) -> None:
         net = self.net
         pick = rng.choice(len(x), size=min(len(x), int(self.config["bias_windows"])), replace=False)
-        z = net.norm(torch.from_numpy(np.ascontiguousarray(x[np.sort(pick)])))
+        raw = torch.from_numpy(np.ascontiguousarray(x[np.sort(pick)]))
         levels = torch.from_numpy(low_discrepancy(net.n_bias)).float()
+        every = net.conv(raw)  # (windows, D * 84, 1, T'), unscaled
         for i in range(len(net.dilations)):
-            v = net.conv(z, i).transpose(0, 1).reshape(N_KERNELS, -1)  # (84, windows * T)
+            v = every[:, i * N_KERNELS : (i + 1) * N_KERNELS].transpose(0, 1).reshape(N_KERNELS, -1)
             q = torch.quantile(v, levels, dim=1).T  # (84, B)
             std = v.std(dim=1).clamp_min(1e-3)  # a silent channel subset still gets a finite width
             getattr(net, f"bias{i}").copy_(q[:, :, None])
