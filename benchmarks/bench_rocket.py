@@ -1,17 +1,21 @@
 """rocket's ONNX graph, old against new, side by side in one process (issue 13).
 
     nice -n 10 python benchmarks/bench_rocket.py [--profile quick] [--channels 30] [--batches 1,8]
-        [--rounds 15] [--ops] [--onnx NAME=PATH ...] [--out runs/bench-rocket.json]
+        [--rounds 15] [--level all|extended] [--variants "k=v,k=v;..."] [--ops] [--onnx NAME=PATH ...]
+        [--out runs/bench-rocket.json]
 
 Fits rockets (``--profile``, 300 random windows: timing does not depend on what the
 kernels learnt) and exports:
 
     sigmoid-1d   the graph before issue 13: per dilation a 1x1 Conv, a 1-D grouped Conv,
-                 Sub, Mul, Sigmoid and ReduceMean on (N, 84, B, T); rebuilt here from a
-                 ``ppv=sigmoid`` model's buffers, so it computes what that model computes
-    one graph per ``--variants`` entry, today's code with those config overrides (default
-                 ``ppv=sigmoid`` and ``ppv=ramp``: the new layout with the old step, and
-                 with the ramp; add e.g. ``ppv=ramp,stride=2`` or ``features=2016``)
+                 Sub, Mul, Sigmoid and ReduceMean on (N, 84, B, T); rebuilt here from the
+                 buffers of a ``ppv=sigmoid`` model of the profile's sizes (``--legacy``
+                 overrides them), so it computes what that model computes
+    one graph per ``--variants`` entry: today's code with those config overrides. The
+                 default: ``ppv=sigmoid``, the new layout (one select Conv, width and
+                 standardisation folded in, 2-D grouped Convs, one Sub/step/mean) with the
+                 old step; ``default``, today's profile (the ramp step); and
+                 ``features=2016,max_dilations=4``, the smaller model DECISIONS weighs
 
 ``--onnx NAME=PATH`` adds exported files (e.g. an old and a new ``rocket-realistic.onnx``).
 Every graph runs under the daemon's own ORT options (``edge.modelset.session_options``, one
@@ -92,7 +96,7 @@ def onnx_bytes(module: Any, input_shape: tuple[int, ...]) -> bytes:
 
 
 def parse_variant(spec: str) -> dict[str, Any]:
-    """ "ppv=ramp,stride=2" -> {"ppv": "ramp", "stride": 2}: rocket config overrides."""
+    """ "ppv=ramp,features=2016" -> {"ppv": "ramp", "features": 2016}: rocket config overrides."""
     out: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in spec.split(","))):
         key, _, value = item.partition("=")
@@ -101,7 +105,7 @@ def parse_variant(spec: str) -> dict[str, Any]:
 
 
 def build_graphs(
-    profile: str, channels: int, steps: int, seed: int, variants: list[str]
+    profile: str, channels: int, steps: int, seed: int, variants: list[str], legacy: str
 ) -> tuple[dict[str, bytes], np.ndarray]:
     import torch
 
@@ -120,7 +124,8 @@ def build_graphs(
         m.fit(x[:200], y[:200], x[200:], y[200:])
         return m.net.eval()
 
-    graphs = {"sigmoid-1d": onnx_bytes(legacy_module(fitted(ppv="sigmoid", stride=1)), (channels, steps))}
+    old = {**parse_variant(legacy), "ppv": "sigmoid"}
+    graphs = {"sigmoid-1d": onnx_bytes(legacy_module(fitted(**old)), (channels, steps))}
     for spec in variants:
         graphs[spec or "default"] = onnx_bytes(fitted(**parse_variant(spec)), (channels, steps))
     return graphs, x
@@ -154,9 +159,9 @@ def per_op_profile(blob: bytes, x: np.ndarray, level: str = "all", runs: int = 2
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = str(Path(tmp) / "rocket")
         sess = ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
+        feed = {sess.get_inputs()[0].name: fit_width(x[:1], sess)}
         for _ in range(runs):
-            sess.run(None, {name: x[:1]})
+            sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
     per_node: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     for e in events:
@@ -167,6 +172,15 @@ def per_op_profile(blob: bytes, x: np.ndarray, level: str = "all", runs: int = 2
         agg[op] += statistics.median(durations)
     agg["total"] = sum(agg.values())
     return {op: round(us, 1) for op, us in sorted(agg.items(), key=lambda kv: -kv[1])}
+
+
+def fit_width(x: np.ndarray, sess: Any) -> np.ndarray:
+    """``x`` with as many channels as the graph reads: an exported file takes the full
+    46-channel window (and gathers its view), the graphs built here the view itself."""
+    want = sess.get_inputs()[0].shape[1]
+    if isinstance(want, int) and want != x.shape[1]:
+        x = np.resize(x, (x.shape[0], want, x.shape[2]))
+    return np.ascontiguousarray(x, np.float32)
 
 
 def time_graphs(
@@ -183,19 +197,18 @@ def time_graphs(
         k: ort.InferenceSession(b, sess_options=options(level), providers=["CPUExecutionProvider"])
         for k, b in graphs.items()
     }
-    feed_name = {k: s.get_inputs()[0].name for k, s in sessions.items()}
     result: dict[str, dict[str, float]] = {}
     for bs in batches:
-        xb = np.ascontiguousarray(x[:bs])
+        feeds = {k: {s.get_inputs()[0].name: fit_width(x[:bs], s)} for k, s in sessions.items()}
         samples: dict[str, list[float]] = {k: [] for k in sessions}
-        for s_name, s in sessions.items():  # warm-up: arena grown, pages touched
+        for k, s in sessions.items():  # warm-up: arena grown, pages touched
             for _ in range(5):
-                s.run(None, {feed_name[s_name]: xb})
+                s.run(None, feeds[k])
         for _ in range(rounds):
             for k, s in sessions.items():
                 n, t0 = 0, time.perf_counter()
                 while True:
-                    s.run(None, {feed_name[k]: xb})
+                    s.run(None, feeds[k])
                     n += 1
                     elapsed = time.perf_counter() - t0
                     if elapsed >= budget_s:
@@ -215,8 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round-s", type=float, default=0.1, help="seconds each graph runs per round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--legacy",
+        default="",
+        help="config overrides of the sigmoid-1d graph (default: the profile's own sizes)",
+    )
+    ap.add_argument(
         "--variants",
-        default="ppv=sigmoid;ppv=ramp",
+        default="ppv=sigmoid;;features=2016,max_dilations=4",
         help="today's graphs to time, ';'-separated rocket config overrides (empty: the profile's)",
     )
     ap.add_argument(
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     variants = [v.strip() for v in args.variants.split(";")]
-    graphs, x = build_graphs(args.profile, args.channels, args.steps, args.seed, variants)
+    graphs, x = build_graphs(args.profile, args.channels, args.steps, args.seed, variants, args.legacy)
     for spec in args.onnx:
         name, _, path = spec.partition("=")
         graphs[name] = Path(path).read_bytes()

@@ -8,13 +8,19 @@ Nothing in the transform is learnt by gradient descent; the head is a ridge regr
 the standardised features (class-weighted, closed form, streamed in batches so the number
 of windows is not bounded by memory), alpha picked on validation macro F1, and (as for
 every model) a softmax temperature fitted on validation log loss. Everything folds into one
-torch module, so the ONNX graph is Conv, Sub, Mul, Sigmoid, ReduceMean, Gemm, Softmax.
+torch module, so the ONNX graph is the signed log, one 1x1 Conv selecting the channels of
+every kernel and dilation, one grouped Conv per dilation, then Sub, Clip and ReduceMean on
+the (N, kernels x dilations, biases, T) tensor, Gemm, Softmax.
 
-Two departures from the paper, both for the exported graph: the PPV is soft,
-``mean(sigmoid((conv - bias) / tau))`` with ``tau`` a small fraction (``soft``) of the
-output's spread, because a hard ``conv > bias`` flips on float rounding between torch and
-ONNX Runtime; and every convolution is zero-padded to the window length (the paper
-alternates padded and unpadded), so any length from 9 steps up builds.
+Two departures from the paper, both for the exported graph: the PPV is soft, a ramp
+``mean(clip((conv - bias) / (4 tau) + 1/2, 0, 1))`` (the hard sigmoid with the slope of
+``sigmoid((conv - bias) / tau)`` at the bias; ``ppv="sigmoid"`` is that sigmoid) with
+``tau`` a small fraction (``soft``) of the output's spread, because a hard ``conv > bias``
+flips on float rounding between torch and ONNX Runtime; and every convolution is
+zero-padded to the window length (the paper alternates padded and unpadded), so any
+length from 9 steps up builds. The standardisation and 1 / (4 tau) are folded into the
+select Conv's weights, so the only work on the large tensor is one Sub, the Clip and the
+mean (issue 13: benchmarks/bench_rocket.py times the graph against the one before).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "batch_size": 256,
     },
     "quick": {
+        # Not fewer (issue 13): 2016 over 4 dilations held the store's held-out F1 at ~1/3 of
+        # the graph's time but lost ~0.05 F1 on 300-window training sets (DECISIONS).
         "features": 4032,
         "max_dilations": 8,
         "bias_windows": 64,
@@ -103,13 +111,11 @@ class RocketNet(nn.Module):
         max_dilations: int,
         seed: int,
         ppv: str = "ramp",
-        stride: int = 1,
     ) -> None:
         super().__init__()
         if ppv not in PPV_KINDS:
             raise ValueError(f"rocket: ppv {ppv!r} is not one of {', '.join(PPV_KINDS)}")
         self.ppv = ppv
-        self.stride = int(stride)
         self.norm = SignedLogStandardize(channels, tensor=True)
         self.dilations = dilations_for(steps, max_dilations)
         self.n_bias = max(1, features // (N_KERNELS * len(self.dilations)))
@@ -140,14 +146,13 @@ class RocketNet(nn.Module):
         return self.head.in_features
 
     def conv(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw (N, C, T) -> every kernel at every dilation, (N, D * 84, 1, T'), dilation-major.
+        """Raw (N, C, T) -> every kernel at every dilation, (N, D * 84, 1, T), dilation-major.
 
         One 1x1 Conv selects the channels of all dilations at once, with the standardisation
         and ``scale`` (shape (D * 84,); the kernels are linear) folded into its weights and
-        bias; then one grouped Conv per dilation, keeping every ``stride``-th step (T' =
-        ceil(T / stride)). The grouped Convs are 2-D over (1, T): ONNX Runtime's x86 build runs
-        a 2-D depthwise Conv in its blocked (NCHWc) layout, ~2x faster than the 1-D one, and
-        elsewhere both are the same code (benchmarks/bench_rocket.py).
+        bias; then one grouped Conv per dilation. The grouped Convs are 2-D over (1, T): ONNX
+        Runtime's x86 build runs a 2-D depthwise Conv in its blocked (NCHWc) layout, ~2x faster
+        than the 1-D one; elsewhere both are the same code (benchmarks/bench_rocket.py).
         """
         sel = torch.cat([getattr(self, f"select{i}") for i in range(len(self.dilations))])[:, :, 0]
         if scale is not None:
@@ -160,8 +165,7 @@ class RocketNet(nn.Module):
         for i, d in enumerate(self.dilations):
             part = summed[:, i * N_KERNELS : (i + 1) * N_KERNELS]
             pad = (KERNEL_LENGTH - 1) // 2 * d
-            step, dil = (1, self.stride), (1, d)
-            out.append(nn.functional.conv2d(part, kernels, None, step, (0, pad), dil, groups=N_KERNELS))
+            out.append(nn.functional.conv2d(part, kernels, None, 1, (0, pad), (1, d), groups=N_KERNELS))
         return torch.cat(out, dim=1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,9 +174,9 @@ class RocketNet(nn.Module):
         inv_tau = torch.cat([getattr(self, f"inv_tau{i}") for i in range(d)])  # (D * 84, 1, 1)
         bias = torch.cat([getattr(self, f"bias{i}") for i in range(d)])  # (D * 84, B, 1)
         # The width folds into the kernels and the biases, so only one Sub, the step and the
-        # mean touch the (N, D * 84, B, T') tensor, the bulk of the graph's work.
+        # mean touch the (N, D * 84, B, T) tensor, the bulk of the graph's work.
         if self.ppv == "ramp":
-            v = self.conv(x, inv_tau.flatten() / 4)  # (N, D * 84, 1, T')
+            v = self.conv(x, inv_tau.flatten() / 4)  # (N, D * 84, 1, T)
             s = torch.clamp(v - (bias * inv_tau / 4 - 0.5), 0.0, 1.0)
         else:
             v = self.conv(x, inv_tau.flatten())
@@ -207,7 +211,6 @@ class Rocket(TorchWeights, Model):
             c["max_dilations"],
             self.seed,
             c["ppv"],
-            int(c.get("stride", 1)),
         )
 
     # --- fitting ---------------------------------------------------------------------------
@@ -218,7 +221,7 @@ class Rocket(TorchWeights, Model):
         pick = rng.choice(len(x), size=min(len(x), int(self.config["bias_windows"])), replace=False)
         raw = torch.from_numpy(np.ascontiguousarray(x[np.sort(pick)]))
         levels = torch.from_numpy(low_discrepancy(net.n_bias)).float()
-        every = net.conv(raw)  # (windows, D * 84, 1, T'), unscaled
+        every = net.conv(raw)  # (windows, D * 84, 1, T), unscaled
         for i in range(len(net.dilations)):
             v = every[:, i * N_KERNELS : (i + 1) * N_KERNELS].transpose(0, 1).reshape(N_KERNELS, -1)
             q = torch.quantile(v, levels, dim=1).T  # (84, B)
