@@ -297,3 +297,61 @@ def test_rocket_dual_and_primal_ridge_agree() -> None:
     assert fits["dual"].config["alpha"] == fits["primal"].config["alpha"]
     x, _ = toy("tensor", 50, seed=3)
     np.testing.assert_allclose(fits["dual"].predict_proba(x), fits["primal"].predict_proba(x), atol=1e-4)
+
+
+def _rocket_reference(net, x: np.ndarray) -> np.ndarray:
+    """rocket's soft PPVs from their definition, one dilation at a time, nothing folded."""
+    import torch
+
+    from trainer.models.rocket import KERNEL_LENGTH, N_KERNELS
+
+    z = net.norm(torch.from_numpy(x))
+    out = []
+    for i, d in enumerate(net.dilations):
+        summed = torch.nn.functional.conv1d(z, getattr(net, f"select{i}"))
+        pad = (KERNEL_LENGTH - 1) // 2 * d
+        v = torch.nn.functional.conv1d(
+            summed, net.kernels, dilation=d, padding=pad, groups=N_KERNELS
+        ).unsqueeze(2)
+        u = (v - getattr(net, f"bias{i}")) * getattr(net, f"inv_tau{i}")  # (N, 84, B, T)
+        s = torch.sigmoid(u) if net.ppv == "sigmoid" else torch.clamp(u / 4 + 0.5, 0.0, 1.0)
+        out.append(s.mean(dim=3).flatten(1))
+    return torch.cat(out, dim=1).numpy()
+
+
+@pytest.mark.parametrize(("ppv", "steps"), [("ramp", 20), ("sigmoid", 20), ("ramp", 9)])
+def test_rocket_folded_graph_computes_the_defined_features(ppv: str, steps: int) -> None:
+    """Standardisation and width folded into the kernels, dilations fused: the same PPVs."""
+    import torch
+
+    x_tr, y_tr = toy("tensor", 120, seed=1)
+    x_tr = np.ascontiguousarray(x_tr[..., :steps])
+    model = build_model("rocket", x_tr.shape[1:], profile="demo", ppv=ppv, threads=1)
+    model.fit(x_tr[:80], y_tr[:80], x_tr[80:], y_tr[80:])
+    x, _ = toy("tensor", 30, seed=3)
+    x = np.ascontiguousarray(x[..., :steps])
+    with torch.no_grad():
+        got = model.net.features(torch.from_numpy(x)).numpy()
+    want = _rocket_reference(model.net, x)
+    assert got.shape == want.shape == (30, model.net.n_features)
+    assert 0.05 < want.mean() < 0.95  # biases from the outputs' quantiles: neither all 0 nor all 1
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_rocket_checkpoint_without_ppv_loads_with_the_sigmoid(tmp_path: Path) -> None:
+    """A model saved before the ramp PPV (config without "ppv") keeps the step it was fitted with."""
+    import json
+
+    x_tr, y_tr = toy("tensor", 120, seed=1)
+    model = build_model("rocket", x_tr.shape[1:], profile="demo", ppv="sigmoid", threads=1)
+    model.fit(x_tr[:80], y_tr[:80], x_tr[80:], y_tr[80:])
+    model.save(tmp_path / "old", schema_hash="a" * 64)
+    doc_path = tmp_path / "old" / "model.json"
+    doc = json.loads(doc_path.read_text())
+    del doc["config"]["ppv"]
+    doc_path.write_text(json.dumps(doc))
+    back = load_model(tmp_path / "old", expected_schema_hash="a" * 64)
+    assert back.net.ppv == "sigmoid"
+    x, _ = toy("tensor", 20, seed=3)
+    np.testing.assert_array_equal(back.predict_proba(x), model.predict_proba(x))
+    assert build_model("rocket", x_tr.shape[1:], profile="demo").net.ppv == "ramp"

@@ -53,13 +53,14 @@ def load_model(directory: Path | str, expected_schema_hash: str) -> Model:
     found = doc.get("schema_hash")
     if found != expected_schema_hash:
         raise SchemaMismatch(directory, str(found), expected_schema_hash)
+    legacy = _registry()[doc["model"]].legacy_config if doc.get("model") in _registry() else {}
     model = build_model(
         doc["model"],
         tuple(doc["input_shape"]),
         n_classes=doc["n_classes"],
         profile=doc["profile"],
         seed=doc["seed"],
-        **doc["config"],
+        **{**legacy, **doc["config"]},
     )
     model._load_weights(directory)
     if doc.get("fit"):

@@ -89,6 +89,9 @@ class Model(ABC):
     name: ClassVar[str]
     input_kind: ClassVar[str]  # "summary" (N, F) or "tensor" (N, C, T)
     profiles: ClassVar[dict[str, dict[str, Any]]]  # profile -> config: sizes, epochs, budgets
+    # Config keys added after checkpoints were written, with the value those checkpoints were
+    # trained under: a loaded config that lacks one gets this, not today's profile default.
+    legacy_config: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,

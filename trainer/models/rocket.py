@@ -8,13 +8,19 @@ Nothing in the transform is learnt by gradient descent; the head is a ridge regr
 the standardised features (class-weighted, closed form, streamed in batches so the number
 of windows is not bounded by memory), alpha picked on validation macro F1, and (as for
 every model) a softmax temperature fitted on validation log loss. Everything folds into one
-torch module, so the ONNX graph is Conv, Sub, Mul, Sigmoid, ReduceMean, Gemm, Softmax.
+torch module, so the ONNX graph is the signed log, one 1x1 Conv selecting the channels of
+every kernel and dilation, then per dilation a grouped Conv, Sub, Clip and ReduceMean on
+the (N, kernels, biases, T) tensor; Gemm, Softmax.
 
-Two departures from the paper, both for the exported graph: the PPV is soft,
-``mean(sigmoid((conv - bias) / tau))`` with ``tau`` a small fraction (``soft``) of the
-output's spread, because a hard ``conv > bias`` flips on float rounding between torch and
-ONNX Runtime; and every convolution is zero-padded to the window length (the paper
-alternates padded and unpadded), so any length from 9 steps up builds.
+Two departures from the paper, both for the exported graph: the PPV is soft, a ramp
+``mean(clip((conv - bias) / (4 tau) + 1/2, 0, 1))`` (the hard sigmoid with the slope of
+``sigmoid((conv - bias) / tau)`` at the bias; ``ppv="sigmoid"`` is that sigmoid) with
+``tau`` a small fraction (``soft``) of the output's spread, because a hard ``conv > bias``
+flips on float rounding between torch and ONNX Runtime; and every convolution is
+zero-padded to the window length (the paper alternates padded and unpadded), so any
+length from 9 steps up builds. The standardisation and 1 / (4 tau) are folded into the
+select Conv's weights, so the only work on the large tensors is a Sub, the Clip and the
+mean (issue 13: benchmarks/bench_rocket.py times the graph against the one before).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,7 +37,7 @@ from torch import nn
 from trainer.evaluate import macro_f1
 from trainer.loop import class_weights
 from trainer.models.base import FitResult, Model, ProgressFn, check_inputs, check_labels, check_rows
-from trainer.models.torch_base import SignedLogStandardize, TorchWeights
+from trainer.models.torch_base import SignedLogStandardize, TorchWeights, signed_log
 from trainer.rows import Gather
 
 PROFILE_CONFIG: dict[str, dict[str, Any]] = {
@@ -39,15 +45,19 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "features": 1008,  # total PPV features (rounded to whole biases per kernel/dilation)
         "max_dilations": 3,  # dilations spread exponentially up to (T - 1) / 8
         "bias_windows": 32,  # training windows whose outputs set the biases
-        "soft": 0.05,  # PPV sigmoid width, as a share of each output's standard deviation
+        "soft": 0.05,  # PPV width tau, as a share of each output's standard deviation
+        "ppv": "ramp",  # the soft step: "ramp" (hard sigmoid, DECISIONS) or "sigmoid"
         "alphas": (0.1, 1.0, 10.0, 100.0),  # ridge penalties tried, times mean feature variance
         "batch_size": 256,
     },
     "quick": {
+        # Not fewer (issue 13): 2016 over 4 dilations held the store's held-out F1 at ~1/3 of
+        # the graph's time but lost ~0.05 F1 on 300-window training sets (DECISIONS).
         "features": 4032,
         "max_dilations": 8,
         "bias_windows": 64,
         "soft": 0.05,
+        "ppv": "ramp",
         "alphas": (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
         "batch_size": 256,
     },
@@ -56,6 +66,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "max_dilations": 16,
         "bias_windows": 128,
         "soft": 0.05,
+        "ppv": "ramp",
         "alphas": (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
         "batch_size": 256,
     },
@@ -79,13 +90,32 @@ def low_discrepancy(n: int) -> np.ndarray:
     return (np.arange(1, n + 1) * ((math.sqrt(5) + 1) / 2)) % 1
 
 
+PPV_KINDS = ("ramp", "sigmoid")
+
+
 class RocketNet(nn.Module):
-    """Raw (N, C, T) -> logits (N, n_classes). Kernels, biases and widths are fixed buffers."""
+    """Raw (N, C, T) -> logits (N, n_classes). Kernels, biases and widths are fixed buffers.
+
+    ``ppv`` is the soft step each conv output is compared with its biases through: "ramp"
+    (the default) is the hard sigmoid with the sigmoid's slope at the bias,
+    ``clip((conv - bias) / (4 tau) + 1/2, 0, 1)``; "sigmoid" is ``sigmoid((conv - bias) / tau)``,
+    kept for checkpoints written before the ramp (their config has no "ppv").
+    """
 
     def __init__(
-        self, channels: int, steps: int, n_classes: int, features: int, max_dilations: int, seed: int
+        self,
+        channels: int,
+        steps: int,
+        n_classes: int,
+        features: int,
+        max_dilations: int,
+        seed: int,
+        ppv: str = "ramp",
     ) -> None:
         super().__init__()
+        if ppv not in PPV_KINDS:
+            raise ValueError(f"rocket: ppv {ppv!r} is not one of {', '.join(PPV_KINDS)}")
+        self.ppv = ppv
         self.norm = SignedLogStandardize(channels, tensor=True)
         self.dilations = dilations_for(steps, max_dilations)
         self.n_bias = max(1, features // (N_KERNELS * len(self.dilations)))
@@ -115,20 +145,48 @@ class RocketNet(nn.Module):
     def n_features(self) -> int:
         return self.head.in_features
 
-    def conv(self, z: torch.Tensor, i: int) -> torch.Tensor:
-        d = self.dilations[i]
-        summed = nn.functional.conv1d(z, getattr(self, f"select{i}"))  # (N, C, T) -> (N, 84, T)
-        pad = (KERNEL_LENGTH - 1) // 2 * d
-        return nn.functional.conv1d(summed, self.kernels, dilation=d, padding=pad, groups=N_KERNELS)
+    def conv(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Raw (N, C, T) -> every kernel's output at each dilation: D tensors (N, 84, 1, T).
+
+        One 1x1 Conv selects the channels of all dilations at once, with the standardisation
+        and ``scale`` (shape (D * 84,); the kernels are linear) folded into its weights and
+        bias; then one grouped Conv per dilation. The grouped Convs are 2-D over (1, T): ONNX
+        Runtime's x86 build runs a 2-D depthwise Conv in its blocked (NCHWc) layout, ~2x faster
+        than the 1-D one; elsewhere both are the same code (benchmarks/bench_rocket.py).
+        """
+        sel = torch.cat([getattr(self, f"select{i}") for i in range(len(self.dilations))])[:, :, 0]
+        if scale is not None:
+            sel = sel * scale[:, None]
+        weight = sel * self.norm.inv_std[:, 0]  # (D * 84, C): sel @ ((g - mean) * inv_std)
+        offset = -(weight @ self.norm.mean[:, 0])
+        summed = nn.functional.conv1d(signed_log(x), weight[:, :, None], offset).unsqueeze(2)
+        kernels = self.kernels.unsqueeze(2)  # (84, 1, 1, 9)
+        out = []
+        for i, d in enumerate(self.dilations):
+            part = summed[:, i * N_KERNELS : (i + 1) * N_KERNELS]
+            pad = (KERNEL_LENGTH - 1) // 2 * d
+            out.append(nn.functional.conv2d(part, kernels, None, 1, (0, pad), (1, d), groups=N_KERNELS))
+        return out
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.norm(x)  # (N, C, T)
-        out = []
-        for i in range(len(self.dilations)):
-            v = self.conv(z, i).unsqueeze(2)  # (N, 84, 1, T)
-            s = torch.sigmoid((v - getattr(self, f"bias{i}")) * getattr(self, f"inv_tau{i}"))  # (N, 84, B, T)
-            out.append(s.mean(dim=3).flatten(1))  # (N, 84 * B)
-        return torch.cat(out, dim=1)  # (N, n_features)
+        """(N, C, T) -> soft PPVs (N, D * 84 * B), dilation-major, then kernel, then bias."""
+        d = len(self.dilations)
+        inv_tau = torch.cat([getattr(self, f"inv_tau{i}") for i in range(d)])  # (D * 84, 1, 1)
+        # The width folds into the kernels and the biases, so only a Sub, the step and the
+        # mean touch the (N, 84, B, T) tensor of each dilation, the bulk of the graph's work.
+        # One dilation at a time, not all at once: the wall time was ~15 % lower (fewer bytes
+        # in flight; bench_rocket.py), and a Pi's 1 MB L2 holds one dilation's, not all six.
+        ramp = self.ppv == "ramp"
+        outs = self.conv(x, inv_tau.flatten() / 4 if ramp else inv_tau.flatten())
+        feats = []
+        for i, v in enumerate(outs):  # v: (N, 84, 1, T)
+            it, bias = getattr(self, f"inv_tau{i}"), getattr(self, f"bias{i}")  # (84, 1, 1), (84, B, 1)
+            if ramp:
+                s = torch.clamp(v - (bias * it / 4 - 0.5), 0.0, 1.0)
+            else:
+                s = torch.sigmoid(v - bias * it)
+            feats.append(s.mean(dim=3))  # (N, 84, B)
+        return torch.cat(feats, dim=1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -138,6 +196,7 @@ class Rocket(TorchWeights, Model):
     name = "rocket"
     input_kind = "tensor"
     profiles = PROFILE_CONFIG
+    legacy_config: ClassVar[dict[str, Any]] = {"ppv": "sigmoid"}  # checkpoints before the ramp
 
     def __init__(
         self,
@@ -150,7 +209,14 @@ class Rocket(TorchWeights, Model):
         super().__init__(input_shape, n_classes, profile, seed, **overrides)
         c = self.config
         self.config["alphas"] = [float(a) for a in c["alphas"]]  # JSON round trip keeps equality
-        self.net = RocketNet(*self.input_shape, n_classes, c["features"], c["max_dilations"], self.seed)
+        self.net = RocketNet(
+            *self.input_shape,
+            n_classes,
+            c["features"],
+            c["max_dilations"],
+            self.seed,
+            c["ppv"],
+        )
 
     # --- fitting ---------------------------------------------------------------------------
 
@@ -158,10 +224,10 @@ class Rocket(TorchWeights, Model):
     def _fit_biases(self, x: np.ndarray, rng: np.random.Generator) -> None:
         net = self.net
         pick = rng.choice(len(x), size=min(len(x), int(self.config["bias_windows"])), replace=False)
-        z = net.norm(torch.from_numpy(np.ascontiguousarray(x[np.sort(pick)])))
+        raw = torch.from_numpy(np.ascontiguousarray(x[np.sort(pick)]))
         levels = torch.from_numpy(low_discrepancy(net.n_bias)).float()
-        for i in range(len(net.dilations)):
-            v = net.conv(z, i).transpose(0, 1).reshape(N_KERNELS, -1)  # (84, windows * T)
+        for i, out in enumerate(net.conv(raw)):  # unscaled (windows, 84, 1, T)
+            v = out.transpose(0, 1).reshape(N_KERNELS, -1)
             q = torch.quantile(v, levels, dim=1).T  # (84, B)
             std = v.std(dim=1).clamp_min(1e-3)  # a silent channel subset still gets a finite width
             getattr(net, f"bias{i}").copy_(q[:, :, None])
