@@ -59,6 +59,8 @@ class TailCounters:
     fd_exhausted: int = 0  # opens refused for want of descriptors (EMFILE/ENFILE): backed off, retried
     files_parked: int = 0  # idle files closed (reopened when they change)
     watch_errors: int = 0  # directories inotify could not watch (stat polling covers them)
+    quiet_spells: int = 0  # times an episode stopped hearing its writes until its next window (inotify)
+    inotify_events: int = 0  # events read from inotify (writes while an episode is not quiet, entries)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -126,6 +126,11 @@ class TailConfig:
     defer_s: float = 2.5
 
 
+# An episode whose next window is at least this far off stops hearing its files' writes
+# until then (two inotify_add_watch calls a window, instead of ~150 events).
+QUIET_MIN_S: Final = 0.5
+
+
 class EpisodeTail:
     """One live episode: its followers, its bounded row buffers, its labels and next window."""
 
@@ -169,6 +174,7 @@ class EpisodeTail:
         self._grew_at = {m: now for m in self.followers}
         self._member_source = MEMBER_SOURCE
         self.schedule = ReadSchedule(self.followers, cfg.defer_s)  # inotify: when named files are read
+        self.quiet_end: float | None = None  # inotify reports no writes here until then (LiveTailer)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -237,6 +243,24 @@ class EpisodeTail:
             self.close()
             log.info("%s/%s finished (%s)", self.host, self.episode_id, "done.marker" if done else "idle")
         return up
+
+    def quiet_until(self, now: float) -> float | None:
+        """Until when this episode can do without hearing its files' writes: the time its next
+        window's rows are due (``ReadSchedule.eta``, at least ``QUIET_MIN_S`` away); None while
+        it needs every event (no meta or timing yet, a refused or unfinished read, reads on
+        every change with ``defer_s`` 0)."""
+        eta = self.schedule.eta
+        if (
+            self.finished
+            or self.meta is None
+            or eta is None
+            or self.cfg.defer_s <= 0
+            or eta - now < QUIET_MIN_S
+        ):
+            return None
+        if any(f.refused or f.behind for f in self.followers.values()):
+            return None
+        return eta
 
     def note(self, changed: set[str], now: float) -> bool:
         """Remember what inotify named; True when that needs a look before :attr:`due`
@@ -449,12 +473,16 @@ class LiveTailer:
         fd = self.fileno()
         if fd is None:
             return
-        with trio.move_on_after(max(self.cfg.path_check_s - tick_s, 0.0)):
+        # Quiet episodes send no events before their windows are due: their timers wake us.
+        now = trio.current_time()
+        due = min((ep.due for ep in self.episodes.values()), default=now + self.cfg.path_check_s)
+        with trio.move_on_after(max(min(self.cfg.path_check_s - tick_s, due - now), 0.0)):
             await trio.lowlevel.wait_readable(fd)
 
     def poll(self, now: float) -> TailBatch:
         batch = TailBatch()
         ch = self.watch.drain()
+        self.counters.inotify_events += ch.events
         full = ch.everything or now - self._last_full >= self.cfg.safety_s
         if full:
             self._last_full = now
@@ -465,6 +493,8 @@ class LiveTailer:
         everything = isinstance(self.watch, PollWatch)
         named = {} if everything else self._named(ch)
         for key, ep in list(self.episodes.items()):
+            if ep.quiet_end is not None and now >= ep.quiet_end:
+                self._hear(ep)  # before anything is read: no write from here on goes unreported
             if everything:
                 up = ep.poll(now)  # stat everything: the polling backend
             elif full:  # inotify's safety net: every file as if named (read on the usual schedule)
@@ -482,7 +512,27 @@ class LiveTailer:
                 self._done.add(ep.path)
                 self.watch.forget(ep.path)
                 del self.episodes[key]
+            elif not everything:
+                self._hush(ep, now)
         return batch
+
+    def _hush(self, ep: EpisodeTail, now: float) -> None:
+        """After a look: stop hearing the episode's writes until its next window is due, or
+        hear them again now if it needs them."""
+        end = ep.quiet_until(now)
+        if end is None:
+            if ep.quiet_end is not None:
+                self._hear(ep)
+            return
+        ep.schedule.presume_all()  # what inotify will not say is taken as written
+        if ep.quiet_end is None:
+            self.watch.quiet(ep.path, True)
+            self.counters.quiet_spells += 1
+        ep.quiet_end = end
+
+    def _hear(self, ep: EpisodeTail) -> None:
+        self.watch.quiet(ep.path, False)
+        ep.quiet_end = None
 
     def close(self) -> None:
         for ep in self.episodes.values():

@@ -29,12 +29,14 @@ class Changes:
     everything: bool = False  # no detail: treat every known path as changed
     listed: set[Path] = field(default_factory=set)  # entries created, moved or deleted in these dirs
     names: dict[Path, set[str]] = field(default_factory=dict)  # dir -> names written/created/moved/deleted
+    events: int = 0  # inotify events read
 
 
 class Watch(Protocol):
     def fileno(self) -> int | None: ...
     def watch(self, directory: Path) -> None: ...
     def forget(self, directory: Path) -> None: ...
+    def quiet(self, directory: Path, on: bool) -> None: ...
     def drain(self) -> Changes: ...
     def close(self) -> None: ...
 
@@ -51,6 +53,9 @@ class PollWatch:
         pass
 
     def forget(self, directory: Path) -> None:
+        pass
+
+    def quiet(self, directory: Path, on: bool) -> None:
         pass
 
     def drain(self) -> Changes:
@@ -84,6 +89,9 @@ class InotifyWatch:
             | self._fl.ONLYDIR
         )
         self._listing = self._fl.CREATE | self._fl.MOVED_TO | self._fl.MOVED_FROM | self._fl.DELETE
+        # What a quiet directory no longer reports: writes to its files (the tailer then reads
+        # them on its own schedule); entries created, moved or deleted still come.
+        self._writes = self._fl.MODIFY | self._fl.CLOSE_WRITE
         self._wd: dict[int, Path] = {}
         self._path: dict[Path, int] = {}
         self._failed = False  # a directory we could not watch: report everything
@@ -116,6 +124,26 @@ class InotifyWatch:
         except OSError:  # already gone with its directory
             pass
 
+    def quiet(self, directory: Path, on: bool) -> None:
+        """Stop (``on``) or resume reporting writes to the files in a watched ``directory``.
+
+        At 10 Hz per stream, writes are nearly all of inotify's events, and an episode whose
+        next window is seconds away has no use for them (``EpisodeTail.quiet_until``). The
+        same ``inotify_add_watch`` replaces the mask of the watch in place."""
+        wd = self._path.get(directory)
+        if wd is None:
+            return
+        try:
+            new = self._ino.add_watch(
+                os.fsencode(directory), self._mask & ~self._writes if on else self._mask
+            )
+        except OSError:  # gone, or no longer a directory: its IGNORED event says so
+            return
+        if new != wd:  # another directory now has this path: follow it as watch() would
+            self._wd.pop(wd, None)
+            self._wd[new] = directory
+            self._path[directory] = new
+
     def drain(self) -> Changes:
         ch = Changes(everything=self._failed)
         self._failed = False
@@ -126,6 +154,7 @@ class InotifyWatch:
         except OSError as e:
             log.warning("inotify read failed (%s); polling this tick", e)
             return Changes(everything=True)
+        ch.events = len(events)
         for ev in events:
             if ev.mask & self._fl.Q_OVERFLOW:
                 ch.everything = True

@@ -123,10 +123,12 @@ class ColumnBuilder:
         if self._hi + n <= self.capacity:
             return
         cap = self.capacity
-        if size + n <= cap // 2:  # enough room once the trimmed front is reclaimed
+        if size + n <= cap - cap // 4:  # room once the trimmed front is reclaimed: compact in place
             new_cap = cap
         else:
-            new_cap = max(2 * cap, size + n, _MIN_CAPACITY)
+            # x1.5, not x2: a live stream holds a window's rows for good (300 live episodes:
+            # 1,200 buffers), and growth by any constant factor keeps appends amortised O(1).
+            new_cap = max(cap + cap // 2, size + n, _MIN_CAPACITY)
         self._move(new_cap)
 
     def _move(self, new_cap: int) -> None:

@@ -9,15 +9,18 @@ import pytest
 from archive_kit import STARTED_NS
 from test_tail import LiveWriter
 
+from edge.follow import TailCounters
 from edge.schedule import ReadSchedule
 from edge.tail import LiveTailer, TailConfig
 
 OFFSET_S = 1000.0  # the tailer's clock is not the collector's
 
 
-def _run(root: Path, defer_s: float, seconds: float = 22.0) -> tuple[int, int, dict[int, float]]:
+def _run(
+    root: Path, defer_s: float, seconds: float = 22.0, counters: TailCounters | None = None
+) -> tuple[int, int, dict[int, float]]:
     w = LiveWriter(root, sources=("proc", "qmp", "netflow"))
-    tailer = LiveTailer([root], TailConfig(backend="inotify", idle_s=1e9, defer_s=defer_s))
+    tailer = LiveTailer([root], TailConfig(backend="inotify", idle_s=1e9, defer_s=defer_s), counters)
     ticks = reads = 0
     ready: dict[int, float] = {}
     t = 0.0
@@ -29,6 +32,7 @@ def _run(root: Path, defer_s: float, seconds: float = 22.0) -> tuple[int, int, d
             ready[j.w] = j.ready_at - OFFSET_S
         ticks += 1
         reads += tailer.counters.lines != lines
+    tailer.poll(t + OFFSET_S + defer_s + 0.1)  # past the cap: whatever is still unread comes in
     tailer.close()
     return ticks, reads, ready
 
@@ -43,6 +47,20 @@ def test_deferred_reads_cut_windows_on_time_with_a_fraction_of_the_reads(tmp_pat
         assert at <= eager[w] + 0.02
     assert eager_reads >= 0.19 * ticks  # every 10 Hz row is read on the tick it came (every 5th)
     assert reads < 0.4 * eager_reads, (reads, eager_reads)  # deferred: well under half as many reads
+
+
+def test_between_windows_an_episode_hears_no_writes_yet_misses_no_row(tmp_path: Path) -> None:
+    """Deferred reads stop inotify reporting an episode's writes until its next window is due
+    (EpisodeTail.quiet_until): a fraction of the events, every window on the same tick."""
+    eager, quiet = TailCounters(), TailCounters()
+    _, _, at_once = _run(tmp_path / "eager", 0.0, counters=eager)
+    _, _, deferred = _run(tmp_path / "quiet", 1.0, counters=quiet)
+    assert eager.quiet_spells == 0 and quiet.quiet_spells >= 3  # once a window at least
+    assert quiet.inotify_events < 0.5 * eager.inotify_events, (quiet.inotify_events, eager.inotify_events)
+    assert sorted(deferred) == sorted(at_once) == list(range(3))
+    for w, t in deferred.items():
+        assert 10 + 5 * w <= t + 1e-9 <= 10 + 5 * w + 0.04, (w, t)  # within two ticks, as before
+    assert quiet.lines == eager.lines  # every row read, though no write was heard between windows
 
 
 def test_schedule_reads_lagging_streams_first_and_everything_at_the_cap() -> None:
