@@ -45,7 +45,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "features": 1008,  # total PPV features (rounded to whole biases per kernel/dilation)
         "max_dilations": 3,  # dilations spread exponentially up to (T - 1) / 8
         "bias_windows": 32,  # training windows whose outputs set the biases
-        "soft": 0.05,  # PPV width tau, as a share of each output's standard deviation
+        "soft": 0.025,  # PPV width tau, as a share of each output's standard deviation (DECISIONS)
         "ppv": "ramp",  # the soft step: "ramp" (hard sigmoid, DECISIONS) or "sigmoid"
         "alphas": (0.1, 1.0, 10.0, 100.0),  # ridge penalties tried, times mean feature variance
         "batch_size": 256,
@@ -56,7 +56,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "features": 4032,
         "max_dilations": 8,
         "bias_windows": 64,
-        "soft": 0.05,
+        "soft": 0.025,
         "ppv": "ramp",
         "alphas": (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
         "batch_size": 256,
@@ -65,7 +65,7 @@ PROFILE_CONFIG: dict[str, dict[str, Any]] = {
         "features": 9996,  # the paper's default
         "max_dilations": 16,
         "bias_windows": 128,
-        "soft": 0.05,
+        "soft": 0.025,
         "ppv": "ramp",
         "alphas": (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
         "batch_size": 256,
