@@ -95,6 +95,7 @@ class InotifyWatch:
         self._wd: dict[int, Path] = {}
         self._path: dict[Path, int] = {}
         self._failed = False  # a directory we could not watch: report everything
+        self._replaced: set[Path] = set()  # parents of directories found replaced: listed next drain
 
     def fileno(self) -> int | None:
         return int(self._ino.fileno())
@@ -139,14 +140,22 @@ class InotifyWatch:
             )
         except OSError:  # gone, or no longer a directory: its IGNORED event says so
             return
-        if new != wd:  # another directory now has this path: follow it as watch() would
+        if new != wd:  # another directory now has this path: hear all of it, and say so
             self._wd.pop(wd, None)
+            try:
+                self._ino.rm_watch(wd)
+            except OSError:  # the old directory is gone with its watch
+                pass
+            if on:
+                self._ino.add_watch(os.fsencode(directory), self._mask)
             self._wd[new] = directory
             self._path[directory] = new
+            self._replaced.add(directory.parent)
 
     def drain(self) -> Changes:
-        ch = Changes(everything=self._failed)
+        ch = Changes(everything=self._failed, listed=self._replaced)
         self._failed = False
+        self._replaced = set()
         try:
             events = self._ino.read(timeout=0)
         except BlockingIOError:

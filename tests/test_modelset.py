@@ -272,3 +272,17 @@ def test_a_graph_outside_the_run_set_is_still_verified(models: Path) -> None:
     oracle.write_bytes(bytes(data))
     with pytest.raises(ModelSetError, match=r"gbt-oracle\.onnx"):
         load_models(models, run="realistic")
+
+
+def test_a_listed_graph_missing_from_the_sums_is_refused_whatever_the_run(models: Path) -> None:
+    """A manifest entry outside the run set whose file SHA256SUMS does not cover refuses the
+    set under --run realistic too: what loads under one --run loads under every other."""
+    manifest = json.loads((models / "manifest.json").read_text())
+    ghost = dict(
+        next(m for m in manifest["models"] if m["threat_model"] == "oracle"), file="ghost-oracle.onnx"
+    )
+    manifest["models"].append(ghost)
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite_sums(models)
+    with pytest.raises(ModelSetError, match=r"ghost-oracle\.onnx: in manifest\.json but not in SHA256SUMS"):
+        load_models(models, run="realistic")

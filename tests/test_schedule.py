@@ -3,6 +3,7 @@ times a second, yet each window is cut on the tick its last row is on disk."""
 
 from __future__ import annotations
 
+import select
 from pathlib import Path
 
 import pytest
@@ -17,16 +18,30 @@ OFFSET_S = 1000.0  # the tailer's clock is not the collector's
 
 
 def _run(
-    root: Path, defer_s: float, seconds: float = 22.0, counters: TailCounters | None = None
+    root: Path,
+    defer_s: float,
+    seconds: float = 22.0,
+    counters: TailCounters | None = None,
+    as_daemon: bool = False,
 ) -> tuple[int, int, dict[int, float]]:
+    """Ticks of 20 ms; ``as_daemon``: a tick polls only when ``LiveTailer.wait`` would have
+    woken (an inotify event, an episode's timer, or its ``path_check_s`` cap), with no safety
+    pass to paper over a missed wake-up."""
     w = LiveWriter(root, sources=("proc", "qmp", "netflow"))
-    tailer = LiveTailer([root], TailConfig(backend="inotify", idle_s=1e9, defer_s=defer_s), counters)
+    cfg = TailConfig(backend="inotify", idle_s=1e9, defer_s=defer_s, safety_s=1e9 if as_daemon else 5.0)
+    tailer = LiveTailer([root], cfg, counters)
     ticks = reads = 0
     ready: dict[int, float] = {}
-    t = 0.0
+    t = last_poll = 0.0
     while t < seconds:
         t = round(t + 0.02, 2)
         w.write_until(STARTED_NS + int(t * 1e9))
+        if as_daemon and tailer.episodes:
+            due = min(ep.due for ep in tailer.episodes.values()) - OFFSET_S
+            event = bool(select.select([tailer.fileno()], [], [], 0)[0])
+            if not (event or t >= due - 1e-9 or t - last_poll >= cfg.path_check_s - 1e-9):
+                continue  # LiveTailer.wait would still be asleep
+        last_poll = t
         lines = tailer.counters.lines
         for j in tailer.poll(t + OFFSET_S).jobs:
             ready[j.w] = j.ready_at - OFFSET_S
@@ -53,13 +68,13 @@ def test_between_windows_an_episode_hears_no_writes_yet_misses_no_row(tmp_path: 
     """Deferred reads stop inotify reporting an episode's writes until its next window is due
     (EpisodeTail.quiet_until): a fraction of the events, every window on the same tick."""
     eager, quiet = TailCounters(), TailCounters()
-    _, _, at_once = _run(tmp_path / "eager", 0.0, counters=eager)
-    _, _, deferred = _run(tmp_path / "quiet", 1.0, counters=quiet)
+    _, _, at_once = _run(tmp_path / "eager", 0.0, counters=eager, as_daemon=True)
+    _, _, deferred = _run(tmp_path / "quiet", 1.0, counters=quiet, as_daemon=True)
     assert eager.quiet_spells == 0 and quiet.quiet_spells >= 3  # once a window at least
     assert quiet.inotify_events < 0.5 * eager.inotify_events, (quiet.inotify_events, eager.inotify_events)
     assert sorted(deferred) == sorted(at_once) == list(range(3))
     for w, t in deferred.items():
-        assert 10 + 5 * w <= t + 1e-9 <= 10 + 5 * w + 0.04, (w, t)  # within two ticks, as before
+        assert 10 + 5 * w <= t + 1e-9 <= 10 + 5 * w + 0.02 + 1e-6, (w, t)  # on the next tick, every window
     assert quiet.lines == eager.lines  # every row read, though no write was heard between windows
 
 
