@@ -86,9 +86,9 @@ class Batch:
 
 
 # Windows per session.run: past a few windows a batch no longer gets cheaper per window
-# (measured on cnn/gru/lstm/transformer/rocket), while ORT's arena grows with the largest
-# batch it ever saw (rocket: ~1.6 MB of intermediates a window), which a backlog would make
-# the daemon's peak RSS.
+# (measured on cnn/gru/lstm/transformer/rocket), while its intermediates (rocket: ~1.6 MB a
+# window) grow with it, so a 64-window backlog would set the daemon's peak RSS (ORT's arena,
+# which kept the largest batch for good, is off: DECISIONS 66).
 RUN_CHUNK: Final = 8
 
 
