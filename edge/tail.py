@@ -492,7 +492,14 @@ class LiveTailer:
             self._scan(now, batch)
         everything = isinstance(self.watch, PollWatch)
         named = {} if everything else self._named(ch)
-        for key, ep in list(self.episodes.items()):
+        if everything or full:
+            todo = list(self.episodes.items())
+        else:  # only episodes inotify named or whose timer is due (a quiet one's included)
+            hit = {(p.parent.name, p.name) for p in named}
+            todo = [
+                (k, ep) for k, ep in self.episodes.items() if ep.due <= now or (k in hit and ep.path in named)
+            ]
+        for key, ep in todo:
             if ep.quiet_end is not None and now >= ep.quiet_end:
                 self._hear(ep)  # before anything is read: no write from here on goes unreported
             if everything:
