@@ -24,6 +24,7 @@ shipped models instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -560,7 +561,8 @@ def path_cost(models: Path, store: Path, episodes: int = 3, repeats: int = 5) ->
     extract + summarize alone; + the six realistic models the issue names (all but rocket)
     + the projector, at batch 1; + all seven realistic models + projector at batch 1; and
     the real ``Engine`` (``--run realistic``: events, OOD score, projector) over 8 windows
-    at once (what a tick with several ready windows costs, per window)."""
+    at once (what a tick with several ready windows costs, per window), and that Engine
+    without rocket over 8 and over 2 windows (the six models the 1 ms target names)."""
     from edge.infer import Engine
     from edge.modelset import load_models
     from edge.tail import WindowJob
@@ -597,6 +599,11 @@ def path_cost(models: Path, store: Path, episodes: int = 3, repeats: int = 5) ->
             proj.project(summary)
 
     engine = Engine(ms, run="realistic")
+    # the same Engine without rocket: the six models the issue's 1 ms names, as the daemon
+    # batches them (windows of a tick together, the others over several ticks: edge/scoring.py)
+    engine_six = Engine(
+        dataclasses.replace(ms, models=[m for m in ms.models if m.name != "rocket"]), run="realistic"
+    )
 
     def timed(fn, n: int) -> float:
         med = []
@@ -617,6 +624,8 @@ def path_cost(models: Path, store: Path, episodes: int = 3, repeats: int = 5) ->
         "six_realistic_models_us": timed(lambda b: one(b[0], six), 1),
         "seven_realistic_models_us": timed(lambda b: one(b[0], realistic), 1),
         "engine_realistic_batch8_us": timed(lambda b: engine.score(b), 8),
+        "engine_six_batch8_us": timed(lambda b: engine_six.score(b), 8),
+        "engine_six_batch2_us": timed(lambda b: engine_six.score(b), 2),
         "models": [m.key for m in realistic],
     }
     return out
