@@ -497,8 +497,8 @@ def throughput(
 
     from edge.broadcast import Broadcaster
     from edge.infer import Engine
+    from edge.livetree import LiveTailer
     from edge.modelset import load_models
-    from edge.tail import LiveTailer
     from schema.extract import extract_window, summarize
 
     engine = Engine(load_models(models), run=run) if models is not None else None

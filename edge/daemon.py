@@ -31,10 +31,11 @@ import trio
 
 from edge.broadcast import Broadcaster
 from edge.infer import Engine, startup_events
+from edge.livetree import LiveTailer, TailBatch
 from edge.metrics import LATENCY_BUCKETS, Metrics, _Family, format_value
 from edge.modelset import RUN_CHOICES, ModelSet, ModelSetError, load_models
 from edge.scoring import ScoringLoop
-from edge.tail import LiveTailer, TailBatch, TailConfig, TailCounters, WindowJob
+from edge.tail import TailConfig, TailCounters, WindowJob
 from schema.hashing import schema_hash
 
 log = logging.getLogger("edge.daemon")

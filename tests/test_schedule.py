@@ -11,8 +11,9 @@ from archive_kit import STARTED_NS
 from test_tail import LiveWriter
 
 from edge.follow import TailCounters
+from edge.livetree import LiveTailer
 from edge.schedule import ReadSchedule
-from edge.tail import LiveTailer, TailConfig
+from edge.tail import TailConfig
 
 OFFSET_S = 1000.0  # the tailer's clock is not the collector's
 

@@ -14,7 +14,8 @@ import trio
 import trio.testing
 from archive_kit import STARTED_NS, episode_members, write_archive
 
-from edge.tail import FileFollower, LiveTailer, TailConfig, TailCounters
+from edge.livetree import LiveTailer
+from edge.tail import FileFollower, TailConfig, TailCounters
 from edge.watch import InotifyWatch
 from schema.channels import STEP_NS
 from schema.extract import extract_episode, extract_window
@@ -474,7 +475,8 @@ _FD_SCRIPT = r"""
 import json, os, resource, sys, time
 sys.path[:0] = [sys.argv[2], sys.argv[3]]
 from pathlib import Path
-from edge.tail import LiveTailer, TailConfig
+from edge.livetree import LiveTailer
+from edge.tail import TailConfig
 from test_tail import LiveWriter
 from archive_kit import STARTED_NS
 
