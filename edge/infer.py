@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from edge.modelset import RUN_CHOICES, LoadedModel, ModelSet, pick_primary
+from edge.modelset import RUN_CHOICES, LoadedModel, ModelSet, embed_threat, pick_primary
 from edge.tail import WindowJob
 from schema.artifacts import BENCH_FILE, ArtifactError, BenchDoc, perf_events, read_doc
 from schema.events import AttackProfile, Embedding, Event, ModelMetric, PhaseEvent, Prediction
@@ -104,11 +104,7 @@ class Engine:
         self.modelset = modelset
         self.metrics = metrics
         self.primary = pick_primary(modelset.models)
-        self.embed_threat = (
-            self.primary.threat_model
-            if self.primary.threat_model in modelset.projectors
-            else next(iter(modelset.projectors), None)
-        )
+        self.embed_threat = embed_threat(self.primary.threat_model, list(modelset.projectors))
         self.embed = embed and self.embed_threat is not None and run != "primary"
         self._batchable: dict[str, bool] = {}
         self.drift: dict[str, float] = {}  # threat model -> moving share of flagged windows

@@ -85,13 +85,15 @@ def served(manifest: Manifest, run: str) -> tuple[list[ModelEntry], set[str]]:
     if run == "primary":
         return [primary], set()
     entries = [e for e in manifest.models if run == "all" or e is primary or e.threat_model == "realistic"]
-    projected = {p.threat_model for p in manifest.projectors}
-    embed = (
-        primary.threat_model
-        if primary.threat_model in projected
-        else next((p.threat_model for p in manifest.projectors), None)
-    )
-    return entries, ({embed} if run != "all" and embed is not None else projected)
+    projected = [p.threat_model for p in manifest.projectors]
+    embed = embed_threat(primary.threat_model, projected)
+    return entries, ({embed} if run != "all" and embed is not None else set(projected))
+
+
+def embed_threat(primary_threat: str, projected: list[str]) -> str | None:
+    """Whose projector places the deck's embeddings: the primary's threat model when it has
+    one, else the first projector listed; None when there is none."""
+    return primary_threat if primary_threat in projected else next(iter(projected), None)
 
 
 # onnxruntime versions the exported graphs are made for (opset <= 20, IR <= 9: what 1.17
